@@ -1,0 +1,1 @@
+"""The Transformer, its config, sampling and Hugging Face conversion."""

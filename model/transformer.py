@@ -1,0 +1,296 @@
+"""A decoder-only Transformer: RMSNorm, RoPE (Hugging Face halves convention), grouped-query
+attention, SwiGLU MLP (or a Mixture-of-Experts layer), optional tied embeddings.
+
+Plain nn.Modules, no process groups: parallelism is applied from outside (parallel/). Weights
+are initialized by `init_weights(seed)`, never in `__init__`, so the model can be built on the
+meta device and materialized after sharding. `forward` returns logits (or the final hidden
+states); the loss lives in model/loss.py so a fused kernel can replace it.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from model.config import ModelConfig
+
+# ---------------------------------------------------------------------------------------------
+# Building blocks. Each has a plain PyTorch path and, when `fused` is on, a Triton kernel path.
+# ---------------------------------------------------------------------------------------------
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, fused: bool = False):
+        super().__init__()
+        self.eps = eps
+        self.fused = fused
+        self.weight = nn.Parameter(torch.empty(dim))
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused:
+            from kernels.rmsnorm import rms_norm
+
+            return rms_norm(x, self.weight, self.eps)
+        # Normalize in fp32 like Hugging Face Llama, then cast back before the weight.
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None):
+    """cos, sin of shape (max_seq_len, head_dim), halves convention: column j and j + d/2 share
+    the frequency theta^(-2j/d), exactly as transformers' LlamaRotaryEmbedding."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).double() / head_dim))
+    t = torch.arange(max_seq_len, device=device).double()
+    freqs = torch.outer(t, inv_freq)  # (T, D/2)
+    emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
+    return emb.cos().float(), emb.sin().float()
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([-x2, x1], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False):
+    """x: (B, H, T, D); cos, sin: (T, D) or (B, T, D) for per-sequence positions."""
+    if fused:
+        from kernels.rope import apply_rope as apply_rope_kernel
+
+        return apply_rope_kernel(x, cos, sin)
+    if cos.dim() == 3:  # (B, T, D) -> (B, 1, T, D) to broadcast over heads
+        cos, sin = cos[:, None], sin[:, None]
+    return (x.float() * cos + rotate_half(x.float()) * sin).to(x.dtype)
+
+
+def resolve_attention_backend(name: str, device: torch.device) -> str:
+    if name != "auto":
+        return name
+    return "triton" if device.type == "cuda" else "sdpa"
+
+
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """(B, T) document ids -> (B, 1, T, T) bool mask: causal and within the same document."""
+    T = doc_ids.shape[1]
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    same_doc = doc_ids[:, :, None] == doc_ids[:, None, :]
+    return (causal & same_doc)[:, None]
+
+
+def attend(q, k, v, backend: str, doc_ids: torch.Tensor | None = None) -> torch.Tensor:
+    """Causal attention. q: (B, H, T, D); k, v: (B, Hkv, T, D) with H a multiple of Hkv.
+    doc_ids: optional (B, T) ids; tokens attend only within their own document."""
+    if backend == "triton":
+        from kernels.attention import attention
+
+        return attention(q, k, v, causal=True, doc_ids=doc_ids)
+    if backend == "flash":
+        try:
+            from flash_attn import flash_attn_func
+        except ImportError as e:
+            raise RuntimeError("model.attention = 'flash' needs the flash-attn package") from e
+        if doc_ids is not None:
+            raise NotImplementedError("document masking with flash-attn: use 'triton' or 'sdpa'")
+        # flash-attn wants (B, T, H, D) and handles GQA itself.
+        out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=True)
+        return out.transpose(1, 2)
+    if backend == "sdpa":
+        gqa = q.shape[1] != k.shape[1]
+        if doc_ids is None:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+        mask = document_mask(doc_ids)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+    raise ValueError(f"unknown attention backend {backend!r}")
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        self.backend = cfg.attention
+        self.fused = cfg.fused_kernels
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
+        self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.fused_kernels) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.fused_kernels) if cfg.qk_norm else None
+
+    def forward(self, x, cos, sin, doc_ids=None, cache: LayerKVCache | None = None):
+        B, T, _ = x.shape
+        # (B, T, H*D) -> (B, H, T, D)
+        q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(B, T, -1, self.head_dim).transpose(1, 2)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q = apply_rope(q, cos, sin, self.fused)
+        k = apply_rope(k, cos, sin, self.fused)
+        if cache is None:
+            out = attend(q, k, v, resolve_attention_backend(self.backend, x.device), doc_ids)
+        else:
+            out = cache.attend(q, k, v)
+        out = out.transpose(1, 2).reshape(B, T, -1)  # (B, H, T, D) -> (B, T, H*D)
+        return self.wo(out)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU: w_down(silu(w_gate x) * w_up x)."""
+
+    def __init__(self, dim: int, hidden: int, fused: bool = False):
+        super().__init__()
+        self.fused = fused
+        self.w_gate = nn.Linear(dim, hidden, bias=False)
+        self.w_up = nn.Linear(dim, hidden, bias=False)
+        self.w_down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.w_gate(x), self.w_up(x)
+        if self.fused:
+            from kernels.swiglu import swiglu
+
+            return self.w_down(swiglu(gate, up))
+        return self.w_down(F.silu(gate) * up)
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.fused_kernels)
+        self.attn = Attention(cfg)
+        self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.fused_kernels)
+        if cfg.is_moe_layer(layer):
+            from model.moe import MoE
+
+            self.mlp = MoE(cfg)
+        else:
+            self.mlp = FeedForward(cfg.dim, cfg.ffn_hidden, cfg.fused_kernels)
+
+    def forward(self, x, cos, sin, doc_ids=None, cache=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, doc_ids, cache)
+        return x + self.mlp(self.mlp_norm(x))
+
+
+# ---------------------------------------------------------------------------------------------
+# KV cache for sampling (model/generate.py)
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LayerKVCache:
+    k: torch.Tensor  # (B, Hkv, T_max, D)
+    v: torch.Tensor
+    pos: int = 0  # tokens already in the cache
+
+    def attend(self, q, k, v):
+        """Append k, v (B, Hkv, t, D) at self.pos and attend q (B, H, t, D) to the whole prefix."""
+        t = q.shape[2]
+        end = self.pos + t
+        self.k[:, :, self.pos : end] = k
+        self.v[:, :, self.pos : end] = v
+        keys, values = self.k[:, :, :end], self.v[:, :, :end]
+        # Query i sits at absolute position pos + i and sees keys 0 .. pos + i.
+        mask = torch.ones(t, end, dtype=torch.bool, device=q.device).tril(diagonal=self.pos)
+        self.pos = end
+        gqa = q.shape[1] != keys.shape[1]
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+
+
+# ---------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.embed = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
+        self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.fused_kernels)
+        self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device="meta")
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def output_weight(self) -> torch.Tensor:
+        """(V, dim) matrix of the output projection (the embedding when tied)."""
+        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    @torch.no_grad()
+    def init_weights(self, seed: int = 0) -> None:
+        """Initialize every parameter and buffer deterministically from `seed`.
+
+        Linear and embedding weights ~ N(0, init_std); the projections that write into the
+        residual stream (wo, w_down) are scaled by 1/sqrt(2 n_layers) as in GPT-2.
+        """
+        cfg = self.cfg
+        device = self.embed.weight.device
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+        gen = torch.Generator(device=device).manual_seed(seed)
+        residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
+        for name, module in self.named_modules():
+            if isinstance(module, RMSNorm):
+                module.reset_parameters()
+            elif isinstance(module, (nn.Linear, nn.Embedding)):
+                out_proj = name.endswith(("wo", "w_down"))
+                std = residual_std if out_proj else cfg.init_std
+                nn.init.normal_(module.weight, 0.0, std, generator=gen)
+            elif hasattr(module, "init_weights") and module is not self:
+                module.init_weights(gen, cfg.init_std, residual_std)  # e.g. MoE experts
+
+    def forward(
+        self,
+        tokens: torch.Tensor,
+        doc_ids: torch.Tensor | None = None,
+        return_hidden: bool = False,
+        cache: list[LayerKVCache] | None = None,
+    ) -> torch.Tensor:
+        """tokens: (B, T) int ids -> logits (B, T, V), or hidden states (B, T, dim).
+
+        doc_ids: optional (B, T) document ids for document-masked attention.
+        cache: per-layer KV caches for incremental decoding (positions continue from cache.pos).
+        """
+        B, T = tokens.shape
+        start = cache[0].pos if cache is not None else 0
+        if start + T > self.cfg.max_seq_len:
+            raise ValueError(
+                f"sequence of {start + T} tokens exceeds model.max_seq_len = {self.cfg.max_seq_len}"
+            )
+        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        x = self.embed(tokens)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cos, sin, doc_ids, None if cache is None else cache[i])
+        x = self.norm(x)
+        if return_hidden:
+            return x
+        return F.linear(x, self.output_weight)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> list[LayerKVCache]:
+        cfg = self.cfg
+        max_len = max_len or cfg.max_seq_len
+        p = self.embed.weight
+        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
+        return [
+            LayerKVCache(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(cfg.n_layers)
+        ]
+
+
+def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> Transformer:
+    """Build on the meta device, materialize on `device`, initialize from `seed`."""
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    model.to_empty(device=device)
+    model.init_weights(seed)
+    return model
