@@ -59,10 +59,11 @@ def tiny(**overrides):
 
 def random_model(cfg, seed: int = 0):
     model = build_model(cfg, seed=seed).eval()
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # norms are 1 after init: make them random so a missed norm shows
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
-                p.uniform_(0.5, 1.5)
+                p.uniform_(0.5, 1.5, generator=gen)
     return model
 
 
@@ -177,7 +178,7 @@ def greedy(model, prompt: torch.Tensor, n: int, eos: int) -> list[int]:
     return out
 
 
-@pytest.mark.parametrize("name", ["gqa_tied", "qk_norm"])
+@pytest.mark.parametrize("name", ["dense", "qk_norm"])
 def test_greedy_generation_matches(tmp_path, name):
     overrides, _ = DENSE[name]
     cfg = tiny(**overrides)
@@ -193,7 +194,7 @@ def test_greedy_generation_matches(tmp_path, name):
             prompt, max_new_tokens=40, do_sample=False, eos_token_id=eos, pad_token_id=eos,
             attention_mask=torch.ones_like(prompt),
         )[0, prompt.shape[1]:].tolist()
-    assert len(set(want)) > 3  # not a degenerate repetition of one token
+    assert len(set(want)) > 10  # not a degenerate repetition: every step is a real comparison
     assert got == want
 
 
