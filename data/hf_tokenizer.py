@@ -11,7 +11,9 @@ when it is given:
 - `ignore_merges=True`: a piece that is itself a token is emitted whole, as tiktoken does;
 - the special tokens as added tokens at their tiktoken ids.
 
-The result is checked by the tests by encoding real text both ways.
+The result is checked by the tests by encoding real text both ways. The saved tokenizer puts the
+end-of-text token first (as BOS) when special tokens are added, which is how our documents and
+`python -m model.generate` prompts start; `add_special_tokens=False` gives tiktoken's ids alone.
 One known difference: Hugging Face tokenizers turn special-token strings found in the text into
 the special id, while `Tokenizer.encode` encodes them as ordinary text.
 """
@@ -74,9 +76,22 @@ def onig_pattern(pat_str: str) -> str:
     return _POSSESSIVE_INTERVAL.sub(r"(?>\1\2)", pat_str)
 
 
-def to_hf_tokenizer(encoding: tiktoken.Encoding):
-    """A `tokenizers.Tokenizer` that encodes exactly like `encoding` (ordinary text)."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+def to_hf_tokenizer(encoding: tiktoken.Encoding, prepend_eot: bool = False):
+    """A `tokenizers.Tokenizer` that encodes exactly like `encoding` (ordinary text).
+
+    prepend_eot: put the end-of-text token in front of every encoded text (when special tokens
+    are added), as a BOS: our documents follow an end-of-text token, and model.generate starts
+    its prompts with one.
+    """
+    from tokenizers import (
+        AddedToken,
+        Regex,
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+    )
 
     vocab, merges = bpe_vocab_and_merges(encoding._mergeable_ranks)
     specials = encoding._special_tokens
@@ -99,6 +114,11 @@ def to_hf_tokenizer(encoding: tiktoken.Encoding):
         if tok.token_to_id(text) != token_id:
             got = tok.token_to_id(text)
             raise RuntimeError(f"special token {text!r} got id {got}, expected {token_id}")
+    if prepend_eot:
+        eot = (EOT, specials[EOT])
+        tok.post_processor = processors.TemplateProcessing(
+            single=f"{EOT}:0 $A:0", pair=f"{EOT}:0 $A:0 {EOT}:1 $B:1", special_tokens=[eot]
+        )
     return tok
 
 
@@ -109,7 +129,7 @@ def save_hf_tokenizer(
     out_dir = Path(out_dir)
     if EOT not in encoding._special_tokens:
         raise ValueError(f"tokenizer {encoding.name}: no {EOT} special token to use as eos")
-    tok = to_hf_tokenizer(encoding)
+    tok = to_hf_tokenizer(encoding, prepend_eot=True)
     specials = encoding._special_tokens
     config = {
         # The generic fast tokenizer: a model-specific class (LlamaTokenizerFast...) may rebuild
@@ -118,7 +138,7 @@ def save_hf_tokenizer(
         "bos_token": EOT,
         "eos_token": EOT,
         "pad_token": EOT,
-        "add_bos_token": False,
+        "add_bos_token": True,  # end-of-text first, as in training (transformers 5 reads this)
         "add_eos_token": False,
         "clean_up_tokenization_spaces": False,  # decode must give back the exact text
         "model_max_length": model_max_length,

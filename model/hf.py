@@ -31,7 +31,6 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import asdict, fields
 from pathlib import Path
 
 import torch
@@ -518,76 +517,49 @@ def export_run(
     max_shard_size: int | str = "5GB",
     dtype: str | None = None,
     overwrite: bool = False,
+    with_tokenizer: bool = True,
 ) -> str:
-    """Export checkpoint `step` (default: the latest) of a training run."""
-    state, job = load_run_checkpoint(run_dir, step)
-    cfg = _model_config_from_job(job, run_dir)
-    tok = _run_tokenizer(job, run_dir, tokenizer)
-    return export_model(state, cfg, out_dir, tok, max_shard_size, dtype, overwrite)
+    """Export checkpoint `step` (default: the newest) of a run directory (or a checkpoint
+    directory). The tokenizer is the run's prepared data's (data.path/manifest.json), or
+    `tokenizer` (a spec for data.tokenizer.load_tokenizer) when given."""
+    from job_config import JobConfig
+    from model.checkpoint import find_checkpoint, load_config_dict, resolve_checkpoint
+
+    ckpt = resolve_checkpoint(run_dir) if step is None else find_checkpoint(run_dir, step)
+    job = JobConfig.from_dict(load_config_dict(ckpt), str(ckpt / "config.json"))
+    state = load_checkpoint_model_state(ckpt)
+    tok = None
+    if tokenizer:
+        from data.tokenizer import load_tokenizer
+
+        tok = load_tokenizer(tokenizer)
+    elif with_tokenizer:
+        from data.prepare import manifest_tokenizer
+
+        try:
+            tok = manifest_tokenizer(job.data.path)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(
+                f"{e}; the tokenizer of {ckpt} comes from its prepared data (data.path = "
+                f"{job.data.path!r}): pass --tokenizer SPEC, or --no-tokenizer"
+            ) from None
+    return export_model(state, job.model, out_dir, tok, max_shard_size, dtype, overwrite)
 
 
-def load_run_checkpoint(
-    run_dir: str | Path, step: int | None = None
-) -> tuple[dict[str, torch.Tensor], dict]:
-    """(model state dict in our names, resolved job config dict) of a run's checkpoint."""
-    root = Path(run_dir) / "checkpoints"
-    if step is None:
-        latest = root / "latest"
-        if not latest.exists():
-            raise FileNotFoundError(f"{latest} does not exist: is {run_dir} a run directory?")
-        step_dir = root / latest.read_text(encoding="utf-8").strip()
-    else:
-        step_dir = root / f"step_{step:06d}"
-    if not step_dir.is_dir():
-        raise FileNotFoundError(f"checkpoint directory {step_dir} does not exist")
-    config_path = step_dir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} is missing (the run's resolved config)")
-    job = json.loads(config_path.read_text(encoding="utf-8"))
-    model_file = step_dir / SAFETENSORS_FILE
-    if model_file.exists():
-        with safe_open(str(model_file), framework="pt") as f:
-            return {name: f.get_tensor(name) for name in f.keys()}, job
-    if (step_dir / ".metadata").exists() or any(step_dir.glob("*.distcp")):
-        # Hook: sharded (torch.distributed.checkpoint) checkpoints are consolidated here once
-        # their layout is fixed (parallel/ owns it).
+def load_checkpoint_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The model state dict (our names) of a checkpoint directory."""
+    from model.checkpoint import MODEL_FILE, load_model_state
+
+    if not (ckpt / MODEL_FILE).exists() and (
+        (ckpt / ".metadata").exists() or any(ckpt.glob("*.distcp"))
+    ):
+        # Hook for sharded (torch.distributed.checkpoint) checkpoints: consolidate them here
+        # once their layout is fixed (parallel/ owns it).
         raise NotImplementedError(
-            f"{step_dir} is a sharded (DCP) checkpoint: consolidating it for export is not "
-            "implemented yet; save a consolidated model.safetensors instead"
+            f"{ckpt} is a sharded (DCP) checkpoint: consolidating it for export is not "
+            "implemented yet"
         )
-    raise FileNotFoundError(f"{step_dir}: no {SAFETENSORS_FILE}")
-
-
-def _model_config_from_job(job: dict, source) -> ModelConfig:
-    model = job.get("model")
-    if not isinstance(model, dict):
-        raise ValueError(f"{source}: the run's config.json has no 'model' section")
-    known = {f.name for f in fields(ModelConfig)}
-    unknown = sorted(set(model) - known - {"size"})
-    if unknown:
-        raise ValueError(f"{source}: unknown model fields {unknown}")
-    values = {k: v for k, v in model.items() if k in known}
-    if model.get("size"):
-        from model.config import model_config
-
-        return model_config(model["size"], **values)
-    return ModelConfig(**values)
-
-
-def _run_tokenizer(job: dict, run_dir, spec: str | None):
-    """Our Tokenizer for a run: `spec` if given, else the prepared data dir's tokenizer file,
-    else the run's `data.tokenizer` setting."""
-    from data.tokenizer import load_tokenizer
-
-    if spec:
-        return load_tokenizer(spec)
-    data = job.get("data") or {}
-    prepared = Path(data["path"]) / "tokenizer.tiktoken" if data.get("path") else None
-    if prepared is not None and prepared.exists():
-        return load_tokenizer(prepared)
-    if data.get("tokenizer"):
-        return load_tokenizer(data["tokenizer"])
-    raise ValueError(f"{run_dir}: config has no data.tokenizer; pass --tokenizer")
+    return load_model_state(ckpt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -611,8 +583,11 @@ def import_hf(
     state = from_hf_state_dict(read_safetensors(hf_dir), cfg, arch, str(hf_dir))
     if dtype is not None:
         state = {n: t.to(DTYPES[DTYPE_ALIASES.get(dtype, dtype)]) for n, t in state.items()}
-    job: dict = {"model": asdict(cfg)}
+    from job_config import JobConfig, to_toml
+
+    job = JobConfig(model=cfg)
     out_dir = Path(out_dir)
+    job.train.run_dir = str(out_dir)
     with _staging_dir(out_dir, overwrite) as tmp:
         tokenizer_json = hf_dir / "tokenizer.json"
         if tokenizer_json.exists():
@@ -622,7 +597,7 @@ def import_hf(
             try:
                 encoding = from_hf_tokenizer(tokenizer_json, name=hf_dir.name or "hf")
                 Tokenizer(encoding, str(tokenizer_json)).save(tmp / "tokenizer.tiktoken")
-                job["data"] = {"tokenizer": str(out_dir.resolve() / "tokenizer.tiktoken")}
+                job.data.tokenizer = str(out_dir.resolve() / "tokenizer.tiktoken")
             except ValueError as e:
                 print(f"tokenizer not converted ({e}); prepare data with a matching tokenizer",
                       file=sys.stderr)
@@ -633,8 +608,9 @@ def import_hf(
             str(step_dir / SAFETENSORS_FILE),
             metadata={"format": "pt"},
         )
-        _write_json(step_dir / "config.json", job)
+        _write_json(step_dir / "config.json", job.to_dict())
         (tmp / "checkpoints" / "latest").write_text("step_000000\n", encoding="utf-8")
+        (tmp / "config.toml").write_text(to_toml(job), encoding="utf-8")
     return cfg
 
 
@@ -696,6 +672,7 @@ def main(argv: list[str] | None = None) -> None:
     ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
     ex.add_argument("--out", required=True, help="output directory")
     ex.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the run's)")
+    ex.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files")
     ex.add_argument("--max-shard-size", default="5GB", help="shard above this size (5GB)")
     ex.add_argument("--dtype", default=None, help="float32 | bfloat16 | float16 (default: keep)")
     ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
@@ -709,7 +686,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.command == "export":
             arch = export_run(
                 args.run, args.out, args.step, args.tokenizer, args.max_shard_size, args.dtype,
-                args.overwrite,
+                args.overwrite, with_tokenizer=not args.no_tokenizer,
             )
             print(f"wrote {arch} to {args.out}")
         else:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -22,6 +23,7 @@ import torch
 from safetensors import safe_open
 
 from model.config import model_config
+from model.generate import generate
 from model.hf import ExportError, export_model, hf_architecture, import_hf
 from model.transformer import build_model
 
@@ -29,6 +31,7 @@ transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
 VOCAB = 320
+STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
 DENSE = {
     "dense": (dict(), "LlamaForCausalLM"),
@@ -164,20 +167,6 @@ def test_log_capture_sees_missing_weights(tmp_path):
     assert any("model.norm.weight" in w for w in warnings)
 
 
-def greedy(model, prompt: torch.Tensor, n: int, eos: int) -> list[int]:
-    """Our greedy decoding with the KV cache (what model.generate does at temperature 0)."""
-    cache = model.new_cache(1)
-    logits = model(prompt, cache=cache)
-    out = []
-    for _ in range(n):
-        token = int(logits[0, -1].argmax())
-        out.append(token)
-        if token == eos:
-            break
-        logits = model(torch.tensor([[token]]), cache=cache)
-    return out
-
-
 @pytest.mark.parametrize("name", ["dense", "qk_norm"])
 def test_greedy_generation_matches(tmp_path, name):
     overrides, _ = DENSE[name]
@@ -189,7 +178,7 @@ def test_greedy_generation_matches(tmp_path, name):
     eos = VOCAB - 1
     prompt = torch.randint(0, VOCAB - 1, (1, 5), generator=torch.Generator().manual_seed(11))
     with torch.no_grad():
-        want = greedy(ours, prompt, 40, eos)
+        want = generate(ours, prompt[0].tolist(), 40, temperature=0, stop_token=eos)
         got = hf.generate(
             prompt, max_new_tokens=40, do_sample=False, eos_token_id=eos, pad_token_id=eos,
             attention_mask=torch.ones_like(prompt),
@@ -289,3 +278,45 @@ def test_import_rejects_rope_scaling(tmp_path):
     (tmp_path / "hf/config.json").write_text(json.dumps(config))
     with pytest.raises(ExportError, match="RoPE type 'llama3'"):
         import_hf(tmp_path / "hf", tmp_path / "run")
+
+
+def test_cli_export_generates_like_model_generate(tmp_path, capsys):
+    """End to end: a run directory (checkpoint + prepared data's tokenizer) exported with
+    `python -m model.hf export`; transformers' tokenizer + greedy generate give the same text
+    as `python -m model.generate --temperature 0`."""
+    from data.tokenizer import train_bpe
+    from job_config import JobConfig
+    from model import generate, hf
+    from model.checkpoint import save_checkpoint
+
+    texts = [(STDLIB / n).read_text(encoding="utf-8") for n in ("textwrap.py", "shlex.py")]
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    tok = train_bpe(texts, vocab_size=512, path=data_dir / "tokenizer.tiktoken")
+    manifest = {"tokenizer": {**tok.identity(), "spec": "tokenizer.tiktoken"}}
+    (data_dir / "manifest.json").write_text(json.dumps(manifest))
+    cfg = tiny(vocab_size=tok.n_vocab, n_kv_heads=2, max_seq_len=96)
+    job = JobConfig(model=cfg)
+    job.data.path = str(data_dir)
+    run = tmp_path / "run"
+    save_checkpoint(run, 10, random_model(cfg, seed=15).state_dict(), {}, job.to_dict())
+
+    prompt = "def split(s, comments=False"
+    capsys.readouterr()
+    generate.main(["--run", str(run), "--prompt", prompt, "--temperature", "0",
+                   "--max-new-tokens", "40"])
+    want = capsys.readouterr().out.split("---\n", 1)[1].removesuffix("\n")
+
+    hf.main(["export", "--run", str(run), "--out", str(tmp_path / "hf"), "--step", "10"])
+    model, info, warnings = load_hf(tmp_path / "hf")
+    assert not any(info.values()) and warnings == []
+    hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    inputs = hf_tok(prompt, return_tensors="pt")
+    assert inputs["input_ids"][0, 0] == tok.eot_id  # generate.py also starts with end-of-text
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=40, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    got = prompt + hf_tok.decode(new, skip_special_tokens=True)
+    # (seed 15 is one whose random model does not emit end-of-text early: 40 compared steps)
+    assert len(new) == 40 and len(set(new)) > 10
+    assert got == want

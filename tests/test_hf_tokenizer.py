@@ -75,14 +75,17 @@ def check_same_ids(tok: Tokenizer, hf_dir: Path) -> int:
     n = 0
     for text in texts:
         want = tok.encode(text)
-        got = hf(text, add_special_tokens=True)["input_ids"]
+        got = hf(text, add_special_tokens=False)["input_ids"]
         assert got == want, text[:60]
         assert hf.decode(got) == text
+        # By default the end-of-text token comes first, as BOS (as in model.generate).
+        assert hf(text)["input_ids"] == [tok.eot_id] + want
+        assert hf.decode([tok.eot_id] + want, skip_special_tokens=True) == text
         n += len(want)
     # The end-of-text token: a special token at its tiktoken id, as bos / eos / pad.
     assert hf.eos_token == hf.bos_token == hf.pad_token == EOT
     assert hf.eos_token_id == tok.eot_id
-    assert hf("a" + EOT)["input_ids"] == tok.encode("a") + [tok.eot_id]
+    assert hf("a" + EOT, add_special_tokens=False)["input_ids"] == tok.encode("a") + [tok.eot_id]
     assert hf.decode([tok.eot_id]) == EOT
     return n
 
