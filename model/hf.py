@@ -355,7 +355,7 @@ def model_config_from_hf(c: dict, source: str = "config.json") -> tuple[ModelCon
     )
     if arch == MIXTRAL:
         values.update(
-            n_experts=c["num_local_experts"],
+            n_experts=_n_experts(c),
             moe_top_k=c["num_experts_per_tok"],
             expert_hidden=c["intermediate_size"],
         )
@@ -365,7 +365,7 @@ def model_config_from_hf(c: dict, source: str = "config.json") -> tuple[ModelCon
         if not c.get("norm_topk_prob", False):
             raise unsupported("norm_topk_prob", "our router renormalizes the top-k weights")
         values.update(
-            n_experts=c["num_experts"],
+            n_experts=_n_experts(c),
             moe_top_k=c["num_experts_per_tok"],
             expert_hidden=c["moe_intermediate_size"],
             moe_every=c.get("decoder_sparse_step", 1),
@@ -381,6 +381,11 @@ def model_config_from_hf(c: dict, source: str = "config.json") -> tuple[ModelCon
     if "router_aux_loss_coef" in c:
         values["moe_aux_coef"] = c["router_aux_loss_coef"]
     return ModelConfig(**values), arch
+
+
+def _n_experts(c: dict) -> int:
+    # Mixtral's field; transformers 5 also saves Qwen-MoE's num_experts under this name.
+    return c["num_local_experts"] if "num_local_experts" in c else c["num_experts"]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -320,3 +320,63 @@ def test_cli_export_generates_like_model_generate(tmp_path, capsys):
     # (seed 15 is one whose random model does not emit end-of-text early: 40 compared steps)
     assert len(new) == 40 and len(set(new)) > 10
     assert got == want
+
+
+@pytest.mark.parametrize("name", ["gqa_tied", "qk_norm", "mixtral", "qwen3_moe"])
+def test_import_of_transformers_saved_model(tmp_path, name):
+    """Import files written by transformers' own save_pretrained (random weights from
+    transformers' init): our model then computes transformers' logits."""
+    if name in MOE:
+        pytest.importorskip("model.moe", reason="model/moe.py (MoE issue) not merged yet")
+    overrides, _ = {**DENSE, **MOE}[name]
+    cfg = tiny(**overrides)
+    export_model(random_model(cfg).state_dict(), cfg, tmp_path / "ours")
+    config = transformers.AutoConfig.from_pretrained(tmp_path / "ours")
+    torch.manual_seed(0)
+    theirs = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    with torch.no_grad():  # transformers initializes norms to 1: randomize them as well
+        for n, p in theirs.named_parameters():
+            if n.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5)
+    theirs.save_pretrained(tmp_path / "theirs")
+    imported = import_hf(tmp_path / "theirs", tmp_path / "run")
+    from model.checkpoint import load_model
+
+    model, job, _ = load_model(tmp_path / "run")
+    assert job.model == imported
+    ids = torch.randint(0, VOCAB, (2, 21))
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids), theirs(ids).logits, atol=TOL, rtol=0)
+
+
+def test_import_rejects_a_gated_shared_expert(tmp_path):
+    """Qwen2-MoE's shared expert gate must be the zero our export writes: a learned gate is a
+    feature our model lacks."""
+    pytest.importorskip("model.moe", reason="model/moe.py (MoE issue) not merged yet")
+    from safetensors.torch import load_file, save_file
+
+    overrides, _ = MOE["qwen2_moe_shared"]
+    cfg = tiny(**overrides)
+    export_model(random_model(cfg).state_dict(), cfg, tmp_path / "hf")
+    tensors = load_file(tmp_path / "hf/model.safetensors")
+    gate = "model.layers.1.mlp.shared_expert_gate.weight"
+    assert torch.count_nonzero(tensors[gate]) == 0
+    tensors[gate] = torch.full_like(tensors[gate], 0.01)
+    save_file(tensors, tmp_path / "hf/model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ExportError, match="shared_expert_gate.weight is not zero"):
+        import_hf(tmp_path / "hf", tmp_path / "run")
+
+
+def test_bfloat16_export(tmp_path):
+    cfg = tiny(n_kv_heads=2)
+    ours = random_model(cfg, seed=4)
+    export_model(ours.state_dict(), cfg, tmp_path / "hf", dtype="bf16")
+    assert json.loads((tmp_path / "hf/config.json").read_text())["torch_dtype"] == "bfloat16"
+    hf, info, warnings = load_hf(tmp_path / "hf")  # loaded as fp32: the bf16 values exactly
+    assert not any(info.values()) and warnings == []
+    with torch.no_grad():  # our model with the same rounded weights
+        for p in ours.parameters():
+            p.copy_(p.bfloat16().float())
+    ids = torch.randint(0, VOCAB, (1, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(hf(ids).logits, ours(ids), atol=TOL, rtol=0)
