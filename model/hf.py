@@ -31,6 +31,7 @@ import os
 import re
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -532,7 +533,7 @@ def export_run(
 
     ckpt = resolve_checkpoint(run_dir) if step is None else find_checkpoint(run_dir, step)
     job = JobConfig.from_dict(load_config_dict(ckpt), str(ckpt / "config.json"))
-    state = load_checkpoint_model_state(ckpt)
+    state = load_checkpoint_model_state(ckpt, job.model)
     tok = None
     if tokenizer:
         from data.tokenizer import load_tokenizer
@@ -551,20 +552,60 @@ def export_run(
     return export_model(state, job.model, out_dir, tok, max_shard_size, dtype, overwrite)
 
 
-def load_checkpoint_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
-    """The model state dict (our names) of a checkpoint directory."""
+def load_checkpoint_model_state(ckpt: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """The model state dict (our names) of a checkpoint directory: its model.safetensors, or
+    a sharded torch.distributed.checkpoint (DCP) in the directory or its `model/` folder,
+    consolidated here."""
     from model.checkpoint import MODEL_FILE, load_model_state
 
-    if not (ckpt / MODEL_FILE).exists() and (
-        (ckpt / ".metadata").exists() or any(ckpt.glob("*.distcp"))
-    ):
-        # Hook for sharded (torch.distributed.checkpoint) checkpoints: consolidate them here
-        # once their layout is fixed (parallel/ owns it).
-        raise NotImplementedError(
-            f"{ckpt} is a sharded (DCP) checkpoint: consolidating it for export is not "
-            "implemented yet"
-        )
-    return load_model_state(ckpt)
+    if (ckpt / MODEL_FILE).exists():
+        return load_model_state(ckpt)
+    for folder in (ckpt, ckpt / "model"):
+        if (folder / ".metadata").exists():
+            return consolidate_dcp(folder, cfg)
+    raise FileNotFoundError(f"{ckpt}: no {MODEL_FILE} and no sharded (DCP) checkpoint")
+
+
+def consolidate_dcp(folder: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of the model from a DCP checkpoint saved by any number of ranks, in one
+    process: DCP reassembles each tensor from its shards by the global shapes in `.metadata`.
+
+    Stored keys may carry a prefix (e.g. "model.embed.weight" for a {"model": ...} state dict);
+    each of our parameter names must match exactly one stored key ("model."-prefixed preferred).
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    from model.transformer import Transformer
+
+    reader = dcp.FileSystemReader(str(folder))
+    stored = {
+        key: meta
+        for key, meta in reader.read_metadata().state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata)
+    }
+    with torch.device("meta"):
+        expected = Transformer(cfg).state_dict()  # names and shapes only, no memory
+    buffers, keys = {}, {}
+    for name, t in expected.items():
+        found = [k for k in stored if k == name or k.endswith("." + name)]
+        if len(found) > 1:
+            found = [k for k in found if k in (name, "model." + name)] or found
+        if len(found) != 1:
+            raise ExportError(
+                f"{folder}: expected one stored tensor for {name!r}, found {found[:4] or 'none'}"
+            )
+        meta = stored[found[0]]
+        if tuple(meta.size) != tuple(t.shape):
+            raise ExportError(
+                f"{folder}: {found[0]} has shape {tuple(meta.size)}, the config says {tuple(t.shape)}"
+            )
+        buffers[found[0]] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        keys[name] = found[0]
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        dcp.load(buffers, storage_reader=reader, no_dist=True)
+    return {name: buffers[key] for name, key in keys.items()}
 
 
 # ---------------------------------------------------------------------------------------------

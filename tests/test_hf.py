@@ -380,3 +380,52 @@ def test_bfloat16_export(tmp_path):
     ids = torch.randint(0, VOCAB, (1, 19))
     with torch.no_grad():
         torch.testing.assert_close(hf(ids).logits, ours(ids), atol=TOL, rtol=0)
+
+
+def _save_sharded(rank: int, world: int, port: int, state: dict, folder: str) -> None:
+    """One rank of a 2-process gloo group: shard every tensor on dim 0 as DTensors (the layout
+    FSDP2 checkpoints have) and save them with DCP, next to decoy optimizer tensors."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Shard, distribute_tensor
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=world)
+    try:
+        mesh = init_device_mesh("cpu", (world,))
+        sharded = {n: distribute_tensor(t, mesh, [Shard(0)]) for n, t in state.items()}
+        optim = {n + ".exp_avg": torch.zeros_like(t) for n, t in sharded.items()}
+        dcp.save({"model": sharded, "optim": optim}, checkpoint_id=folder)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_sharded_dcp_checkpoint_is_consolidated(tmp_path):
+    """A run whose checkpoint was saved sharded by 2 ranks (torch.distributed.checkpoint, no
+    model.safetensors) exports to the same bytes as the same weights in model.safetensors."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from job_config import JobConfig
+    from model.checkpoint import save_checkpoint
+    from model.hf import export_run
+
+    cfg = tiny(n_kv_heads=2)
+    state = random_model(cfg, seed=8).state_dict()
+    job = JobConfig(model=cfg).to_dict()
+    save_checkpoint(tmp_path / "plain", 5, state, {}, job)
+    ckpt = save_checkpoint(tmp_path / "sharded", 5, state, {}, job)
+    (ckpt / "model.safetensors").unlink()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    # fork: the workers need no re-import of this module (and of transformers)
+    mp.start_processes(_save_sharded, args=(2, port, state, str(ckpt / "model")), nprocs=2,
+                       start_method="fork")
+    assert len(list((ckpt / "model").glob("*.distcp"))) == 2
+    for name in ("plain", "sharded"):
+        export_run(tmp_path / name, tmp_path / f"{name}_hf", with_tokenizer=False)
+    a = (tmp_path / "plain_hf/model.safetensors").read_bytes()
+    assert a == (tmp_path / "sharded_hf/model.safetensors").read_bytes()
