@@ -421,19 +421,23 @@ def write_safetensors(
             size = 0
         shards[-1][name] = t
         size += nbytes
-    metadata = {"format": "pt"}  # older transformers refuse files without it
     if len(shards) == 1:
-        save_file(shards[0], str(out_dir / SAFETENSORS_FILE), metadata=metadata)
+        _save(shards[0], out_dir / SAFETENSORS_FILE)
         return [SAFETENSORS_FILE]
     names = [f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors" for k in range(len(shards))]
     weight_map = {}
     for fname, shard in zip(names, shards):
-        save_file(shard, str(out_dir / fname), metadata=metadata)
+        _save(shard, out_dir / fname)
         weight_map.update({name: fname for name in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
     return names + [INDEX_FILE]
+
+
+def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt"})  # older transformers need it
+    os.chmod(path, 0o644)  # safetensors creates the file private (0600); this is for sharing
 
 
 def read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
@@ -628,7 +632,13 @@ def import_hf(
     )
     state = from_hf_state_dict(read_safetensors(hf_dir), cfg, arch, str(hf_dir))
     if dtype is not None:
-        state = {n: t.to(DTYPES[DTYPE_ALIASES.get(dtype, dtype)]) for n, t in state.items()}
+        dtype = DTYPE_ALIASES.get(dtype, dtype)
+        if dtype not in DTYPES:
+            raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+        state = {  # the balancing bias buffer stays fp32 (model/moe.py)
+            n: t if n.endswith(_EXPERT_BIAS_SUFFIXES) else t.to(DTYPES[dtype])
+            for n, t in state.items()
+        }
     from job_config import JobConfig, to_toml
 
     job = JobConfig(model=cfg)
@@ -649,11 +659,7 @@ def import_hf(
                       file=sys.stderr)
         step_dir = tmp / "checkpoints" / "step_000000"
         step_dir.mkdir(parents=True)
-        save_file(
-            {n: t.contiguous() for n, t in state.items()},
-            str(step_dir / SAFETENSORS_FILE),
-            metadata={"format": "pt"},
-        )
+        _save({n: t.contiguous() for n, t in state.items()}, step_dir / SAFETENSORS_FILE)
         _write_json(step_dir / "config.json", job.to_dict())
         (tmp / "checkpoints" / "latest").write_text("step_000000\n", encoding="utf-8")
         (tmp / "config.toml").write_text(to_toml(job), encoding="utf-8")
