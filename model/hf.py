@@ -97,7 +97,10 @@ def _check_routing(cfg: ModelConfig, arch: str, state: dict[str, torch.Tensor]) 
     weights, like Mixtral (and Qwen with norm_topk_prob). The aux-loss-free balancing bias
     (moe_balance = "bias", DeepSeek-V3) is part of the model: it also decides which experts are
     chosen at inference. None of these classes has it (DeepSeek-V3's e_score_correction_bias
-    comes with sigmoid scores and MLA attention), so refuse unless the bias is exactly zero."""
+    comes with sigmoid scores and MLA attention), so refuse unless the bias is exactly zero.
+    With other balancing the buffer is never read (and stays zero)."""
+    if cfg.moe_balance != "bias":
+        return
     for name, tensor in state.items():
         if name.endswith(_EXPERT_BIAS_SUFFIXES) and torch.any(tensor != 0):
             raise ExportError(
@@ -239,7 +242,8 @@ def from_hf_state_dict(
         for i in range(cfg.n_layers):
             for proj in ("q_proj", "k_proj", "v_proj"):
                 name = f"model.layers.{i}.self_attn.{proj}.bias"
-                if torch.any(take(name) != 0):
+                bias = hf.pop(name, None)  # absent when qkv_bias = false (transformers 5)
+                if bias is not None and torch.any(bias != 0):
                     raise ExportError(f"{source}: {name} is not zero: our attention has no biases")
     if hf:
         raise ExportError(f"{source}: tensors we have no place for: {sorted(hf)[:10]}")
