@@ -27,22 +27,17 @@ from pathlib import Path
 
 import tiktoken
 
+from data.tokenizer import EOT, bytes_to_unicode
+
 TOKENIZER_FILE = "tokenizer.json"
 TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
-EOT = "<|endoftext|>"
-
-
-def _bytes_to_unicode() -> dict[int, str]:
-    from data.tokenizer import bytes_to_unicode
-
-    return bytes_to_unicode()
 
 
 def bpe_vocab_and_merges(
     ranks: dict[bytes, int],
 ) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """tiktoken ranks -> (byte-level vocab {token string: id}, merges in priority order)."""
-    byte_char = _bytes_to_unicode()
+    byte_char = bytes_to_unicode()
     missing = [b for b in range(256) if bytes([b]) not in ranks]
     if missing:
         # Without every single byte some text has no encoding (tiktoken would fail as well).
@@ -172,7 +167,7 @@ def from_hf_tokenizer(path: str | Path, name: str = "hf") -> tiktoken.Encoding:
     pat_str = _split_regex(data.get("pre_tokenizer"))
     if pat_str is None:
         raise ValueError(f"{path}: pre_tokenizer: expected a Split regex followed by ByteLevel")
-    char_byte = {c: b for b, c in _bytes_to_unicode().items()}
+    char_byte = {c: b for b, c in bytes_to_unicode().items()}
     specials = {t["content"]: t["id"] for t in data.get("added_tokens", []) if t.get("special")}
     ranks: dict[bytes, int] = {}
     for text, token_id in model["vocab"].items():
