@@ -66,9 +66,19 @@ _POSSESSIVE_INTERVAL = re.compile(
 )
 
 
+_ATOMIC_INTERVAL = re.compile(
+    r"\(\?>(\\[pP]\{[^}]*\}|\[(?:\\.|[^\]\\])*\]|\\.|[^\\\[\]()])(\{\d+(?:,\d*)?\})\)"
+)
+
+
 def onig_pattern(pat_str: str) -> str:
     """tiktoken's split regex rewritten so Oniguruma matches exactly the same pieces."""
     return _POSSESSIVE_INTERVAL.sub(r"(?>\1\2)", pat_str)
+
+
+def tiktoken_pattern(pattern: str) -> str:
+    """The inverse of `onig_pattern` (both forms work in tiktoken; this one keeps identities)."""
+    return _ATOMIC_INTERVAL.sub(r"\1\2+", pattern)
 
 
 def to_hf_tokenizer(encoding: tiktoken.Encoding, prepend_eot: bool = False):
@@ -184,6 +194,7 @@ def from_hf_tokenizer(path: str | Path, name: str = "hf") -> tiktoken.Encoding:
         raise ValueError(
             f"{path}: merge order differs from token-id order; tiktoken cannot reproduce it"
         )
+    pat_str = tiktoken_pattern(pat_str)
     return tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials)
 
 

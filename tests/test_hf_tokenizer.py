@@ -104,6 +104,8 @@ def test_trained_bpe_same_ids_through_model_export(tmp_path, bpe):
 def test_cl100k_same_ids(tmp_path, cl100k):
     save_hf_tokenizer(cl100k.encoding, tmp_path, model_max_length=8192)
     assert check_same_ids(cl100k, tmp_path) > 5000
+    back = from_hf_tokenizer(tmp_path / "tokenizer.json", name="cl100k_base")
+    assert Tokenizer(back, "back").identity() == cl100k.identity()  # ranks, regex, specials
 
 
 def test_cl100k_digit_runs_need_the_pattern_rewrite(cl100k):
