@@ -291,21 +291,17 @@ def test_import_rejects_rope_scaling(tmp_path):
         import_hf(tmp_path / "hf", tmp_path / "run")
 
 
-def test_cli_export_generates_like_model_generate(tmp_path, capsys):
+def test_cli_export_generates_like_model_generate(tmp_path, capsys, tiny_data):
     """End to end: a run directory (checkpoint + prepared data's tokenizer) exported with
     `python -m model.hf export`; transformers' tokenizer + greedy generate give the same text
     as `python -m model.generate --temperature 0`."""
-    from data.tokenizer import train_bpe
+    from data.prepare import manifest_tokenizer
     from job_config import JobConfig
     from model import generate, hf
     from model.checkpoint import save_checkpoint
 
-    texts = [(STDLIB / n).read_text(encoding="utf-8") for n in ("textwrap.py", "shlex.py")]
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    tok = train_bpe(texts, vocab_size=512, path=data_dir / "tokenizer.tiktoken")
-    manifest = {"tokenizer": {**tok.identity(), "spec": "tokenizer.tiktoken"}}
-    (data_dir / "manifest.json").write_text(json.dumps(manifest))
+    data_dir = tiny_data
+    tok = manifest_tokenizer(data_dir)
     cfg = tiny(vocab_size=tok.n_vocab, n_kv_heads=2, max_seq_len=96)
     job = JobConfig(model=cfg)
     job.data.path = str(data_dir)
