@@ -10,6 +10,7 @@ Which transformers class a model becomes:
     MoE, every layer MoE, no shared expert  MixtralForCausalLM
     MoE + qk_norm, no shared expert         Qwen3MoeForCausalLM  (dense layers allowed)
     MoE + shared expert, no qk_norm         Qwen2MoeForCausalLM  (dense layers allowed)
+    MoE with moe_balance = "bias", no qk_norm   Ernie4_5_MoeForCausalLM  (transformers >= 4.54)
 
 Our parameters map one to one onto the Hugging Face names (RoPE is already the "rotate halves"
 convention transformers uses, so q/k need no permutation; the tests compare logits). Two exact
@@ -17,6 +18,9 @@ adaptations: stacked expert weights (E, ...) are written as one tensor per exper
 gated shared expert, sigmoid(shared_expert_gate(x)) * shared(x), gets a zero gate (sigmoid(0) is
 exactly 1/2) and a down projection scaled by exactly 2, which together compute our ungated
 shared expert bit for bit (scaling by a power of two is exact in floating point).
+Aux-loss-free balancing (a per-expert bias added to the softmax scores to choose the experts) is
+computed exactly by Ernie 4.5's MoE router (`moe_statics.e_score_correction_bias`); Ernie rotates
+interleaved pairs, so q/k rows are permuted per head from halves to interleaved on the way.
 
 A model that a target class cannot express (a feature transformers has no field for) stops with
 an `ExportError` naming the feature, rather than writing files that load but compute something
@@ -42,12 +46,14 @@ from model.config import ModelConfig
 
 LLAMA, QWEN3 = "LlamaForCausalLM", "Qwen3ForCausalLM"
 MIXTRAL, QWEN3_MOE, QWEN2_MOE = "MixtralForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"
+ERNIE_MOE = "Ernie4_5_MoeForCausalLM"
 MODEL_TYPES = {
     LLAMA: "llama",
     QWEN3: "qwen3",
     MIXTRAL: "mixtral",
     QWEN3_MOE: "qwen3_moe",
     QWEN2_MOE: "qwen2_moe",
+    ERNIE_MOE: "ernie4_5_moe",
 }
 SAFETENSORS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -74,6 +80,15 @@ def hf_architecture(cfg: ModelConfig) -> str:
         )
     if not cfg.is_moe:
         return QWEN3 if cfg.qk_norm else LLAMA
+    if cfg.moe_balance == "bias":
+        # The selection bias decides which experts run, at inference too: only Ernie 4.5's
+        # router has one over softmax scores (DeepSeek-V3's comes with sigmoid scores and MLA).
+        if cfg.qk_norm:
+            raise ExportError(
+                "model.qk_norm with model.moe_balance = 'bias': the expert selection bias needs "
+                "Ernie4_5_MoeForCausalLM, which has no QK-norm (train with moe_balance = 'aux')"
+            )
+        return ERNIE_MOE
     if cfg.n_shared_experts and cfg.qk_norm:
         raise ExportError(
             "model.qk_norm with shared experts (model.n_shared_experts = "
@@ -96,10 +111,9 @@ def _check_routing(cfg: ModelConfig, arch: str, state: dict[str, torch.Tensor]) 
     """MoE routing: our router = softmax over all experts (fp32), top-k, renormalized top-k
     weights, like Mixtral (and Qwen with norm_topk_prob). The aux-loss-free balancing bias
     (moe_balance = "bias", DeepSeek-V3) is part of the model: it also decides which experts are
-    chosen at inference. None of these classes has it (DeepSeek-V3's e_score_correction_bias
-    comes with sigmoid scores and MLA attention), so refuse unless the bias is exactly zero.
-    With other balancing the buffer is never read (and stays zero)."""
-    if cfg.moe_balance != "bias":
+    chosen at inference. Only Ernie 4.5 has it; for any other class refuse unless the bias is
+    exactly zero. With other balancing the buffer is never read (and stays zero)."""
+    if cfg.moe_balance != "bias" or arch == ERNIE_MOE:
         return
     for name, tensor in state.items():
         if name.endswith(_EXPERT_BIAS_SUFFIXES) and torch.any(tensor != 0):
@@ -150,7 +164,11 @@ def _plain_names(cfg: ModelConfig, arch: str) -> list[tuple[str, str]]:
         if cfg.is_moe_layer(i):
             moe = _moe_prefix(arch, i)
             pairs.append((b + "mlp.router.weight", moe + "gate.weight"))
-            if cfg.n_shared_experts:  # the down projection is scaled, see to_hf_state_dict
+            if cfg.n_shared_experts and arch == ERNIE_MOE:
+                for ours, theirs in MLP_NAMES:
+                    theirs = f"{moe}shared_experts.{theirs}.weight"
+                    pairs.append((f"{b}mlp.shared.{ours}.weight", theirs))
+            elif cfg.n_shared_experts:  # Qwen2-MoE: down is scaled, see to_hf_state_dict
                 for ours, theirs in MLP_NAMES[:2]:
                     theirs = f"{moe}shared_expert.{theirs}.weight"
                     pairs.append((f"{b}mlp.shared.{ours}.weight", theirs))
@@ -187,6 +205,8 @@ def to_hf_state_dict(
         for j in range(cfg.n_experts):
             gate, up, down = _expert_names(arch, i, j)
             out[gate], out[up], out[down] = w_gate[j], w_up[j], w_down[j]
+        if arch == ERNIE_MOE:  # (E,) -> (1, E), kept fp32 whatever the export dtype
+            out[moe + "moe_statics.e_score_correction_bias"] = take(b + "expert_bias")[None].float()
         if arch == QWEN2_MOE:
             down = take(b + "shared.w_down.weight")
             out[moe + "shared_expert.down_proj.weight"] = down * 2  # exact: a power of two
@@ -196,6 +216,11 @@ def to_hf_state_dict(
             for proj in ("q_proj", "k_proj", "v_proj"):
                 weight = out[f"model.layers.{i}.self_attn.{proj}.weight"]
                 out[f"model.layers.{i}.self_attn.{proj}.bias"] = weight.new_zeros(weight.shape[0])
+    if arch == ERNIE_MOE:  # Ernie rotates interleaved pairs (2j, 2j+1); we rotate (j, j + D/2)
+        for i in range(cfg.n_layers):
+            for proj in ("q_proj", "k_proj"):
+                name = f"model.layers.{i}.self_attn.{proj}.weight"
+                out[name] = _halves_to_interleaved(out[name], cfg.head_dim)
     for name in list(state):
         if name.endswith(_EXPERT_BIAS_SUFFIXES):  # checked zero above: no effect at inference
             state.pop(name)
@@ -222,6 +247,11 @@ def from_hf_state_dict(
 
     for ours, theirs in _plain_names(cfg, arch):
         out[ours] = take(theirs)
+    if arch == ERNIE_MOE:
+        for i in range(cfg.n_layers):
+            for ours in ("wq", "wk"):
+                name = f"blocks.{i}.attn.{ours}.weight"
+                out[name] = _interleaved_to_halves(out[name], cfg.head_dim)
     for i in range(cfg.n_layers):
         if not cfg.is_moe_layer(i):
             continue
@@ -229,7 +259,11 @@ def from_hf_state_dict(
         experts = [[take(n) for n in _expert_names(arch, i, j)] for j in range(cfg.n_experts)]
         for k, ours in enumerate(("w_gate", "w_up", "w_down")):
             out[b + ours] = torch.stack([e[k] for e in experts])
-        out[b + "expert_bias"] = torch.zeros(cfg.n_experts)  # no selection bias (fp32 buffer)
+        if arch == ERNIE_MOE:
+            bias = take(moe + "moe_statics.e_score_correction_bias")  # (1, E)
+            out[b + "expert_bias"] = bias.reshape(cfg.n_experts).float()
+        else:
+            out[b + "expert_bias"] = torch.zeros(cfg.n_experts)  # no selection bias (fp32)
         if arch == QWEN2_MOE:
             gate = take(moe + "shared_expert_gate.weight")
             if torch.any(gate != 0):
@@ -248,6 +282,18 @@ def from_hf_state_dict(
     if hf:
         raise ExportError(f"{source}: tensors we have no place for: {sorted(hf)[:10]}")
     return out
+
+
+def _halves_to_interleaved(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    """(H*D, dim) projection rows per head: row j -> 2j, row j + D/2 -> 2j + 1. Applied to q and
+    k alike it leaves q.k unchanged and turns our RoPE pairs (j, j + D/2) into (2j, 2j + 1)."""
+    dim = w.shape[1]
+    return w.reshape(-1, 2, head_dim // 2, dim).transpose(1, 2).reshape(-1, dim).contiguous()
+
+
+def _interleaved_to_halves(w: torch.Tensor, head_dim: int) -> torch.Tensor:
+    dim = w.shape[1]
+    return w.reshape(-1, head_dim // 2, 2, dim).transpose(1, 2).reshape(-1, dim).contiguous()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -311,6 +357,20 @@ def hf_config(cfg: ModelConfig, arch: str, eot_id: int | None, dtype: torch.dtyp
         # our n_shared_experts shared experts are one SwiGLU of the summed width (model/moe.py)
         c["shared_expert_intermediate_size"] = cfg.n_shared_experts * cfg.expert_hidden
         c["qkv_bias"] = True  # 4.x always has q/k/v biases; we write zeros
+    if arch == ERNIE_MOE:
+        c.update(
+            use_bias=False,
+            moe_num_experts=cfg.n_experts,
+            moe_k=cfg.moe_top_k,
+            moe_intermediate_size=cfg.expert_hidden,
+            moe_num_shared_experts=cfg.n_shared_experts,  # one SwiGLU of n * expert width, as ours
+            moe_layer_start_index=0,  # layer i is MoE when (i + 1) % interval == 0, as ours
+            moe_layer_end_index=cfg.n_layers - 1,
+            moe_layer_interval=cfg.moe_every,
+            moe_norm_min=1e-12,  # top-k weights / max(sum, 1e-12): the sum is >= k / E here
+            router_aux_loss_coef=cfg.moe_aux_coef,
+            output_router_logits=False,
+        )
     return c
 
 
@@ -318,10 +378,9 @@ def model_config_from_hf(c: dict, source: str = "config.json") -> tuple[ModelCon
     """Hugging Face config.json (as a dict) -> (ModelConfig, architecture); ExportError for
     anything our Transformer does not compute."""
     archs = c.get("architectures") or []
-    if len(archs) != 1 or archs[0] not in (LLAMA, QWEN3, MIXTRAL, QWEN3_MOE, QWEN2_MOE):
+    if len(archs) != 1 or archs[0] not in MODEL_TYPES:
         raise ExportError(
-            f"{source}: architectures = {archs}: expected one of "
-            f"{[LLAMA, QWEN3, MIXTRAL, QWEN3_MOE, QWEN2_MOE]}"
+            f"{source}: architectures = {archs}: expected one of {list(MODEL_TYPES)}"
         )
     arch = archs[0]
 
@@ -330,7 +389,7 @@ def model_config_from_hf(c: dict, source: str = "config.json") -> tuple[ModelCon
 
     if c.get("hidden_act", "silu") != "silu":
         raise unsupported("hidden_act", "our MLP is SwiGLU (silu)")
-    for flag in ("attention_bias", "mlp_bias"):
+    for flag in ("attention_bias", "mlp_bias", "use_bias"):
         if c.get(flag):
             raise unsupported(flag, "our linear layers have no biases")
     if c.get("use_sliding_window") or (arch == MIXTRAL and c.get("sliding_window")):
@@ -383,6 +442,20 @@ def model_config_from_hf(c: dict, source: str = "config.json") -> tuple[ModelCon
                 f"expected a multiple of moe_intermediate_size = {expert}",
             )
         values["n_shared_experts"] = shared // expert
+    if arch == ERNIE_MOE:
+        every, n_layers = c.get("moe_layer_interval", 1), c["num_hidden_layers"]
+        if c.get("moe_layer_start_index", 0) > every - 1:
+            raise unsupported("moe_layer_start_index", "expected <= moe_layer_interval - 1")
+        if c.get("moe_layer_end_index", -1) not in (-1, n_layers - 1):
+            raise unsupported("moe_layer_end_index", f"expected -1 or {n_layers - 1}")
+        values.update(
+            n_experts=c["moe_num_experts"],
+            moe_top_k=c["moe_k"],
+            expert_hidden=c["moe_intermediate_size"],
+            n_shared_experts=c.get("moe_num_shared_experts", 0),
+            moe_every=every,
+            moe_balance="bias",
+        )
     if "router_aux_loss_coef" in c:
         values["moe_aux_coef"] = c["router_aux_loss_coef"]
     return ModelConfig(**values), arch
@@ -498,12 +571,15 @@ def export_model(
             )
         eot_id = encoding._special_tokens.get(EOT)
     tensors = to_hf_state_dict(state, cfg, arch)
+    fp32_only = ".e_score_correction_bias"  # selection bias: fp32 whatever the dtype
     if dtype is not None:
         dtype = DTYPE_ALIASES.get(dtype, dtype)
         if dtype not in DTYPES:
             raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
-        tensors = {n: t.to(DTYPES[dtype]) for n, t in tensors.items()}
-    dtypes = {t.dtype for t in tensors.values()}
+        tensors = {
+            n: t if n.endswith(fp32_only) else t.to(DTYPES[dtype]) for n, t in tensors.items()
+        }
+    dtypes = {t.dtype for n, t in tensors.items() if not n.endswith(fp32_only)}
     if len(dtypes) != 1:
         raise ExportError(f"checkpoint mixes dtypes {sorted(map(str, dtypes))}: pass --dtype")
     config = hf_config(cfg, arch, eot_id, dtypes.pop())
@@ -624,7 +700,7 @@ def consolidate_dcp(folder: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
 def import_hf(
     hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, overwrite: bool = False
 ) -> ModelConfig:
-    """A Hugging Face Llama / Qwen3 / Mixtral / Qwen3-MoE / Qwen2-MoE directory -> a run
+    """A Hugging Face Llama / Qwen3 / Mixtral / Qwen3-MoE / Qwen2-MoE / Ernie-4.5-MoE dir -> a run
     directory holding checkpoints/step_000000 (model.safetensors in our names, config.json)
     and checkpoints/latest; the tokenizer, when it converts exactly, as tokenizer.tiktoken."""
     hf_dir = Path(hf_dir)

@@ -50,6 +50,12 @@ MOE = {
         dict(n_experts=4, moe_top_k=2, expert_hidden=32, n_shared_experts=2, n_kv_heads=2),
         "Qwen2MoeForCausalLM",
     ),
+    # aux-loss-free balancing: the learned selection bias is exported (random here, see below)
+    "ernie_bias": (
+        dict(n_experts=4, moe_top_k=2, expert_hidden=32, n_shared_experts=1, n_kv_heads=2,
+             moe_balance="bias", moe_every=2, n_layers=3),
+        "Ernie4_5_MoeForCausalLM",
+    ),
 }
 
 
@@ -68,6 +74,10 @@ def random_model(cfg, seed: int = 0):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5, generator=gen)
+        if cfg.is_moe and cfg.moe_balance == "bias":  # a trained selection bias is not zero
+            for name, b in model.named_buffers():
+                if name.endswith("expert_bias"):
+                    b.uniform_(-0.2, 0.2, generator=gen)
     return model
 
 
@@ -252,16 +262,24 @@ def test_inexpressible_dense_layers_in_mixtral(tmp_path):
     assert not (tmp_path / "hf").exists()
 
 
-def test_inexpressible_expert_selection_bias(tmp_path):
+def test_selection_bias_changes_the_computation():
+    """The Ernie export test above is meaningful: the random bias changes which experts run."""
     pytest.importorskip("model.moe", reason="model/moe.py (MoE issue) not merged yet")
-    cfg = tiny(n_experts=4, moe_top_k=2, expert_hidden=32, moe_balance="bias")
-    state = random_model(cfg).state_dict()
-    # A zero bias selects exactly like Mixtral: exported.
-    export_model(state, cfg, tmp_path / "zero")
-    state["blocks.1.mlp.expert_bias"] = torch.tensor([1e-3, 0.0, -1e-3, 0.0])
-    with pytest.raises(ExportError, match="blocks.1.mlp.expert_bias.*moe_balance = 'bias'"):
-        export_model(state, cfg, tmp_path / "biased")
-    assert not (tmp_path / "biased").exists()  # nothing half-written
+    cfg = tiny(**MOE["ernie_bias"][0])
+    model = random_model(cfg, seed=3)
+    ids = torch.randint(0, VOCAB, (2, 37))
+    with torch.no_grad():
+        biased = model(ids)
+        for name, b in model.named_buffers():
+            if name.endswith("expert_bias"):
+                b.zero_()
+        assert (model(ids) - biased).abs().max() > 100 * TOL
+
+
+def test_inexpressible_selection_bias_with_qk_norm():
+    cfg = tiny(n_experts=4, moe_top_k=2, moe_balance="bias", qk_norm=True)
+    with pytest.raises(ExportError, match="qk_norm with model.moe_balance = 'bias'"):
+        hf_architecture(cfg)
 
 
 def test_inexpressible_head_dim_not_dividing_dim():
@@ -329,7 +347,7 @@ def test_cli_export_generates_like_model_generate(tmp_path, capsys, tiny_data):
     assert got == want
 
 
-@pytest.mark.parametrize("name", ["gqa_tied", "qk_norm", "mixtral", "qwen3_moe"])
+@pytest.mark.parametrize("name", ["gqa_tied", "qk_norm", "mixtral", "qwen3_moe", "ernie_bias"])
 def test_import_of_transformers_saved_model(tmp_path, name):
     """Import files written by transformers' own save_pretrained (random weights from
     transformers' init): our model then computes transformers' logits."""
@@ -345,6 +363,8 @@ def test_import_of_transformers_saved_model(tmp_path, name):
         for n, p in theirs.named_parameters():
             if n.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5)
+            if n.endswith("e_score_correction_bias"):  # Ernie's selection bias
+                p.uniform_(-0.2, 0.2)
     theirs.save_pretrained(tmp_path / "theirs")
     from model import hf
     from model.checkpoint import load_model
