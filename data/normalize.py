@@ -104,31 +104,32 @@ def match_offsets(text: str) -> np.ndarray:
     return np.flatnonzero(~_IS_PUNCT[raw])
 
 
-def word_spans(buf: bytes | np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def word_spans(buf: bytes) -> tuple[np.ndarray, np.ndarray]:
     """Start and end byte offsets (int64, each shape (W,)) of the space-separated words."""
-    arr = np.frombuffer(buf, np.uint8) if isinstance(buf, bytes) else buf
-    is_word = (arr != _SPACE).view(np.int8)
-    # +1 where a word starts, -1 one past where it ends.
-    edges = np.diff(is_word, prepend=np.int8(0), append=np.int8(0))
-    return np.flatnonzero(edges == 1), np.flatnonzero(edges == -1)
+    arr = np.frombuffer(buf, np.uint8)
+    is_word = np.zeros(len(arr) + 2, bool)  # padded with a non-word on each side
+    np.not_equal(arr, _SPACE, out=is_word[1:-1])
+    # Changes of is_word alternate: a word starts, the word ends, the next one starts, ...
+    edges = np.flatnonzero(is_word[1:] != is_word[:-1])
+    return edges[0::2], edges[1::2]
 
 
 # Polynomial hash base and its inverse modulo 2**64 (the base is odd, so the inverse exists).
 _BASE = 0x100000001B3
 _BASE_INV = pow(_BASE, -1, 1 << 64)
-_POW_CACHE: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+_POWERS: list[np.ndarray] = [np.ones(0, np.uint64), np.ones(0, np.uint64)]
 
 
 def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
-    """BASE**k and BASE**-k mod 2**64 for k < n (uint64 arithmetic wraps, which is the mod)."""
-    size = 1 << max(12, (n - 1).bit_length())
-    if size not in _POW_CACHE:
-        _POW_CACHE.clear()
+    """BASE**k and BASE**-k mod 2**64 for k < n (at least; uint64 arithmetic wraps, which is the
+    mod). Grown by doubling and kept, so long documents pay for it once per process."""
+    if len(_POWERS[0]) < n:
+        size = 1 << max(16, (n - 1).bit_length())
         fwd = np.full(size, _BASE, np.uint64)
         inv = np.full(size, _BASE_INV, np.uint64)
         fwd[0] = inv[0] = 1
-        _POW_CACHE[size] = (np.cumprod(fwd), np.cumprod(inv))
-    return _POW_CACHE[size]
+        _POWERS[:] = [np.cumprod(fwd), np.cumprod(inv)]
+    return _POWERS[0], _POWERS[1]
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
