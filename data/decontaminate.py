@@ -162,7 +162,9 @@ class BenchmarkIndex:
         n = n or int(np.clip(np.percentile(lengths, 5), 8, 13))
         grams = combine_ngrams(words, n)  # (W-n+1,), some crossing item boundaries
         inside = item_of_word[: len(grams)] == item_of_word[n - 1 :]
-        hashes = np.unique(grams[inside])
+        # Sorted unique, by sort + neighbour compare (np.unique's hash path is slow on uint64).
+        hashes = np.sort(grams[inside])
+        hashes = hashes[np.concatenate([[True], hashes[1:] != hashes[:-1]])]
         return cls(name, n, hashes, len(texts), int(np.sum(lengths < n)))
 
     def contains(self, grams: np.ndarray) -> np.ndarray:

@@ -23,6 +23,7 @@ manifest.json under "stages".
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing as mp
 import time
 from collections import deque
@@ -202,11 +203,13 @@ class Pipeline:
         workers: int = 0,
         chunk_chars: int = 1 << 20,
         progress: bool = False,
+        mp_context: str = "spawn",
     ) -> Iterator[tuple[str, Any]]:
         """Yield (clean text, document) for every kept document, in input order.
 
         workers=0 runs in this process; workers>0 uses a process pool with at most
-        2*workers+2 chunks of about `chunk_chars` characters in flight.
+        2*workers+2 chunks of about `chunk_chars` characters in flight. "spawn" by default: the
+        parent may hold threads (tokenizer training), which fork does not copy safely.
         """
         bars = _progress_bars(self.names) if progress else None
         try:
@@ -216,7 +219,7 @@ class Pipeline:
                     yield from self._emit(chunk, _process_chunk(chunk), bars)
                 return
             # The stages go to each worker once (initargs), not with every chunk.
-            ctx = mp.get_context()
+            ctx = mp.get_context(mp_context)
             with ctx.Pool(workers, initializer=_init_worker, initargs=(self.stages,)) as pool:
                 pending: deque = deque()
                 for chunk in _chunks(docs, chunk_chars):
@@ -244,9 +247,20 @@ class Pipeline:
                 bar.set_postfix(removed=stats.removed, changed=stats.changed, refresh=False)
                 bar.refresh()
 
+    def documents(self, docs: Iterable[Any], **run_kwargs: Any) -> Iterator[Any]:
+        """`run` for dataclass documents: yields each kept document with its cleaned text."""
+        for text, doc in self.run(docs, **run_kwargs):
+            yield doc if text == doc.text else dataclasses.replace(doc, text=text)
+
     def stats_dict(self) -> dict[str, dict[str, Any]]:
-        """{stage name: counters}, in stage order: the manifest's "stages" entry."""
-        return {s.name: s.to_dict() for s in self.stats}
+        """{stage name: counters (+ "info" from a stage's describe())}, in stage order: the
+        manifest's "stages" entry."""
+        out = {}
+        for stage, stats in zip(self.stages, self.stats):
+            out[stage.name] = stats.to_dict()
+            if callable(getattr(stage, "describe", None)):
+                out[stage.name]["info"] = stage.describe()
+        return out
 
     def summary(self) -> str:
         """A table of the counters, one stage a line."""
@@ -277,7 +291,7 @@ def _progress_bars(names: list[str]) -> list:
     from tqdm import tqdm
 
     return [
-        tqdm(desc=f"{name:<14}", unit="doc", position=i, leave=True, dynamic_ncols=True)
+        tqdm(desc=f"{name:<14}", unit="doc", position=i + 1, leave=True, dynamic_ncols=True)
         for i, name in enumerate(names)
     ]
 

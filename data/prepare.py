@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from data.pipeline import build_pipeline
 from data.shards import read_header, token_dtype, write_shard
 from data.sources import Document, SourceErrors, iter_documents
 from data.tokenizer import Tokenizer, load_tokenizer, train_bpe
@@ -150,7 +151,9 @@ def prepare(cfg: DataConfig, dry_run: bool = False) -> dict:
 
     counts = {s: {"documents": 0, "chars": 0, "tokens": 0, "shards": []} for s in ("train", "val")}
     docs = iter_corpus(cfg, errors)
-    # (cleaning stages plug in here: docs = pipeline(docs))
+    # Cleaning stages (data/pipeline.py): deterministic, so a rerun yields the same shards.
+    pipeline = build_pipeline(cfg)
+    docs = pipeline.documents(docs, workers=cfg.workers, progress=sys.stdout.isatty())
     units = iter_units(docs, cfg, counts)
     t0 = time.time()
     bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, file=sys.stdout, mininterval=2)
@@ -193,9 +196,10 @@ def prepare(cfg: DataConfig, dry_run: bool = False) -> dict:
         "train": counts["train"],
         "val": counts["val"],
         "source_errors": {"count": errors.count, "first": errors.summary()[:100]},
-        "stages": {},
+        "stages": pipeline.stats_dict(),
         "seconds": round(elapsed, 2),
     }
+    print(pipeline.summary())
     for line in errors.summary()[:20]:
         print(f"warning: {line}")
     total = counts["train"]["tokens"] + counts["val"]["tokens"]

@@ -301,8 +301,10 @@ class QualityFilter:
     def __init__(self, cfg: QualityConfig | None = None):
         self.cfg = cfg or QualityConfig()
         off = set(self.cfg.disable)
-        self.code_rules = [(n, f) for n, f in CODE_RULES.items() if n not in off]
-        self.prose_rules = [(n, f) for n, f in PROSE_RULES.items() if n not in off]
+        # Rule names only: the stage is pickled to worker processes, the functions are looked
+        # up in the module's tables.
+        self.code_rules = [n for n in CODE_RULES if n not in off]
+        self.prose_rules = [n for n in PROSE_RULES if n not in off]
 
     def profile_of(self, doc: object) -> str:
         if self.cfg.profile != "auto":
@@ -314,13 +316,13 @@ class QualityFilter:
         """Name of the first rule `text` fails under `profile`, or None if it passes."""
         if profile == "code":
             code = CodeDoc(text)
-            for name, rule in self.code_rules:
-                if not rule(code, self.cfg.code):
+            for name in self.code_rules:
+                if not CODE_RULES[name](code, self.cfg.code):
                     return name
             return None
         doc = ProseDoc(text)
-        for name, rule in self.prose_rules:
-            if not rule(doc, self.cfg.prose):
+        for name in self.prose_rules:
+            if not PROSE_RULES[name](doc, self.cfg.prose):
                 return name
         return None
 
