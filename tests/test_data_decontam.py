@@ -55,7 +55,7 @@ def test_pasted_items_caught_per_benchmark(real):
     rng = random.Random()
     planted = {"hellaswag": 0, "lambada": 0}
     docs, expect = [], []
-    for i in range(40):
+    for _ in range(40):
         kind = rng.choice(["hellaswag", "lambada", "clean"])
         body = filler(rng, 150)
         if kind != "clean":
