@@ -157,21 +157,19 @@ def word_hashes(buf: bytes, starts: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return mix64(poly + (ends - starts).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15))
 
 
-# Odd multipliers for combining the word hashes of an n-gram (one per position, so order counts).
-_NGRAM_MULT = mix64(np.arange(1, 65, dtype=np.uint64)) | np.uint64(1)
-
-
 def combine_ngrams(hashes: np.ndarray, n: int) -> np.ndarray:
-    """Hash of every run of n consecutive word hashes -> uint64 (W-n+1,), or (0,) if W < n."""
+    """Hash of every run of n consecutive word hashes -> uint64 (W-n+1,), or (0,) if W < n.
+
+    The same prefix-sum trick as `word_hashes`, over words: a few passes whatever n is.
+    """
     count = len(hashes) - n + 1
-    if count <= 0:
+    if count <= 0 or n <= 0:
         return np.zeros(0, np.uint64)
-    if n > len(_NGRAM_MULT):
-        raise ValueError(f"n-gram length {n} is above the supported {len(_NGRAM_MULT)}")
-    acc = np.zeros(count, np.uint64)
-    for j in range(n):  # a loop over n positions, each step vectorized over all n-grams
-        acc += hashes[j : j + count] * _NGRAM_MULT[j]
-    return mix64(acc + np.uint64(n))
+    fwd, inv = _powers(len(hashes) + 1)
+    prefix = np.zeros(len(hashes) + 1, np.uint64)
+    np.cumsum(hashes * fwd[: len(hashes)], out=prefix[1:])
+    poly = (prefix[n:] - prefix[:count]) * inv[:count]  # sum_k hashes[i+k] * BASE**k
+    return mix64(poly + np.uint64(n))
 
 
 def ngram_hashes(text: str, n: int) -> np.ndarray:

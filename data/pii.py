@@ -108,8 +108,8 @@ def _public_ip(addr: ipaddress.IPv4Address | ipaddress.IPv6Address) -> bool:
 # Words that make a dotted number a version / section number rather than an address, when they
 # come just before it: "Python 3.11.2.1", __version__ = "1.2.3.4", "sections 8.2.4.44".
 _VERSION_BEFORE = re.compile(
-    r"(?:(?:version|release|\bver\.?|\bv|\brev(?:ision)?|\bbuild|python|\bpatch|\bupdate|"
-    r"\bupgrade|section|\bspec|\brfc|chapter|§)\w*\s*[:=]?|[=<>~!]=)\s*[\"'(\[]?\s*$",
+    r"(?:(?:(?:version|release|\bver|\brev(?:ision)?|\bbuild|python|\bpatch|\bupdate|\bupgrade|"
+    r"section|\bspec|\brfc|chapter)\w*\.?|\bv|§)\s*[:=]?|[=<>~!]=)\s*[\"'(\[]?\s*$",
     re.IGNORECASE,
 )
 
@@ -268,7 +268,7 @@ _PRIVATE_KEY = re.compile(
     r"(?:.*?-----END \1-----|(?:\n[A-Za-z0-9+/=:, -]*)*)",
     re.DOTALL,
 )
-# Token formats, each found by its literal prefix with str.find (GB/s) and then matched.
+# Token formats, matched where _SECRET_ANCHOR finds one of their prefixes.
 _SECRET_TOKENS = re.compile(
     r"A[KS]IA[0-9A-Z]{16}(?![0-9A-Za-z])"  # AWS access key id
     r"|AIza[0-9A-Za-z_-]{35}(?![\w-])"  # Google API key
@@ -276,15 +276,8 @@ _SECRET_TOKENS = re.compile(
     r"|github_pat_[A-Za-z0-9_]{82}(?!\w)"
     r"|xox[abprs]-[A-Za-z0-9-]{10,100}(?![\w-])"  # Slack
 )
-_SECRET_PREFIXES = ("AKIA", "ASIA", "AIza", "ghp_", "gho_", "ghu_", "ghs_", "ghr_", "github_pat_",
-                    "xox")
-
-
-def _literal_hits(text: str, literal: str) -> Iterator[int]:
-    pos = text.find(literal)
-    while pos != -1:
-        yield pos
-        pos = text.find(literal, pos + 1)
+# The token formats' prefixes in one pattern: `re` scans for their first characters in C.
+_SECRET_ANCHOR = re.compile(r"AKIA|ASIA|AIza|gh[pousr]_|github_pat_|xox")
 
 
 _AWS_SECRET = re.compile(
@@ -296,18 +289,18 @@ def _find_secrets(text: str, digits: _DigitView, kept: dict[str, int]) -> Iterat
     if "-----BEGIN " in text:
         for m in _PRIVATE_KEY.finditer(text):
             yield m.start(), m.end(), "secret"
-    for prefix in _SECRET_PREFIXES:
-        for pos in _literal_hits(text, prefix):
-            m = _SECRET_TOKENS.match(text, pos)
-            if m is None:
-                continue
-            before = text[pos - 1 : pos]
-            if before.isalnum() or before == "_":
-                continue  # inside a longer word
-            if "EXAMPLE" in m.group():
-                kept["secret"] = kept.get("secret", 0) + 1
-                continue
-            yield m.start(), m.end(), "secret"
+    for anchor in _SECRET_ANCHOR.finditer(text):
+        pos = anchor.start()
+        m = _SECRET_TOKENS.match(text, pos)
+        if m is None:
+            continue
+        before = text[pos - 1 : pos]
+        if before.isalnum() or before == "_":
+            continue  # inside a longer word
+        if "EXAMPLE" in m.group():
+            kept["secret"] = kept.get("secret", 0) + 1
+            continue
+        yield m.start(), m.end(), "secret"
     if "ecret" in text:  # literal pre-check: _AWS_SECRET starts with a case-insensitive group
         for m in _AWS_SECRET.finditer(text):
             yield m.start(1), m.end(1), "secret"
