@@ -19,6 +19,24 @@ bounded number of chunks in flight, memory is bounded by the chunk size, not the
 Every stage has a `StageStats` (documents in / out / removed / changed, characters in / out,
 worker CPU seconds, per-type counts); `Pipeline.stats_dict()` is what data.prepare writes into
 manifest.json under "stages".
+
+Beyond one machine: `Pipeline.map(docs)` is the worker half (pure, picklable result) and
+`Pipeline.merge(mapped)` the parent half, so any engine can run the map over input files and
+feed the merge in a fixed file order; no scheduler here. With Ray, for example:
+
+    files = expand_source(spec)                                  # data.sources, sorted
+    pipe = build_pipeline(cfg.data)
+    map_file = ray.remote(lambda f: pipe.map(iter_file(f, SourceErrors())))
+    futures = [map_file.remote(f) for f in files]                # runs on the cluster
+    for f, fut in zip(files, futures):                           # merge in file order
+        for text, doc in pipe.merge(ray.get(fut)):
+            ...                                                  # tokenize / write shards
+    manifest_stages = pipe.stats_dict()
+
+Dask: `client.map(map_file, files)` then `pipe.merge(future.result())` in order; Spark:
+`sc.parallelize(files, len(files)).map(map_file).toLocalIterator()` (keeps order). The merge
+holds the dedup state: ~70 bytes per document for exact dedup and ~600 for near dedup, so one
+merge process handles ~100M documents; beyond that, shard the merge by hash prefix.
 """
 
 from __future__ import annotations
@@ -246,6 +264,22 @@ class Pipeline:
                 bar.n = stats.docs_out
                 bar.set_postfix(removed=stats.removed, changed=stats.changed, refresh=False)
                 bar.refresh()
+
+    # --- map over files, merge in one place (for cluster engines; see the module docstring) ---
+
+    def map(self, docs: Iterable[Any]) -> list[tuple[Any, Record]]:
+        """The worker half: every document stage and global-stage signature over `docs` (e.g.
+        one input file). Pure: run it anywhere, on a copy of this pipeline; the result pickles."""
+        stages = [(stage, _is_global(stage)) for stage in self.stages]
+        return [(doc, _process_doc(stages, doc)) for doc in docs]
+
+    def merge(self, mapped: Iterable[tuple[Any, Record]]) -> Iterator[tuple[str, Any]]:
+        """The parent half: global stages and counters over mapped documents, in the order
+        given (keep it fixed, e.g. sorted by input file, for reproducible output)."""
+        for doc, record in mapped:
+            text = self._apply(len(doc.text), record)
+            if text is not None:
+                yield text, doc
 
     def documents(self, docs: Iterable[Any], **run_kwargs: Any) -> Iterator[Any]:
         """`run` for dataclass documents: yields each kept document with its cleaned text."""
