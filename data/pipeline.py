@@ -374,5 +374,6 @@ def build_pipeline(settings: Any = None, stages: list[str] | None = None) -> Pip
     `CleaningConfig`); missing ones take their defaults.
     """
     if stages is None:
-        stages = list(getattr(settings, "stages", None) or DEFAULT_STAGES)
+        configured = getattr(settings, "stages", None)
+        stages = list(DEFAULT_STAGES if configured is None else configured)  # [] means none
     return Pipeline(_build_stage(name, settings) for name in stages)

@@ -184,6 +184,11 @@ def prepare(cfg: DataConfig, dry_run: bool = False) -> dict:
                 counts[split]["shards"].append({"file": name, "tokens": n})
     bar.close()
     if counts["train"]["documents"] == 0:
+        if pipeline.stats and pipeline.stats[0].docs_in:
+            raise PrepareError(
+                f"the cleaning stages (data.stages) removed all {pipeline.stats[0].docs_in} "
+                f"documents:\n{pipeline.summary()}"
+            )
         raise PrepareError(f"no documents found in data.sources = {cfg.sources}")
     if counts["val"]["documents"] == 0:
         raise PrepareError(

@@ -254,3 +254,10 @@ def test_map_over_files_then_merge_equals_run():
     strip = lambda stats: {k: {f: v for f, v in s.items() if f != "seconds"}  # noqa: E731
                            for k, s in stats.items()}
     assert strip(driver.stats_dict()) == strip(local.stats_dict())
+
+
+def test_stage_list_from_config():
+    assert build_pipeline(DataConfig(stages=[])).stages == []
+    assert build_pipeline(DataConfig(stages=["pii", "normalize"])).names == ["pii", "normalize"]
+    with pytest.raises(ValueError, match="unknown cleaning stage"):
+        build_pipeline(stages=["nope"])
