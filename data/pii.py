@@ -187,15 +187,14 @@ def _find_emails(text: str, digits: _DigitView, kept: dict[str, int]) -> Iterato
 
 
 # --- IPv4: anchored on ".d.d" after the first octet; IPv6 on ":h:" or "::" ---------------------
-_IPV4_ANCHOR = re.compile(r"\.\d{1,3}\.\d{1,3}\.\d")
+_IPV4_ANCHOR = re.compile(rb"0\.0{1,3}\.0{1,3}\.0")  # in the digit view: "d.d.d.d" as "0.0.0.0"
 _IPV4 = re.compile(r"(?<![\w.-])(?:\d{1,3}\.){3}\d{1,3}(?![\w-]|\.\d)")
 _IPV6_ANCHOR = re.compile(r":[0-9A-Fa-f]{1,4}:|::")
 _IPV6 = re.compile(r"(?<![\w:.])(?=[0-9A-Fa-f:]*:[0-9A-Fa-f:]*:)[0-9A-Fa-f:]{3,39}(?![\w:]|\.\w)")
 
 
 def _find_ips(text: str, digits: _DigitView, kept: dict[str, int]) -> Iterator[Span]:
-    anchors = (m.start() for m in _IPV4_ANCHOR.finditer(text))
-    for m in _search_windows(text, anchors, _IPV4, 3, 16):
+    for m in _search_windows(text, digits.find(_IPV4_ANCHOR), _IPV4, 3, 18):
         try:
             addr = ipaddress.IPv4Address(m.group())
         except ValueError:  # octet above 255 or with a leading zero: not an address
@@ -301,9 +300,14 @@ def _find_secrets(text: str, digits: _DigitView, kept: dict[str, int]) -> Iterat
             kept["secret"] = kept.get("secret", 0) + 1
             continue
         yield m.start(), m.end(), "secret"
-    if "ecret" in text:  # literal pre-check: _AWS_SECRET starts with a case-insensitive group
-        for m in _AWS_SECRET.finditer(text):
-            yield m.start(1), m.end(1), "secret"
+    # _AWS_SECRET starts case-insensitively (slow to scan for): search only around "ecret"/"ECRET".
+    for literal in ("ecret", "ECRET"):
+        pos = text.find(literal)
+        while pos != -1:
+            m = _AWS_SECRET.search(text, max(0, pos - 12), pos + 80)
+            if m is not None:
+                yield m.start(1), m.end(1), "secret"
+            pos = text.find(literal, pos + 1)
 
 
 # Priority when spans overlap: earlier wins.

@@ -134,3 +134,11 @@ def test_non_ascii_offsets():
     text = "Grüße an José — mail josé.x@gmail.com? no: jose.x@gmail.com, café 8.8.4.4"
     out = PIIScrubber()(text, None, {})
     assert out == "Grüße an José — mail <EMAIL>? no: <EMAIL>, café <IP_ADDRESS>"
+
+
+def test_aws_secret_key_in_an_assignment():
+    key = "".join(random.Random().choice("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghij0123456789+/")
+                  for _ in range(40))
+    text = f'config:\n  aws_secret_access_key = "{key}"\n  region = "eu-west-1"\n'
+    assert PIIScrubber()(text, None, {}) == text.replace(key, "<SECRET>")
+    assert PIIScrubber()(f"checksum {key}", None, {}) == f"checksum {key}"  # no key name: kept
