@@ -50,7 +50,7 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 
-class Document(Protocol):
+class DocumentLike(Protocol):
     """What the stages read: data.sources.Document satisfies this."""
 
     text: str
