@@ -261,3 +261,28 @@ def test_stage_list_from_config():
     assert build_pipeline(DataConfig(stages=["pii", "normalize"])).names == ["pii", "normalize"]
     with pytest.raises(ValueError, match="unknown cleaning stage"):
         build_pipeline(stages=["nope"])
+
+
+def test_build_train_loader_from_the_mixture_config(tmp_path):
+    from data.loader import DataLoader, MixtureLoader, build_train_loader, parse_mixture
+    from data.shards import write_shard
+
+    dirs = []
+    for d, sha in enumerate(["same", "same", "other"]):
+        path = tmp_path / f"domain{d}"
+        path.mkdir()
+        write_shard(path / "train_000000.bin", np.full(5000, d, np.uint16), 300)
+        manifest = {"tokenizer": {"name": "bpe", "sha256": sha},
+                    "train": {"shards": [{"file": "train_000000.bin", "tokens": 5000}]}}
+        (path / "manifest.json").write_text(json.dumps(manifest))
+        dirs.append((path, manifest))
+    (p0, m0), (p1, _), (p2, _) = dirs
+    single = build_train_loader(DataConfig(path=str(p0)), m0, 16, 8, 4)
+    assert isinstance(single, DataLoader)
+    cfg = DataConfig(path=str(p0), mixture=[f"{p0}=1", f"{p1}=2.5"])
+    mixed = build_train_loader(cfg, m0, 16, 8, 4)
+    assert isinstance(mixed, MixtureLoader) and mixed.weights.tolist() == [1 / 3.5, 2.5 / 3.5]
+    with pytest.raises(ValueError, match="one tokenizer"):
+        build_train_loader(DataConfig(path=str(p0), mixture=[f"{p0}=1", f"{p2}=1"]), m0, 16, 8, 4)
+    with pytest.raises(ValueError, match="prepared_dir=weight"):
+        parse_mixture(["no-weight"])
