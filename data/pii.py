@@ -16,6 +16,8 @@ Look-alikes that must not match: version numbers (3.11.2.1 after "version", "v",
 "==", ...; 1.2.3.4.5), OIDs, dates, times, hashes, UUIDs, ISBNs, DOIs, slices (a[1::2]),
 numbers failing the Luhn check or without a card-network prefix. A bare four-part version
 number with no such word before it cannot be told from an IPv4 address and is replaced.
+Python matrix products written without spaces look like addresses; `x@self.w` / `x@cls.w` are
+skipped, `a@b.weight` is not.
 
 Speed: Python's `re` is slow on patterns that start with a character class (~10 MB/s), fast on
 patterns that start with a literal (~400 MB/s). So each detector has a literal-led anchor
@@ -178,7 +180,7 @@ def _find_emails(text: str, digits: _DigitView, kept: dict[str, int]) -> Iterato
     for m in _EMAIL_DOMAIN.finditer(text):
         at = m.start()
         local = _EMAIL_LOCAL.search(text, max(0, at - 64), at)
-        if local is None or text[at - 1] == ".":
+        if local is None or text[at - 1] == "." or m.group(1).startswith(("self.", "cls.")):
             continue
         if _RESERVED_EMAIL_DOMAIN.search(m.group(1)):
             kept["email"] = kept.get("email", 0) + 1

@@ -68,6 +68,7 @@ NEGATIVES = [
     "1,234,567,890 rows",
     "pi = 3.14159265358979",
     "@property\ndef x(self): ...",  # decorator
+    "y = x@self.weight.T",  # matrix product
     "git log --since=2.weeks",
     "127.0.0.1 and 192.168.1.10",  # loopback / private: not PII (counted as kept)
     "fe80::1ff:fe23:4567:890a and 2001:db8::1",  # link-local / documentation range
