@@ -51,7 +51,7 @@ def iter_corpus(cfg: DataConfig, errors: SourceErrors) -> Iterator[Document]:
             yield doc
 
 
-def resolve_tokenizer(cfg: DataConfig, out: Path, errors: SourceErrors) -> Tokenizer:
+def resolve_tokenizer(cfg: DataConfig, out: Path) -> Tokenizer:
     if cfg.tokenizer != "train":
         return load_tokenizer(cfg.tokenizer)
     path = out / TOKENIZER_FILE
@@ -60,7 +60,8 @@ def resolve_tokenizer(cfg: DataConfig, out: Path, errors: SourceErrors) -> Token
 
     def sample() -> Iterator[str]:
         taken = 0
-        for doc in iter_corpus(cfg, errors):
+        # Source errors are reported by the main pass below, not twice.
+        for doc in iter_corpus(cfg, SourceErrors()):
             if taken >= cfg.tokenizer_train_bytes:
                 return
             taken += len(doc.text)
@@ -146,7 +147,7 @@ def prepare(cfg: DataConfig, dry_run: bool = False) -> dict:
     if next(iter_corpus(cfg, SourceErrors()), None) is None:
         raise PrepareError(f"no documents found in data.sources = {cfg.sources}")
     out.mkdir(parents=True, exist_ok=True)
-    tokenizer = resolve_tokenizer(cfg, out, errors)
+    tokenizer = resolve_tokenizer(cfg, out)
     tokenizer_spec = str(out / TOKENIZER_FILE) if cfg.tokenizer == "train" else cfg.tokenizer
     # The manifest names a trained tokenizer relative to the data dir, so the dir can move.
     manifest_spec = TOKENIZER_FILE if cfg.tokenizer == "train" else cfg.tokenizer
