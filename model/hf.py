@@ -3,24 +3,25 @@
     python -m model.hf export --run runs/tiny [--step N] --out hf/tiny [--max-shard-size 5GB]
     python -m model.hf import --hf hf/tiny --out runs/from-hf
 
-Which transformers class a model becomes:
+Which transformers class a model becomes (the first row that fits):
 
-    dense                                   LlamaForCausalLM
-    dense + qk_norm                         Qwen3ForCausalLM
-    MoE, every layer MoE, no shared expert  MixtralForCausalLM
-    MoE + qk_norm, no shared expert         Qwen3MoeForCausalLM  (dense layers allowed)
-    MoE + shared expert, no qk_norm         Qwen2MoeForCausalLM  (dense layers allowed)
-    MoE with moe_balance = "bias", no qk_norm   Ernie4_5_MoeForCausalLM  (transformers >= 4.54)
+    MoE with moe_balance = "bias" (no qk_norm)  Ernie4_5_MoeForCausalLM  (dense layers, shared ok)
+    MoE + shared experts (no qk_norm)           Qwen2MoeForCausalLM      (dense layers ok)
+    MoE + qk_norm (no shared experts)           Qwen3MoeForCausalLM      (dense layers ok)
+    MoE, every layer MoE                        MixtralForCausalLM
+    dense + qk_norm                             Qwen3ForCausalLM
+    dense                                       LlamaForCausalLM
 
 Our parameters map one to one onto the Hugging Face names (RoPE is already the "rotate halves"
-convention transformers uses, so q/k need no permutation; the tests compare logits). Two exact
-adaptations: stacked expert weights (E, ...) are written as one tensor per expert, and Qwen2-MoE's
-gated shared expert, sigmoid(shared_expert_gate(x)) * shared(x), gets a zero gate (sigmoid(0) is
-exactly 1/2) and a down projection scaled by exactly 2, which together compute our ungated
-shared expert bit for bit (scaling by a power of two is exact in floating point).
-Aux-loss-free balancing (a per-expert bias added to the softmax scores to choose the experts) is
-computed exactly by Ernie 4.5's MoE router (`moe_statics.e_score_correction_bias`); Ernie rotates
-interleaved pairs, so q/k rows are permuted per head from halves to interleaved on the way.
+convention Llama / Qwen / Mixtral use, so q/k need no permutation; the tests compare logits).
+Exact adaptations: stacked expert weights (E, ...) are written as one tensor per expert.
+Qwen2-MoE's gated shared expert, sigmoid(shared_expert_gate(x)) * shared(x), gets a zero gate
+(sigmoid(0) is exactly 1/2) and a down projection scaled by exactly 2, which together compute our
+ungated shared expert bit for bit (scaling by a power of two is exact in floating point).
+Aux-loss-free balancing (a per-expert bias added to the softmax scores to choose the experts, at
+inference too) is computed exactly only by Ernie 4.5's MoE router
+(`moe_statics.e_score_correction_bias`); Ernie rotates interleaved pairs, so q/k rows are
+permuted per head from halves to interleaved on the way (q.k is unchanged).
 
 A model that a target class cannot express (a feature transformers has no field for) stops with
 an `ExportError` naming the feature, rather than writing files that load but compute something
