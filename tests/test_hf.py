@@ -178,11 +178,15 @@ def test_log_capture_sees_missing_weights(tmp_path):
     assert any("model.norm.weight" in w for w in warnings)
 
 
-@pytest.mark.parametrize("name", ["dense", "qk_norm"])
-def test_greedy_generation_matches(tmp_path, name):
-    overrides, _ = DENSE[name]
+# Seeds whose random model does not fall into a short repetition loop within 40 tokens.
+@pytest.mark.parametrize("name,seed", [("dense", 7), ("qk_norm", 7), ("mixtral", 9),
+                                       ("ernie_bias", 9)])
+def test_greedy_generation_matches(tmp_path, name, seed):
+    if name in MOE:
+        pytest.importorskip("model.moe", reason="model/moe.py (MoE issue) not merged yet")
+    overrides, _ = {**DENSE, **MOE}[name]
     cfg = tiny(**overrides)
-    ours = random_model(cfg, seed=7)
+    ours = random_model(cfg, seed=seed)
     out = tmp_path / "hf"
     export_model(ours.state_dict(), cfg, out)
     hf, _, _ = load_hf(out)
