@@ -1,0 +1,213 @@
+"""Fused linear + cross-entropy: the loss of `hidden @ weight.T` without the (N, V) logits.
+
+    loss = sum_i [lse_i - logit_i[target_i] + z_loss * lse_i^2] / n_valid     (i: valid rows)
+
+where lse_i = logsumexp(logit_i) and rows whose target is `ignore_index` count for nothing.
+
+The tokens are processed in chunks of C rows (Liger-Kernel's scheme). For each chunk the
+(C, V) logits are computed with a torch matmul; one Triton program per row then makes two
+passes over the row: an online max / sum-of-exponentials gives lse and the row's loss, and the
+second pass overwrites the logits in place with d loss / d logits,
+
+    (softmax - onehot(target)) / n_valid + z_loss * 2 * lse * softmax / n_valid,
+
+so the chunk's gradients for hidden (C, dim) and weight (V, dim) follow from two more matmuls
+while the chunk is still in memory. The forward therefore already holds the gradients; the
+backward only scales them by the incoming scalar gradient. Peak extra memory is one (C, V)
+chunk plus the (V, dim) weight gradient instead of several (N, V) fp32 tensors.
+
+Dtypes: hidden and weight fp16 / bf16 / fp32. If they differ (fp32 weight, bf16 activations
+under autocast) the weight is cast to hidden's dtype, as autocast would for F.linear. The
+weight gradient is accumulated in fp32 when the weight is fp32, in the weight's dtype
+otherwise. With no valid target at all the loss is 0 (PyTorch's cross_entropy returns nan).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels._common import (
+    FLOAT_DTYPES,
+    check_device,
+    check_no_bf16_dot,
+    check_tensor,
+    interpreting,
+)
+
+
+@triton.jit
+def _ce_rows_kernel(
+    LOGITS, stride_row, TARGETS, LOSS, N_VALID, V, ignore_index, z_loss,
+    BLOCK_V: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+):  # fmt: skip
+    """One row of the chunk: writes LOSS[row]; with COMPUTE_GRAD overwrites the row's logits
+    with the gradient of the mean loss."""
+    row = tl.program_id(0).to(tl.int64)
+    base = LOGITS + row * stride_row
+    target = tl.load(TARGETS + row).to(tl.int64)
+    valid = target != ignore_index
+
+    # Pass 1: per-lane running max and sum of exp (finite -1e30 start: masked lanes add 0).
+    m_vec = tl.full([BLOCK_V], -1.0e30, dtype=tl.float32)
+    s_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
+    for start in range(0, V, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        m_new = tl.maximum(m_vec, x)
+        s_vec = s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new)
+        m_vec = m_new
+    m = tl.max(m_vec, 0)
+    lse = m + tl.log(tl.sum(s_vec * tl.exp(m_vec - m), 0))
+
+    safe_target = tl.where(valid, target, 0)
+    x_target = tl.load(base + safe_target).to(tl.float32)
+    loss = tl.where(valid, lse - x_target + z_loss * lse * lse, 0.0)
+    tl.store(LOSS + row, loss)
+
+    if COMPUTE_GRAD:
+        # Pass 2: d loss / d logits, in place. Ignored rows get exact zeros.
+        scale = tl.where(valid, 1.0 / tl.load(N_VALID), 0.0)
+        p_scale = scale * (1.0 + 2.0 * z_loss * lse)
+        for start in range(0, V, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            ok = offs < V
+            x = tl.load(base + offs, mask=ok, other=0.0).to(tl.float32)
+            grad = tl.exp(x - lse) * p_scale - tl.where(offs == target, scale, 0.0)
+            tl.store(base + offs, grad.to(LOGITS.dtype.element_ty), mask=ok)
+
+
+def _block_v(V: int) -> tuple[int, int]:
+    """(BLOCK_V, num_warps) for the row kernel."""
+    if interpreting():
+        return 64, 1  # small blocks: several per row even at test vocabularies
+    block = min(triton.next_power_of_2(V), 4096)
+    return block, 8 if block >= 2048 else 4
+
+
+def default_chunk_size(n_tokens: int, vocab_size: int, dim: int) -> int:
+    """Liger-Kernel's heuristic: about as many rows per chunk as make the chunk's logits the size
+    of the hidden states, rounded to a power of two."""
+    chunks = triton.cdiv(vocab_size, dim)
+    return max(1, min(n_tokens, triton.next_power_of_2(triton.cdiv(n_tokens, chunks))))
+
+
+WHERE = "kernels.cross_entropy.fused_linear_cross_entropy"
+
+
+def _check_inputs(hidden, weight, targets, chunk_size) -> None:
+    check_tensor("hidden", hidden, ndim=2, dtypes=FLOAT_DTYPES, where=WHERE)
+    check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=hidden.device, where=WHERE)
+    check_tensor("targets", targets, ndim=1, device=hidden.device, where=WHERE)
+    check_device(WHERE, hidden)
+    check_no_bf16_dot(WHERE, hidden)
+    if targets.dtype.is_floating_point or targets.dtype == torch.bool:
+        raise TypeError(f"{WHERE}: targets must be an integer tensor, got {targets.dtype}")
+    N, dim = hidden.shape
+    V, wdim = weight.shape
+    if wdim != dim:
+        raise ValueError(
+            f"{WHERE}: weight has shape {tuple(weight.shape)}, expected (V, dim) with dim = {dim} "
+            f"from hidden {tuple(hidden.shape)}"
+        )
+    if targets.shape[0] != N:
+        raise ValueError(
+            f"{WHERE}: targets has {targets.shape[0]} entries but hidden has {N} rows"
+        )
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"{WHERE}: chunk_size must be >= 1, got {chunk_size}")
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index: int, z_loss: float, chunk: int,
+                grad_enabled: bool):
+        N, dim = hidden.shape
+        V = weight.shape[0]
+        w = weight.to(hidden.dtype)  # a no-op unless autocast-style mixed dtypes
+        targets = targets.contiguous()
+        valid = targets != ignore_index
+        bad = valid & ((targets < 0) | (targets >= V))
+        if bool(bad.any()):  # one host sync per loss: cheap next to the matmuls
+            raise ValueError(f"{WHERE}: targets must be in [0, {V}) or ignore_index={ignore_index}")
+        n_valid = valid.sum().clamp(min=1).to(torch.float32)  # (,) stays on the device
+        # Gradients are computed here, in the forward, unless nobody will ask for them.
+        need_h = grad_enabled and ctx.needs_input_grad[0]
+        need_w = grad_enabled and ctx.needs_input_grad[1]
+        compute_grad = need_h or need_w
+        grad_h = torch.empty_like(hidden) if need_h else None
+        acc_dtype = torch.float32 if weight.dtype == torch.float32 else w.dtype
+        grad_w = torch.zeros(V, dim, dtype=acc_dtype, device=weight.device) if need_w else None
+        loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        block_v, warps = _block_v(V)
+        for start in range(0, N, chunk):
+            end = min(start + chunk, N)
+            h = hidden[start:end]  # (C, dim)
+            logits = h @ w.T  # (C, V) in hidden's dtype; becomes d loss / d logits in place
+            _ce_rows_kernel[(end - start,)](
+                logits, logits.stride(0), targets[start:end], loss_rows[start:end], n_valid,
+                V, ignore_index, float(z_loss),
+                BLOCK_V=block_v, COMPUTE_GRAD=compute_grad, num_warps=warps,
+            )  # fmt: skip
+            if grad_h is not None:
+                torch.mm(logits, w, out=grad_h[start:end])  # (C, V) @ (V, dim)
+            if grad_w is not None:
+                if grad_w.dtype == logits.dtype:
+                    grad_w.addmm_(logits.T, h)  # (V, C) @ (C, dim)
+                else:  # fp32 accumulator for a half-precision chunk product
+                    grad_w.add_(logits.T @ h)
+            del logits
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.weight_dtype = weight.dtype
+        return loss_rows.sum() / n_valid
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_w = ctx.saved_tensors
+        dh = dw = None
+        if grad_h is not None:
+            dh = grad_h * grad_out.to(grad_h.dtype)
+        if grad_w is not None:
+            dw = (grad_w * grad_out.to(grad_w.dtype)).to(ctx.weight_dtype)
+        return dh, dw, None, None, None, None, None
+
+
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    z_loss: float = 0.0,
+    chunk_size: int | None = None,
+) -> torch.Tensor:
+    """Mean cross-entropy of logits = hidden @ weight.T over targets != ignore_index, plus
+    z_loss * mean(logsumexp(logits)^2) over the same rows, without materializing the logits.
+
+    hidden: (N, dim); weight: (V, dim); targets: (N,) integer ids. Returns a scalar fp32 tensor.
+    chunk_size: rows per chunk (default: default_chunk_size(N, V, dim)).
+    """
+    _check_inputs(hidden, weight, targets, chunk_size)
+    N, dim = hidden.shape
+    chunk = chunk_size or default_chunk_size(N, weight.shape[0], dim)
+    return _FusedLinearCrossEntropy.apply(
+        hidden, weight, targets, int(ignore_index), float(z_loss), int(chunk),
+        torch.is_grad_enabled(),
+    )
+
+
+def reference_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    z_loss: float = 0.0,
+) -> torch.Tensor:
+    """The plain loss (model.loss.lm_loss with fused=False) on flattened inputs."""
+    logits = hidden @ weight.T
+    logits = logits.float() if logits.dtype != torch.float64 else logits  # (N, V)
+    loss = torch.nn.functional.cross_entropy(logits, targets, ignore_index=ignore_index)
+    if z_loss:
+        valid = targets != ignore_index
+        loss = loss + z_loss * torch.logsumexp(logits[valid], dim=-1).pow(2).mean()
+    return loss
