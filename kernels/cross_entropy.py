@@ -5,8 +5,8 @@
 where lse_i = logsumexp(logit_i) and rows whose target is `ignore_index` count for nothing.
 
 The tokens are processed in chunks of C rows (Liger-Kernel's scheme). For each chunk the
-(C, V) logits are computed with a torch matmul; one Triton program per row then makes two
-passes over the row: an online max / sum-of-exponentials gives lse and the row's loss, and the
+(C, V) logits are computed with a torch matmul; a Triton program per row (per block of rows
+under the interpreter) then makes two passes over the row: an online max / sum-of-exponentials gives lse and the row's loss, and the
 second pass overwrites the logits in place with d loss / d logits,
 
     (softmax - onehot(target)) / n_valid + z_loss * 2 * lse * softmax / n_valid,
@@ -39,51 +39,55 @@ from kernels._common import (
 
 @triton.jit
 def _ce_rows_kernel(
-    LOGITS, stride_row, TARGETS, LOSS, N_VALID, V, ignore_index, z_loss,
-    BLOCK_V: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
+    LOGITS, stride_row, TARGETS, LOSS, N_VALID, N, V, ignore_index, z_loss,
+    BLOCK_R: tl.constexpr, BLOCK_V: tl.constexpr, COMPUTE_GRAD: tl.constexpr,
 ):  # fmt: skip
-    """One row of the chunk: writes LOSS[row]; with COMPUTE_GRAD overwrites the row's logits
-    with the gradient of the mean loss."""
-    row = tl.program_id(0).to(tl.int64)
-    base = LOGITS + row * stride_row
-    target = tl.load(TARGETS + row).to(tl.int64)
+    """BLOCK_R rows of the chunk: writes LOSS[rows]; with COMPUTE_GRAD overwrites the rows'
+    logits with the gradient of the mean loss."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+    row_ok = rows < N
+    base = LOGITS + rows[:, None] * stride_row  # (BLOCK_R, 1) row pointers
+    target = tl.load(TARGETS + rows, mask=row_ok, other=ignore_index).to(tl.int64)
     valid = target != ignore_index
 
     # Pass 1: per-lane running max and sum of exp (finite -1e30 start: masked lanes add 0).
-    m_vec = tl.full([BLOCK_V], -1.0e30, dtype=tl.float32)
-    s_vec = tl.zeros([BLOCK_V], dtype=tl.float32)
+    m_vec = tl.full([BLOCK_R, BLOCK_V], -1.0e30, dtype=tl.float32)
+    s_vec = tl.zeros([BLOCK_R, BLOCK_V], dtype=tl.float32)
     for start in range(0, V, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
-        x = tl.load(base + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        ok = row_ok[:, None] & (offs[None, :] < V)
+        x = tl.load(base + offs[None, :], mask=ok, other=float("-inf")).to(tl.float32)
         m_new = tl.maximum(m_vec, x)
         s_vec = s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new)
         m_vec = m_new
-    m = tl.max(m_vec, 0)
-    lse = m + tl.log(tl.sum(s_vec * tl.exp(m_vec - m), 0))
+    m = tl.max(m_vec, 1)  # (BLOCK_R,)
+    lse = m + tl.log(tl.sum(s_vec * tl.exp(m_vec - m[:, None]), 1))
+    lse = tl.where(row_ok, lse, 0.0)  # rows past N (never stored): keep them finite
 
     safe_target = tl.where(valid, target, 0)
-    x_target = tl.load(base + safe_target).to(tl.float32)
-    loss = tl.where(valid, lse - x_target + z_loss * lse * lse, 0.0)
-    tl.store(LOSS + row, loss)
+    x_target = tl.load(LOGITS + rows * stride_row + safe_target, mask=row_ok, other=0.0)
+    loss = lse - x_target.to(tl.float32) + z_loss * lse * lse
+    tl.store(LOSS + rows, tl.where(valid, loss, 0.0), mask=row_ok)
 
     if COMPUTE_GRAD:
         # Pass 2: d loss / d logits, in place. Ignored rows get exact zeros.
-        scale = tl.where(valid, 1.0 / tl.load(N_VALID), 0.0)
+        scale = tl.where(valid, 1.0 / tl.load(N_VALID), 0.0)  # (BLOCK_R,)
         p_scale = scale * (1.0 + 2.0 * z_loss * lse)
         for start in range(0, V, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
-            ok = offs < V
-            x = tl.load(base + offs, mask=ok, other=0.0).to(tl.float32)
-            grad = tl.exp(x - lse) * p_scale - tl.where(offs == target, scale, 0.0)
-            tl.store(base + offs, grad.to(LOGITS.dtype.element_ty), mask=ok)
+            ok = row_ok[:, None] & (offs[None, :] < V)
+            x = tl.load(base + offs[None, :], mask=ok, other=0.0).to(tl.float32)
+            grad = tl.exp(x - lse[:, None]) * p_scale[:, None]
+            grad -= tl.where(offs[None, :] == target[:, None], scale[:, None], 0.0)
+            tl.store(base + offs[None, :], grad.to(LOGITS.dtype.element_ty), mask=ok)
 
 
-def _block_v(V: int) -> tuple[int, int]:
-    """(BLOCK_V, num_warps) for the row kernel."""
+def _tiles(V: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_V, num_warps) for the row kernel."""
     if interpreting():
-        return 64, 1  # small blocks: several per row even at test vocabularies
+        return 32, 64, 1  # many rows per program (it pays per program), several blocks per row
     block = min(triton.next_power_of_2(V), 4096)
-    return block, 8 if block >= 2048 else 4
+    return 1, block, 8 if block >= 2048 else 4
 
 
 def default_chunk_size(n_tokens: int, vocab_size: int, dim: int) -> int:
@@ -140,15 +144,15 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         acc_dtype = torch.float32 if weight.dtype == torch.float32 else w.dtype
         grad_w = torch.zeros(V, dim, dtype=acc_dtype, device=weight.device) if need_w else None
         loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        block_v, warps = _block_v(V)
+        block_r, block_v, warps = _tiles(V)
         for start in range(0, N, chunk):
             end = min(start + chunk, N)
             h = hidden[start:end]  # (C, dim)
             logits = h @ w.T  # (C, V) in hidden's dtype; becomes d loss / d logits in place
-            _ce_rows_kernel[(end - start,)](
+            _ce_rows_kernel[(triton.cdiv(end - start, block_r),)](
                 logits, logits.stride(0), targets[start:end], loss_rows[start:end], n_valid,
-                V, ignore_index, float(z_loss),
-                BLOCK_V=block_v, COMPUTE_GRAD=compute_grad, num_warps=warps,
+                end - start, V, ignore_index, float(z_loss),
+                BLOCK_R=block_r, BLOCK_V=block_v, COMPUTE_GRAD=compute_grad, num_warps=warps,
             )  # fmt: skip
             if grad_h is not None:
                 torch.mm(logits, w, out=grad_h[start:end])  # (C, V) @ (V, dim)

@@ -3,8 +3,8 @@
     y = weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)
 
 The output dtype follows PyTorch's promotion of (weight.dtype, x.dtype), as in the module.
-Forward: one program per row block keeps a whole row (D <= 65536) in registers and saves the
-per-row rstd (fp32) for the backward. Backward, with x_hat = x * rstd and g = dy * weight:
+Forward: each program keeps BLOCK_R whole rows (D <= 65536) in registers and saves the per-row
+rstd (fp32) for the backward. Backward, with x_hat = x * rstd and g = dy * weight:
 
     dx = rstd * (g - x_hat * mean(g * x_hat)),   dweight = sum over rows of dy * x_hat
 
@@ -22,7 +22,13 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels._common import FLOAT_DTYPES, check_device, check_tensor, num_programs_hint
+from kernels._common import (
+    FLOAT_DTYPES,
+    check_device,
+    check_tensor,
+    interpreting,
+    num_programs_hint,
+)
 
 MAX_DIM = 65536
 
@@ -30,46 +36,59 @@ MAX_DIM = 65536
 @triton.jit
 def _rms_norm_fwd_kernel(
     X, W, Y, RSTD, stride_x, stride_y, N, D, eps,
-    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    row = tl.program_id(0).to(tl.int64)
+    """BLOCK_R rows per program: a (BLOCK_R, BLOCK_D) tile, whole rows in registers."""
+    rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
     cols = tl.arange(0, BLOCK_D)
-    ok = cols < D
-    x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 0) / D + eps)
+    row_ok = rows < N
+    ok = row_ok[:, None] & (cols[None, :] < D)
+    x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0).to(tl.float32)
+    rstd = 1.0 / tl.sqrt(tl.sum(x * x, 1) / D + eps)  # (BLOCK_R,)
     # Round the normalized row to x's dtype before the weight, like the PyTorch module.
-    x_hat = (x * rstd).to(X.dtype.element_ty).to(tl.float32)
-    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
-    tl.store(Y + row * stride_y + cols, (w * x_hat).to(Y.dtype.element_ty), mask=ok)
-    tl.store(RSTD + row, rstd)
+    x_hat = (x * rstd[:, None]).to(X.dtype.element_ty).to(tl.float32)
+    w = tl.load(W + cols, mask=cols < D, other=0.0).to(tl.float32)
+    y = w[None, :] * x_hat
+    tl.store(Y + rows[:, None] * stride_y + cols[None, :], y.to(Y.dtype.element_ty), mask=ok)
+    tl.store(RSTD + rows, rstd, mask=row_ok)
 
 
 @triton.jit
 def _rms_norm_bwd_kernel(
     DY, X, W, RSTD, DX, DW_PARTIAL, stride_dy, stride_x, stride_dx, N, D,
-    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
-    """Program p handles rows p, p + P, p + 2P, ...; writes its dweight partial to row p."""
+    """Program p handles row tiles p, p + P, p + 2P, ...; writes its dweight partial to row p."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     cols = tl.arange(0, BLOCK_D)
-    ok = cols < D
-    w = tl.load(W + cols, mask=ok, other=0.0).to(tl.float32)
-    dw = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for row in range(pid.to(tl.int64), N, n_prog):  # int64 row offsets: N * D may pass 2^31
-        x = tl.load(X + row * stride_x + cols, mask=ok, other=0.0).to(tl.float32)
-        dy = tl.load(DY + row * stride_dy + cols, mask=ok, other=0.0).to(tl.float32)
-        rstd = tl.load(RSTD + row)
-        x_hat = x * rstd
-        g = dy * w
-        dx = rstd * (g - x_hat * (tl.sum(g * x_hat, 0) / D))
-        tl.store(DX + row * stride_dx + cols, dx.to(DX.dtype.element_ty), mask=ok)
-        dw += dy * x_hat
-    tl.store(DW_PARTIAL + pid.to(tl.int64) * D + cols, dw, mask=ok)
+    col_ok = cols < D
+    w = tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)
+    dw = tl.zeros([BLOCK_R, BLOCK_D], dtype=tl.float32)
+    for tile in range(pid, tl.cdiv(N, BLOCK_R), n_prog):
+        rows = (tile * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)  # int64: N * D may pass 2^31
+        row_ok = rows < N
+        ok = row_ok[:, None] & col_ok[None, :]
+        x = tl.load(X + rows[:, None] * stride_x + cols[None, :], mask=ok, other=0.0)
+        dy = tl.load(DY + rows[:, None] * stride_dy + cols[None, :], mask=ok, other=0.0)
+        rstd = tl.load(RSTD + rows, mask=row_ok, other=0.0)
+        x_hat = x.to(tl.float32) * rstd[:, None]
+        dy = dy.to(tl.float32)
+        g = dy * w[None, :]
+        dx = rstd[:, None] * (g - x_hat * (tl.sum(g * x_hat, 1) / D)[:, None])
+        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=ok)
+        dw += dy * x_hat  # rows past N were loaded as 0
+    tl.store(DW_PARTIAL + pid.to(tl.int64) * D + cols, tl.sum(dw, 0), mask=col_ok)
 
 
-def _warps(block_d: int) -> int:
-    return min(max(block_d // 256, 1), 16)
+def _tiles(D: int) -> tuple[int, int, int]:
+    """(BLOCK_R, BLOCK_D, num_warps): whole rows, several per program when rows are short (the
+    interpreter runs programs one at a time, so it gets big tiles)."""
+    block_d = triton.next_power_of_2(D)
+    budget = 1 << 14 if interpreting() else 1 << 12  # elements per tile
+    block_r = max(1, min(64, budget // block_d))
+    warps = min(max(block_r * block_d // 512, 1), 16)
+    return block_r, block_d, warps
 
 
 WHERE = "kernels.rmsnorm.rms_norm"
@@ -101,11 +120,11 @@ class _RMSNorm(torch.autograd.Function):
         out_dtype = torch.promote_types(x.dtype, weight.dtype)
         y = torch.empty(N, D, dtype=out_dtype, device=x.device)
         rstd = torch.empty(N, dtype=torch.float32, device=x.device)
-        block_d = triton.next_power_of_2(D)
+        block_r, block_d, warps = _tiles(D)
         if N:
-            _rms_norm_fwd_kernel[(N,)](
+            _rms_norm_fwd_kernel[(triton.cdiv(N, block_r),)](
                 x2, weight, y, rstd, x2.stride(0), y.stride(0), N, D, float(eps),
-                BLOCK_D=block_d, num_warps=_warps(block_d),
+                BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
             )  # fmt: skip
         ctx.save_for_backward(x2, weight, rstd)
         ctx.x_shape = x.shape
@@ -119,13 +138,13 @@ class _RMSNorm(torch.autograd.Function):
         if dy.stride(-1) != 1:
             dy = dy.contiguous()
         dx = torch.empty(N, D, dtype=x2.dtype, device=x2.device)
-        n_prog = max(1, min(N, num_programs_hint(x2.device)))
+        block_r, block_d, warps = _tiles(D)
+        n_prog = max(1, min(triton.cdiv(N, block_r), num_programs_hint(x2.device)))
         dw_partial = torch.empty(n_prog, D, dtype=torch.float32, device=x2.device)
-        block_d = triton.next_power_of_2(D)
         if N:
             _rms_norm_bwd_kernel[(n_prog,)](
                 dy, x2, weight, rstd, dx, dw_partial, dy.stride(0), x2.stride(0), dx.stride(0),
-                N, D, BLOCK_D=block_d, num_warps=_warps(block_d),
+                N, D, BLOCK_R=block_r, BLOCK_D=block_d, num_warps=warps,
             )  # fmt: skip
             dw = dw_partial.sum(0).to(weight.dtype)
         else:
