@@ -61,8 +61,9 @@ def _ce_rows_kernel(
         s_vec = s_vec * tl.exp(m_vec - m_new) + tl.exp(x - m_new)
         m_vec = m_new
     m = tl.max(m_vec, 1)  # (BLOCK_R,)
-    lse = m + tl.log(tl.sum(s_vec * tl.exp(m_vec - m[:, None]), 1))
-    lse = tl.where(row_ok, lse, 0.0)  # rows past N (never stored): keep them finite
+    total = tl.sum(s_vec * tl.exp(m_vec - m[:, None]), 1)
+    # Rows past N (never stored) are all -inf: keep their lse finite (0).
+    lse = tl.where(row_ok, m + tl.log(tl.where(row_ok, total, 1.0)), 0.0)
 
     safe_target = tl.where(valid, target, 0)
     x_target = tl.load(LOGITS + rows * stride_row + safe_target, mask=row_ok, other=0.0)
