@@ -45,7 +45,7 @@ def check_tensor(
             want = ", ".join(str(d).replace("torch.", "") for d in dtypes)
             raise TypeError(f"{prefix}{name} must have dtype in ({want}), got {t.dtype}")
     if device is not None and t.device != device:
-        raise ValueError(f"{prefix}{name} is on {t.device}, expected {device} like the other inputs")
+        raise ValueError(f"{prefix}{name} is on {t.device}, expected {device} like the others")
     if last_dim_contiguous and t.dim() > 0 and t.shape[-1] > 1 and t.stride(-1) != 1:
         raise ValueError(
             f"{prefix}{name} must be contiguous in its last dimension (stride(-1) == 1), "
@@ -66,9 +66,9 @@ def check_device(where: str, t: torch.Tensor) -> None:
     )
 
 
-def check_no_bf16_dot(where: str, t: torch.Tensor) -> None:
+def check_no_bf16_dot(where: str, dtype: torch.dtype, device: torch.device) -> None:
     """The interpreter computes bf16 tl.dot wrongly (it multiplies bit patterns): refuse it."""
-    if t.dtype == torch.bfloat16 and t.device.type == "cpu" and interpreting():
+    if dtype == torch.bfloat16 and device.type == "cpu" and interpreting():
         raise TypeError(
             f"{where}: bfloat16 matmuls are wrong under TRITON_INTERPRET=1; use float32 or float16 "
             "on the CPU (bfloat16 is supported on CUDA)"

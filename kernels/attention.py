@@ -98,7 +98,7 @@ def _fwd_inner(
 
 @triton.jit
 def _attn_fwd_kernel(
-    Q, K, V, O, LSE, DOC, SEG_START, SEG_END,
+    Q, K, V, OUT, LSE, DOC, SEG_START, SEG_END,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kt,
     stride_vb, stride_vh, stride_vt,
@@ -156,8 +156,8 @@ def _attn_fwd_kernel(
     l_i = tl.where(row_ok, l_i, 1.0)
     acc = acc / l_i[:, None]
     tl.store(LSE + bh.to(tl.int64) * T + offs_m, m_i + tl.math.log2(l_i), mask=row_ok)
-    o_ptrs = O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
-    tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None])
+    o_ptrs = OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=row_ok[:, None])
 
 
 # Hopper: 128-row query tiles; the autotuner picks key tile, warps and pipeline depth.
@@ -196,7 +196,7 @@ _attn_fwd = LazyAutotune(
 
 @triton.jit
 def _bwd_delta_kernel(
-    O, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
+    OUT, DO, DELTA, stride_ob, stride_oh, stride_ot, stride_dob, stride_doh, stride_dot,
     H, T, HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr,
 ):  # fmt: skip
     """delta[b, h, t] = sum_d out * dout (fp32), the rowsum term of the softmax backward."""
@@ -208,7 +208,7 @@ def _bwd_delta_kernel(
     offs_d = tl.arange(0, HEAD_DIM)
     row_ok = offs_m < T
     o = tl.load(
-        O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
+        OUT + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_ot + offs_d[None, :],
         mask=row_ok[:, None], other=0.0,
     ).to(tl.float32)  # fmt: skip
     do = tl.load(
@@ -244,9 +244,8 @@ def _bwd_dkdv_inner(
             doc_q = tl.load(doc_base + offs_m, mask=row_ok, other=-2)
             keep = keep & (doc_k[:, None] == doc_q[None, :])
         pT = tl.where(keep, tl.math.exp2(sT - lse[None, :]), 0.0)
-        do = tl.load(
-            do_base + offs_m[:, None] * stride_dot + offs_d[None, :], mask=row_ok[:, None], other=0.0
-        )  # (BLOCK_M, D)
+        do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]
+        do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
         dv += tl.dot(pT.to(do.dtype), do)
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
         dpT = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
@@ -484,7 +483,7 @@ def _check_inputs(q, k, v, doc_ids) -> None:
         check_tensor(name, t, device=q.device, where=WHERE)
         if t.dtype != q.dtype:
             raise TypeError(f"{WHERE}: {name} has dtype {t.dtype} but q has {q.dtype}")
-    check_no_bf16_dot(WHERE, q)
+    check_no_bf16_dot(WHERE, q.dtype, q.device)
     B, H, T, D = q.shape
     if k.shape != v.shape:
         raise ValueError(f"{WHERE}: k {tuple(k.shape)} and v {tuple(v.shape)} must match")

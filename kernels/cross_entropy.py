@@ -6,8 +6,9 @@ where lse_i = logsumexp(logit_i) and rows whose target is `ignore_index` count f
 
 The tokens are processed in chunks of C rows (Liger-Kernel's scheme). For each chunk the
 (C, V) logits are computed with a torch matmul; a Triton program per row (per block of rows
-under the interpreter) then makes two passes over the row: an online max / sum-of-exponentials gives lse and the row's loss, and the
-second pass overwrites the logits in place with d loss / d logits,
+under the interpreter) then makes two passes over the row: an online max / sum-of-exponentials
+gives lse and the row's loss, and the second pass overwrites the logits in place with
+d loss / d logits,
 
     (softmax - onehot(target)) / n_valid + z_loss * 2 * lse * softmax / n_valid,
 
@@ -16,8 +17,8 @@ while the chunk is still in memory. The forward therefore already holds the grad
 backward only scales them by the incoming scalar gradient. Peak extra memory is one (C, V)
 chunk plus the (V, dim) weight gradient instead of several (N, V) fp32 tensors.
 
-Dtypes: hidden and weight fp16 / bf16 / fp32. If they differ (fp32 weight, bf16 activations
-under autocast) the weight is cast to hidden's dtype, as autocast would for F.linear. The
+Dtypes: hidden and weight fp16 / bf16 / fp32. The matmuls run in autocast's dtype when autocast
+is on (as F.linear would), else in hidden's dtype (the weight is cast if it differs). The
 weight gradient is accumulated in fp32 when the weight is fp32, in the weight's dtype
 otherwise. With no valid target at all the loss is 0 (PyTorch's cross_entropy returns nan).
 """
@@ -106,7 +107,6 @@ def _check_inputs(hidden, weight, targets, chunk_size) -> None:
     check_tensor("weight", weight, ndim=2, dtypes=FLOAT_DTYPES, device=hidden.device, where=WHERE)
     check_tensor("targets", targets, ndim=1, device=hidden.device, where=WHERE)
     check_device(WHERE, hidden)
-    check_no_bf16_dot(WHERE, hidden)
     if targets.dtype.is_floating_point or targets.dtype == torch.bool:
         raise TypeError(f"{WHERE}: targets must be an integer tensor, got {targets.dtype}")
     N, dim = hidden.shape
@@ -126,11 +126,10 @@ def _check_inputs(hidden, weight, targets, chunk_size) -> None:
 
 class _FusedLinearCrossEntropy(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index: int, z_loss: float, chunk: int,
-                grad_enabled: bool):
+    def forward(ctx, hidden, weight, targets, ignore_index, z_loss, chunk, grad_enabled, dtype):
         N, dim = hidden.shape
         V = weight.shape[0]
-        w = weight.to(hidden.dtype)  # a no-op unless autocast-style mixed dtypes
+        w = weight.to(dtype)  # (V, dim); a no-op unless autocast-style mixed dtypes
         targets = targets.contiguous()
         valid = targets != ignore_index
         bad = valid & ((targets < 0) | (targets >= V))
@@ -140,25 +139,27 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         # Gradients are computed here, in the forward, unless nobody will ask for them.
         need_h = grad_enabled and ctx.needs_input_grad[0]
         need_w = grad_enabled and ctx.needs_input_grad[1]
-        compute_grad = need_h or need_w
         grad_h = torch.empty_like(hidden) if need_h else None
-        acc_dtype = torch.float32 if weight.dtype == torch.float32 else w.dtype
+        acc_dtype = torch.float32 if weight.dtype == torch.float32 else dtype
         grad_w = torch.zeros(V, dim, dtype=acc_dtype, device=weight.device) if need_w else None
         loss_rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
         block_r, block_v, warps = _tiles(V)
         for start in range(0, N, chunk):
             end = min(start + chunk, N)
-            h = hidden[start:end]  # (C, dim)
-            logits = h @ w.T  # (C, V) in hidden's dtype; becomes d loss / d logits in place
+            h = hidden[start:end].to(dtype)  # (C, dim)
+            logits = h @ w.T  # (C, V); becomes d loss / d logits in place
             _ce_rows_kernel[(triton.cdiv(end - start, block_r),)](
                 logits, logits.stride(0), targets[start:end], loss_rows[start:end], n_valid,
                 end - start, V, ignore_index, float(z_loss),
-                BLOCK_R=block_r, BLOCK_V=block_v, COMPUTE_GRAD=compute_grad, num_warps=warps,
+                BLOCK_R=block_r, BLOCK_V=block_v, COMPUTE_GRAD=need_h or need_w, num_warps=warps,
             )  # fmt: skip
             if grad_h is not None:
-                torch.mm(logits, w, out=grad_h[start:end])  # (C, V) @ (V, dim)
+                if grad_h.dtype == dtype:
+                    torch.mm(logits, w, out=grad_h[start:end])  # (C, V) @ (V, dim)
+                else:
+                    grad_h[start:end] = logits @ w
             if grad_w is not None:
-                if grad_w.dtype == logits.dtype:
+                if grad_w.dtype == dtype:
                     grad_w.addmm_(logits.T, h)  # (V, C) @ (C, dim)
                 else:  # fp32 accumulator for a half-precision chunk product
                     grad_w.add_(logits.T @ h)
@@ -175,7 +176,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             dh = grad_h * grad_out.to(grad_h.dtype)
         if grad_w is not None:
             dw = (grad_w * grad_out.to(grad_w.dtype)).to(ctx.weight_dtype)
-        return dh, dw, None, None, None, None, None
+        return dh, dw, None, None, None, None, None, None
 
 
 def fused_linear_cross_entropy(
@@ -195,10 +196,18 @@ def fused_linear_cross_entropy(
     _check_inputs(hidden, weight, targets, chunk_size)
     N, dim = hidden.shape
     chunk = chunk_size or default_chunk_size(N, weight.shape[0], dim)
-    return _FusedLinearCrossEntropy.apply(
-        hidden, weight, targets, int(ignore_index), float(z_loss), int(chunk),
-        torch.is_grad_enabled(),
-    )
+    # Matmul dtype: autocast's when it is on (as F.linear would use), else hidden's. The
+    # Function then runs with autocast off so every dtype inside is explicit.
+    device_type = hidden.device.type
+    dtype = hidden.dtype
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    check_no_bf16_dot(WHERE, dtype, hidden.device)
+    with torch.autocast(device_type, enabled=False):
+        return _FusedLinearCrossEntropy.apply(
+            hidden, weight, targets, int(ignore_index), float(z_loss), int(chunk),
+            torch.is_grad_enabled(), dtype,
+        )  # fmt: skip
 
 
 def reference_linear_cross_entropy(

@@ -76,7 +76,8 @@ def _rms_norm_bwd_kernel(
         dy = dy.to(tl.float32)
         g = dy * w[None, :]
         dx = rstd[:, None] * (g - x_hat * (tl.sum(g * x_hat, 1) / D)[:, None])
-        tl.store(DX + rows[:, None] * stride_dx + cols[None, :], dx.to(DX.dtype.element_ty), mask=ok)
+        dx_ptrs = DX + rows[:, None] * stride_dx + cols[None, :]
+        tl.store(dx_ptrs, dx.to(DX.dtype.element_ty), mask=ok)
         dw += dy * x_hat  # rows past N were loaded as 0
     tl.store(DW_PARTIAL + pid.to(tl.int64) * D + cols, tl.sum(dw, 0), mask=col_ok)
 
