@@ -1,0 +1,27 @@
+"""bench/kernels.py runs end to end (interpreter smoke mode on the CPU) and refuses politely
+without a GPU."""
+
+import pytest
+import torch
+
+from bench import kernels as bench
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU behaviour")
+def test_bench_without_gpu_says_so(capsys):
+    assert bench.main([]) == 0
+    assert "needs a CUDA GPU" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the GPU run is the real benchmark")
+def test_bench_smoke_writes_table(tmp_path):
+    out = tmp_path / "kernels-smoke.md"
+    assert bench.main(["--smoke", "--out", str(out)]) == 0
+    text = out.read_text()
+    assert "triton (ours)" in text and "| 300 | fused |" in text and "| 300 | plain |" in text
+
+
+def test_attention_flop_convention():
+    # 4 B H T^2 D forward, halved when causal; backward 2.5x (FlashAttention's benchmarks).
+    assert bench.attention_flops(2, 3, 10, 8, False, "fwd") == 4 * 2 * 3 * 100 * 8
+    assert bench.attention_flops(2, 3, 10, 8, True, "bwd") == 2.5 * 2 * 2 * 3 * 100 * 8
