@@ -63,6 +63,7 @@ def _fwd_inner(
     T, lo, hi, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     CAUSAL_MASK: tl.constexpr, KEY_BOUNDS: tl.constexpr, HAS_DOC: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     """Online softmax over key blocks [lo, hi). q: (BLOCK_M, D); acc: (BLOCK_M, D) fp32."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -77,7 +78,7 @@ def _fwd_inner(
         else:
             kT = tl.load(kT_ptrs)
             v = tl.load(v_ptrs)
-        s = tl.dot(q, kT) * qk_scale  # (BLOCK_M, BLOCK_N) scores in log2 units
+        s = tl.dot(q, kT, input_precision=PREC) * qk_scale  # (BLOCK_M, BLOCK_N) scores in log2 units
         if CAUSAL_MASK:
             s = tl.where(offs_m[:, None] >= offs_n[None, :], s, float("-inf"))
         if KEY_BOUNDS:
@@ -91,7 +92,8 @@ def _fwd_inner(
         p = tl.math.exp2(s - m_new[:, None])
         alpha = tl.math.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        # Accumulate straight into acc (the MMA's accumulator operand).
+        acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PREC)
         m_i = m_new
     return acc, l_i, m_i
 
@@ -105,7 +107,7 @@ def _attn_fwd_kernel(
     stride_ob, stride_oh, stride_ot,
     H, T, GROUP, qk_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -138,18 +140,18 @@ def _attn_fwd_kernel(
         # Keys left of the diagonal block: every (query, key) pair is causal and in bounds.
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, doc_q, offs_m, k_base, v_base, stride_kt, stride_vt, doc_base,
-            T, lo, start_m, qk_scale, BLOCK_N, HEAD_DIM, False, False, HAS_DOC,
+            T, lo, start_m, qk_scale, BLOCK_N, HEAD_DIM, False, False, HAS_DOC, PREC,
         )  # fmt: skip
         # The diagonal block(s): causal mask and the sequence tail.
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, doc_q, offs_m, k_base, v_base, stride_kt, stride_vt, doc_base,
             T, start_m, tl.minimum(start_m + BLOCK_M, T), qk_scale,
-            BLOCK_N, HEAD_DIM, True, True, HAS_DOC,
+            BLOCK_N, HEAD_DIM, True, True, HAS_DOC, PREC,
         )  # fmt: skip
     else:
         acc, l_i, m_i = _fwd_inner(
             acc, l_i, m_i, q, doc_q, offs_m, k_base, v_base, stride_kt, stride_vt, doc_base,
-            T, lo, hi, qk_scale, BLOCK_N, HEAD_DIM, False, True, HAS_DOC,
+            T, lo, hi, qk_scale, BLOCK_N, HEAD_DIM, False, True, HAS_DOC, PREC,
         )  # fmt: skip
 
     # Rows past T (never stored) can be fully masked under the document mask: avoid 0 / 0.
@@ -224,7 +226,7 @@ def _bwd_dkdv_inner(
     q_base, do_base, stride_qt, stride_dot, lse_base, delta_base, doc_base,
     T, lo, hi, qk_scale,
     BLOCK_M: tl.constexpr, HEAD_DIM: tl.constexpr,
-    CAUSAL_MASK: tl.constexpr, HAS_DOC: tl.constexpr,
+    CAUSAL_MASK: tl.constexpr, HAS_DOC: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dK, dV (BLOCK_N, D) of one key block over query blocks [lo, hi)."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -236,7 +238,7 @@ def _bwd_dkdv_inner(
             q_base + offs_m[None, :] * stride_qt + offs_d[:, None], mask=row_ok[None, :], other=0.0
         )  # (D, BLOCK_M)
         lse = tl.load(lse_base + offs_m, mask=row_ok, other=0.0)
-        sT = tl.dot(k, qT) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
+        sT = tl.dot(k, qT, input_precision=PREC) * qk_scale  # (BLOCK_N, BLOCK_M), log2 units
         keep = row_ok[None, :]
         if CAUSAL_MASK:
             keep = keep & (offs_m[None, :] >= offs_n[:, None])
@@ -246,11 +248,11 @@ def _bwd_dkdv_inner(
         pT = tl.where(keep, tl.math.exp2(sT - lse[None, :]), 0.0)
         do_ptrs = do_base + offs_m[:, None] * stride_dot + offs_d[None, :]
         do = tl.load(do_ptrs, mask=row_ok[:, None], other=0.0)  # (BLOCK_M, D)
-        dv += tl.dot(pT.to(do.dtype), do)
+        dv = tl.dot(pT.to(do.dtype), do, dv, input_precision=PREC)
         delta = tl.load(delta_base + offs_m, mask=row_ok, other=0.0)
-        dpT = tl.dot(v, tl.trans(do))  # (BLOCK_N, BLOCK_M)
+        dpT = tl.dot(v, tl.trans(do), input_precision=PREC)  # (BLOCK_N, BLOCK_M)
         dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(qT.dtype), tl.trans(qT))
+        dk = tl.dot(dsT.to(qT.dtype), tl.trans(qT), dk, input_precision=PREC)
     return dk, dv
 
 
@@ -265,7 +267,7 @@ def _attn_bwd_dkdv_kernel(
     stride_dvb, stride_dvh, stride_dvt,
     H, HKV, T, GROUP, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     start_n = tl.program_id(0) * BLOCK_N
     bhk = tl.program_id(1)
@@ -307,19 +309,19 @@ def _attn_bwd_dkdv_kernel(
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, doc_k, offs_n, q_base, do_base, stride_qt, stride_dot,
                 lse_base, delta_base, doc_base, T, start_n, tl.minimum(start_n + BLOCK_N, T),
-                qk_scale, BLOCK_M, HEAD_DIM, True, HAS_DOC,
+                qk_scale, BLOCK_M, HEAD_DIM, True, HAS_DOC, PREC,
             )  # fmt: skip
             # Below the diagonal: every query sees every key of the block (up to the doc mask).
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, doc_k, offs_n, q_base, do_base, stride_qt, stride_dot,
                 lse_base, delta_base, doc_base, T, start_n + BLOCK_N, hi,
-                qk_scale, BLOCK_M, HEAD_DIM, False, HAS_DOC,
+                qk_scale, BLOCK_M, HEAD_DIM, False, HAS_DOC, PREC,
             )  # fmt: skip
         else:
             dk, dv = _bwd_dkdv_inner(
                 dk, dv, k, v, doc_k, offs_n, q_base, do_base, stride_qt, stride_dot,
                 lse_base, delta_base, doc_base, T, lo, hi,
-                qk_scale, BLOCK_M, HEAD_DIM, False, HAS_DOC,
+                qk_scale, BLOCK_M, HEAD_DIM, False, HAS_DOC, PREC,
             )  # fmt: skip
 
     dk = dk * sm_scale
@@ -336,6 +338,7 @@ def _bwd_dq_inner(
     T, lo, hi, qk_scale,
     BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
     CAUSAL_MASK: tl.constexpr, KEY_BOUNDS: tl.constexpr, HAS_DOC: tl.constexpr,
+    PREC: tl.constexpr,
 ):  # fmt: skip
     """Accumulate dQ (BLOCK_M, D) of one query block over key blocks [lo, hi)."""
     offs_d = tl.arange(0, HEAD_DIM)
@@ -350,7 +353,7 @@ def _bwd_dq_inner(
         else:
             kT = tl.load(kT_ptrs)
             vT = tl.load(vT_ptrs)
-        s = tl.dot(q, kT) * qk_scale  # (BLOCK_M, BLOCK_N)
+        s = tl.dot(q, kT, input_precision=PREC) * qk_scale  # (BLOCK_M, BLOCK_N)
         p = tl.math.exp2(s - lse[:, None])
         if CAUSAL_MASK:
             p = tl.where(offs_m[:, None] >= offs_n[None, :], p, 0.0)
@@ -359,9 +362,9 @@ def _bwd_dq_inner(
         if HAS_DOC:
             doc_k = tl.load(doc_base + offs_n, mask=offs_n < T, other=-1)
             p = tl.where(doc_q[:, None] == doc_k[None, :], p, 0.0)
-        dp = tl.dot(do, vT)  # (BLOCK_M, BLOCK_N)
+        dp = tl.dot(do, vT, input_precision=PREC)  # (BLOCK_M, BLOCK_N)
         ds = p * (dp - delta[:, None])
-        dq += tl.dot(ds.to(kT.dtype), tl.trans(kT))
+        dq = tl.dot(ds.to(kT.dtype), tl.trans(kT), dq, input_precision=PREC)
     return dq
 
 
@@ -375,7 +378,7 @@ def _attn_bwd_dq_kernel(
     stride_dqb, stride_dqh, stride_dqt,
     H, T, GROUP, qk_scale, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-    CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr,
+    CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
     start_m = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1)
@@ -412,17 +415,17 @@ def _attn_bwd_dq_kernel(
     if CAUSAL:
         dq = _bwd_dq_inner(
             dq, q, do, lse, delta, doc_q, offs_m, k_base, v_base, stride_kt, stride_vt, doc_base,
-            T, lo, start_m, qk_scale, BLOCK_N, HEAD_DIM, False, False, HAS_DOC,
+            T, lo, start_m, qk_scale, BLOCK_N, HEAD_DIM, False, False, HAS_DOC, PREC,
         )  # fmt: skip
         dq = _bwd_dq_inner(
             dq, q, do, lse, delta, doc_q, offs_m, k_base, v_base, stride_kt, stride_vt, doc_base,
             T, start_m, tl.minimum(start_m + BLOCK_M, T), qk_scale,
-            BLOCK_N, HEAD_DIM, True, True, HAS_DOC,
+            BLOCK_N, HEAD_DIM, True, True, HAS_DOC, PREC,
         )  # fmt: skip
     else:
         dq = _bwd_dq_inner(
             dq, q, do, lse, delta, doc_q, offs_m, k_base, v_base, stride_kt, stride_vt, doc_base,
-            T, lo, hi, qk_scale, BLOCK_N, HEAD_DIM, False, True, HAS_DOC,
+            T, lo, hi, qk_scale, BLOCK_N, HEAD_DIM, False, True, HAS_DOC, PREC,
         )  # fmt: skip
     dq = dq * sm_scale
     dq_ptrs = DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqt + offs_d[None, :]
@@ -524,6 +527,12 @@ def document_segments(doc_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return seg_start.to(torch.int32).contiguous(), seg_end.to(torch.int32).contiguous()
 
 
+def _precision(q: torch.Tensor) -> str:
+    """fp32 inputs get exact fp32 matmuls (TF32 would cost ~1e-3 relative accuracy); 16-bit
+    inputs use the tensor cores' native precision either way."""
+    return "ieee" if q.dtype == torch.float32 else "tf32"
+
+
 def _strides(t: torch.Tensor) -> tuple[int, int, int]:
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -547,7 +556,7 @@ def _attention_forward(q, k, v, doc, seg_start, seg_end, causal, sm_scale):
         doc if has_doc else dummy, seg_start if has_doc else dummy, seg_end if has_doc else dummy,
         *_strides(q), *_strides(k), *_strides(v), *_strides(o),
         H, T, group, sm_scale * LOG2E,
-        HEAD_DIM=D, CAUSAL=causal, HAS_DOC=has_doc,
+        HEAD_DIM=D, CAUSAL=causal, HAS_DOC=has_doc, PREC=_precision(q),
     )  # fmt: skip
     return o, lse
 
@@ -571,14 +580,14 @@ def _attention_backward(do, q, k, v, o, lse, doc, seg_start, seg_end, causal, sm
         q, k, v, do, lse, delta, dk, dv, *docs,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dk), *_strides(dv),
         H, Hkv, T, H // Hkv, qk_scale, sm_scale,
-        HEAD_DIM=D, CAUSAL=causal, HAS_DOC=has_doc,
+        HEAD_DIM=D, CAUSAL=causal, HAS_DOC=has_doc, PREC=_precision(q),
     )  # fmt: skip
     grid = lambda meta: (triton.cdiv(T, meta["BLOCK_M"]), B * H)
     _attn_bwd_dq[grid](
         q, k, v, do, lse, delta, dq, *docs,
         *_strides(q), *_strides(k), *_strides(v), *_strides(do), *_strides(dq),
         H, T, H // Hkv, qk_scale, sm_scale,
-        HEAD_DIM=D, CAUSAL=causal, HAS_DOC=has_doc,
+        HEAD_DIM=D, CAUSAL=causal, HAS_DOC=has_doc, PREC=_precision(q),
     )  # fmt: skip
     return dq, dk, dv
 
