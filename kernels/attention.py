@@ -109,7 +109,9 @@ def _attn_fwd_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    start_m = tl.program_id(0) * BLOCK_M
+    # Under the causal mask the last query blocks do the most work: launch them first so the
+    # short blocks fill the tail of the grid.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -380,7 +382,9 @@ def _attn_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     CAUSAL: tl.constexpr, HAS_DOC: tl.constexpr, PREC: tl.constexpr,
 ):  # fmt: skip
-    start_m = tl.program_id(0) * BLOCK_M
+    # Under the causal mask the last query blocks do the most work: launch them first so the
+    # short blocks fill the tail of the grid.
+    start_m = (tl.num_programs(0) - 1 - tl.program_id(0)) * BLOCK_M
     bh = tl.program_id(1)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
@@ -613,6 +617,8 @@ class _Attention(torch.autograd.Function):
         return dq, dk, dv, None, None, None
 
 
+# Run eagerly under torch.compile: Dynamo does not trace the lazily autotuned launches.
+@torch.compiler.disable
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,

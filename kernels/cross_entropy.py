@@ -179,6 +179,8 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         return dh, dw, None, None, None, None, None, None
 
 
+# Run eagerly under torch.compile: Dynamo does not trace the lazily autotuned launches.
+@torch.compiler.disable
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,

@@ -153,6 +153,8 @@ class _RMSNorm(torch.autograd.Function):
         return dx.view(ctx.x_shape), dw, None
 
 
+# Run eagerly under torch.compile: Dynamo does not trace the lazily autotuned launches.
+@torch.compiler.disable
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension. x: (..., D); weight: (D,). Same shape as x; dtype
     promote_types(x.dtype, weight.dtype), as the PyTorch module."""

@@ -112,6 +112,8 @@ class _Rope(torch.autograd.Function):
         return _launch(dy, cos, sin, backward=True), None, None
 
 
+# Run eagerly under torch.compile: Dynamo does not trace the lazily autotuned launches.
+@torch.compiler.disable
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: (B, H, T, D); cos, sin: (T, D) or (B, T, D). Returns x rotated, same shape and dtype.
     The tables get no gradient."""

@@ -83,6 +83,8 @@ class _SwiGLU(torch.autograd.Function):
         return dgate, dup
 
 
+# Run eagerly under torch.compile: Dynamo does not trace the lazily autotuned launches.
+@torch.compiler.disable
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, elementwise; gate and up of the same shape and dtype."""
     _check_inputs(gate, up)

@@ -162,6 +162,19 @@ def test_fused_linear_cross_entropy_no_grad_and_edge_cases(seed):
     assert 1 <= default_chunk_size(8192, 131072, 4096) <= 8192
 
 
+def test_fused_linear_cross_entropy_autocast(seed):
+    """Under autocast the matmuls run in the autocast dtype (like F.linear) and the gradients
+    come back in the parameters' fp32."""
+    hidden, weight, targets = ce_inputs(N=40, V=130)
+    h, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        loss = fused_linear_cross_entropy(h, w, targets)
+        ref = reference_linear_cross_entropy(hidden, weight, targets)  # autocast F.linear too
+    loss.backward()
+    assert h.grad.dtype == torch.float32 and w.grad.dtype == torch.float32
+    torch.testing.assert_close(loss, ref, atol=1e-5, rtol=1e-5)  # same fp16 logits both ways
+
+
 @gpu
 @needs_cuda
 def test_ops_bf16_gpu(seed):
