@@ -3,6 +3,7 @@ cross-entropy vs the plain loss.
 
     python -m bench.kernels                 # on a CUDA GPU: writes bench/results/kernels-<gpu>.md
     python -m bench.kernels --smoke         # no GPU: tiny shapes under TRITON_INTERPRET=1, printed
+    python -m bench.kernels --compile-check # no GPU: compile for sm_90, report wgmma / spills
 
 Attention: causal, bf16, head dims 64 and 128, T = 512 .. 16k, batch * T = 16k tokens and
 H * D = 2048 (FlashAttention's benchmark setting). FLOPs as in FlashAttention's benchmarks:
@@ -165,6 +166,79 @@ def bench_loss(device, dtype, vocabs, n_tokens, dim, smoke) -> list[dict]:
     return rows
 
 
+def _ptxas_usage(ptx: str) -> tuple[int, int]:
+    """(registers per thread, spill-store bytes) that ptxas reports for sm_90a (Triton's own
+    ptxas binary; Triton does not keep its -v output)."""
+    import subprocess
+    import tempfile
+
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.TemporaryDirectory() as d:
+        src = Path(d) / "kernel.ptx"
+        src.write_text(ptx)
+        res = subprocess.run(
+            [get_ptxas(90).path, "-v", "--gpu-name=sm_90a", str(src), "-o", str(src) + ".cubin"],
+            capture_output=True, text=True,
+        )  # fmt: skip
+    log = res.stdout + res.stderr
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores", log)
+    return int(regs.group(1)) if regs else -1, int(spills.group(1)) if spills else -1
+
+
+def compile_check(head_dims: list[int], all_configs: bool = False) -> list[dict]:
+    """Compile the attention kernels for Hopper (sm_90) without a GPU, using the ptxas that
+    ships with Triton, and report what the code generator did: wgmma instructions (Hopper
+    tensor cores), registers and spill stores (from ptxas -v) and shared memory. Catches kernels
+    that only the interpreter accepts, and tiles that spill, before a GPU is at hand.
+    Must run without TRITON_INTERPRET (the kernels must be real JIT functions)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import attention as A
+
+    def arg_type(name: str) -> str:
+        if name in ("Q", "K", "V", "OUT", "DO", "DQ", "DK", "DV"):
+            return "*bf16"
+        if name in ("LSE", "DELTA"):
+            return "*fp32"
+        if name in ("DOC", "SEG_START", "SEG_END"):
+            return "*i32"
+        return "fp32" if name in ("qk_scale", "sm_scale") else "i32"
+
+    jobs = []  # (kernel, configs)
+    pick = (lambda cs: cs) if all_configs else (lambda cs: cs[:1])
+    jobs.append((A._attn_fwd_kernel, pick(A._FWD_CONFIGS)))
+    jobs.append((A._attn_bwd_dkdv_kernel, pick(A._attn_bwd_dkdv.gpu_configs)))
+    jobs.append((A._attn_bwd_dq_kernel, pick(A._attn_bwd_dq.gpu_configs)))
+    rows = []
+    for D in head_dims:
+        for fn, configs in jobs:
+            for cfg in configs:
+                consts = {"HEAD_DIM": D, "CAUSAL": True, "HAS_DOC": True, "PREC": "tf32"}
+                consts.update(cfg.kwargs)
+                sig = {n: "constexpr" if n in consts else arg_type(n) for n in fn.arg_names}
+                options = {"num_warps": cfg.num_warps, "num_stages": cfg.num_stages}
+                row = {"kernel": fn.__name__, "D": D, "config": f"{cfg.kwargs} {options}"}
+                try:
+                    k = triton.compile(ASTSource(fn, sig, constexprs=consts),
+                                       target=GPUTarget("cuda", 90, 32), options=options)
+                    ptx = k.asm["ptx"]
+                    regs, spills = _ptxas_usage(ptx)
+                    row.update(wgmma=ptx.count("wgmma.mma_async"), regs=regs, spills=spills,
+                               shared=k.metadata.shared, error="")
+                except Exception as e:  # report and go on: one bad config must not hide others
+                    err = f"{type(e).__name__}: {e}"[:200]
+                    row.update(wgmma=0, regs=0, spills=0, shared=0, error=err)
+                rows.append(row)
+                print(f"{row['kernel']} D={D} {row['config']}: wgmma {row['wgmma']}, "
+                      f"registers {row['regs']}, spill stores {row['spills']} B, "
+                      f"shared {row['shared']} B {row['error']}", flush=True)  # fmt: skip
+    return rows
+
+
 def _attention_line(r: dict) -> str:
     return (
         f"| {r['provider']} | {r['D']} | {r['T']} | {r['B']}x{r['H']} | {r['fwd_tflops']:.1f} | "
@@ -236,7 +310,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--skip-attention", action="store_true")
     p.add_argument("--skip-loss", action="store_true")
     p.add_argument("--out", type=Path, default=None, help="results file (default: by device)")
+    p.add_argument("--compile-check", action="store_true",
+                   help="no GPU needed: compile the attention kernels for sm_90 and report "
+                   "wgmma use and register spills (add --all-configs for every autotune config)")
+    p.add_argument("--all-configs", action="store_true")
     args = p.parse_args(argv)
+
+    if args.compile_check:
+        if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+            print("--compile-check needs TRITON_INTERPRET unset")
+            return 2
+        rows = compile_check(args.head_dims, args.all_configs)
+        bad = [r for r in rows if r["error"] or r["wgmma"] == 0]
+        return 1 if bad else 0
 
     if args.smoke:
         if not torch.cuda.is_available():

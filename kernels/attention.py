@@ -439,11 +439,12 @@ def _attn_bwd_dq_kernel(
 def _bwd_configs(big: str, small: str) -> list[triton.Config]:
     # The block a program owns (`big`) is wide; the one it streams (`small`) is narrow, which
     # keeps the fp32 accumulators plus recomputed P tiles inside the register file.
-    return [
-        triton.Config({big: b, small: s}, num_warps=w, num_stages=st)
-        for b, s in ((128, 32), (128, 64), (64, 32), (64, 64))
+    # Seven configs (each costs a compile on the first backward): the tutorial's 128 x 32 with
+    # a deep pipeline, plus 128 x 64 and 64 x 64 tiles at 4 / 8 warps.
+    return [triton.Config({big: 128, small: 32}, num_warps=4, num_stages=5)] + [
+        triton.Config({big: b, small: s}, num_warps=w, num_stages=3)
+        for b, s in ((128, 32), (128, 64), (64, 64))
         for w in (4, 8)
-        for st in (3, 4)
     ]
 
 
