@@ -25,3 +25,24 @@ def test_attention_flop_convention():
     # 4 B H T^2 D forward, halved when causal; backward 2.5x (FlashAttention's benchmarks).
     assert bench.attention_flops(2, 3, 10, 8, False, "fwd") == 4 * 2 * 3 * 100 * 8
     assert bench.attention_flops(2, 3, 10, 8, True, "bwd") == 2.5 * 2 * 2 * 3 * 100 * 8
+
+
+@pytest.mark.slow
+def test_attention_kernels_compile_for_hopper():
+    """The attention kernels compile for sm_90 (Hopper) with wgmma tensor-core instructions, on
+    this CPU, with the ptxas that ships with Triton: catches code only the interpreter accepts.
+    Runs in a subprocess because this process imported the kernels under TRITON_INTERPRET=1."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("triton.backends.nvidia.compiler")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    res = subprocess.run(
+        [sys.executable, "-m", "bench.kernels", "--compile-check", "--head-dims", "64"],
+        cwd=root, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    assert res.stdout.count("wgmma") == 3 and "wgmma 0," not in res.stdout
