@@ -188,7 +188,7 @@ def _ptxas_usage(ptx: str) -> tuple[int, int]:
 
 
 def compile_check(head_dims: list[int], all_configs: bool = False) -> list[dict]:
-    """Compile the attention kernels for Hopper (sm_90) without a GPU, using the ptxas that
+    """Compile the kernels for Hopper (sm_90) without a GPU, using the ptxas that
     ships with Triton, and report what the code generator did: wgmma instructions (Hopper
     tensor cores), registers and spill stores (from ptxas -v) and shared memory. Catches kernels
     that only the interpreter accepts, and tiles that spill, before a GPU is at hand.
@@ -236,6 +236,44 @@ def compile_check(head_dims: list[int], all_configs: bool = False) -> list[dict]
                 print(f"{row['kernel']} D={D} {row['config']}: wgmma {row['wgmma']}, "
                       f"registers {row['regs']}, spill stores {row['spills']} B, "
                       f"shared {row['shared']} B {row['error']}", flush=True)  # fmt: skip
+    rows += _compile_other_kernels(triton, GPUTarget, ASTSource)
+    return rows
+
+
+def _compile_other_kernels(triton, GPUTarget, ASTSource) -> list[dict]:
+    """The norm / RoPE / SwiGLU / cross-entropy / delta kernels at typical bf16 shapes: they
+    must compile (no tensor cores involved)."""
+    from kernels import attention, cross_entropy, rmsnorm, rope, swiglu
+
+    bf, f32 = "*bf16", "*fp32"
+    jobs = [  # (kernel, pointer/float argument types, constexprs, warps)
+        (rmsnorm._rms_norm_fwd_kernel, {"X": bf, "W": f32, "Y": f32, "RSTD": f32, "eps": "fp32"},
+         {"BLOCK_R": 1, "BLOCK_D": 4096}, 8),
+        (rmsnorm._rms_norm_bwd_kernel, {"DY": bf, "X": bf, "W": bf, "RSTD": f32, "DX": bf,
+                                        "DW_PARTIAL": f32}, {"BLOCK_R": 32, "BLOCK_D": 128}, 8),
+        (rope._rope_kernel, {"X": bf, "COS": f32, "SIN": f32, "Y": bf},
+         {"HALF": 64, "BLOCK_T": 32, "BLOCK_HALF": 64, "BACKWARD": True}, 4),
+        (swiglu._swiglu_fwd_kernel, {"G": bf, "U": bf, "Y": bf}, {"BLOCK": 1024}, 4),
+        (swiglu._swiglu_bwd_kernel, {"DY": bf, "G": bf, "U": bf, "DG": bf, "DU": bf},
+         {"BLOCK": 1024}, 4),
+        (cross_entropy._ce_rows_kernel, {"LOGITS": bf, "TARGETS": "*i64", "LOSS": f32,
+                                         "N_VALID": f32, "z_loss": "fp32"},
+         {"BLOCK_R": 1, "BLOCK_V": 4096, "COMPUTE_GRAD": True}, 8),
+        (attention._bwd_delta_kernel, {"OUT": bf, "DO": bf, "DELTA": f32},
+         {"HEAD_DIM": 128, "BLOCK_M": 64}, 4),
+    ]  # fmt: skip
+    rows = []
+    for fn, types, consts, warps in jobs:
+        sig = {n: "constexpr" if n in consts else types.get(n, "i32") for n in fn.arg_names}
+        try:
+            triton.compile(ASTSource(fn, sig, constexprs=consts),
+                           target=GPUTarget("cuda", 90, 32),
+                           options={"num_warps": warps, "num_stages": 3})  # fmt: skip
+            err = ""
+        except Exception as e:
+            err = f"{type(e).__name__}: {e}"[:200]
+        rows.append({"kernel": fn.__name__, "config": str(consts), "error": err})
+        print(f"{fn.__name__} {consts}: {'compiled' if not err else err}", flush=True)
     return rows
 
 
@@ -321,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             print("--compile-check needs TRITON_INTERPRET unset")
             return 2
         rows = compile_check(args.head_dims, args.all_configs)
-        bad = [r for r in rows if r["error"] or r["wgmma"] == 0]
+        bad = [r for r in rows if r["error"] or r.get("wgmma") == 0]
         return 1 if bad else 0
 
     if args.smoke:
