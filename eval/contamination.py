@@ -1,0 +1,284 @@
+"""Contamination check: which benchmark items share word n-grams with the training data.
+
+The method is GPT-3's, as lm-evaluation-harness implements it (REFERENCE.md "Contamination"):
+text is normalized (lowercase, ASCII punctuation removed, split on whitespace) and cut into word
+n-grams, N per benchmark (13 for LAMBADA / HellaSwag / Winogrande, 10 ARC-Challenge, 9 ARC-Easy,
+8 PIQA). An item is dirty when its n-grams occur in training data: any of them by default, or at
+least a given fraction of them.
+
+The training side is an index: every word n-gram of every training document, hashed to 64 bits,
+stored as a sorted array of unique np.uint64 (8 bytes per distinct n-gram, so a billion-token
+corpus takes a few GB; membership is a binary search). It is built from a prepared data dir's
+train shards (documents decoded with the run's tokenizer, split on the end-of-text token, no
+n-gram crossing a document boundary) and saved beside them as `ngrams_<n>.npy`, with a sidecar
+`ngrams_<n>.json` recording which shards it covers, so it is built once and reused.
+
+Hashing: each word is hashed with BLAKE2b to 64 bits (stable across processes and machines,
+unlike Python's `hash`), and an n-gram is a polynomial of its word hashes mod 2^64, computed for
+all positions at once in NumPy. Two different n-grams collide with probability about 2^-64 per
+pair, so with I indexed n-grams and Q item n-grams the expected number of false matches is
+I * Q / 2^64: about 1e-6 for a billion-n-gram index and ten thousand items.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import string
+import tempfile
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+
+# N per task (REFERENCE.md): the 5th-percentile item length in words, clamped to [8, 13].
+TASK_NGRAM_N = {
+    "lambada": 13, "hellaswag": 13, "winogrande": 13, "arc_challenge": 10, "arc_easy": 9, "piqa": 8,
+}
+
+_PUNCTUATION = str.maketrans("", "", string.punctuation)  # ASCII punctuation only, like lm-eval
+_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant for the polynomial hash
+
+
+def normalize_words(text: str) -> list[str]:
+    """lm-eval's decontamination normalization: lowercase, drop ASCII punctuation, split."""
+    return text.lower().translate(_PUNCTUATION).split()
+
+
+class _WordHasher:
+    """64-bit BLAKE2b of each word, memoized (a corpus repeats a small vocabulary)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[str, int] = {}
+
+    def __call__(self, words: Sequence[str]) -> np.ndarray:
+        cache = self._cache
+        out = np.empty(len(words), dtype=np.uint64)
+        for i, w in enumerate(words):
+            h = cache.get(w)
+            if h is None:
+                h = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
+                if len(cache) < 5_000_000:
+                    cache[w] = h
+            out[i] = h
+        return out
+
+
+_default_hasher = _WordHasher()
+
+
+def ngram_hashes_of_words(word_hashes: np.ndarray, n: int) -> np.ndarray:
+    """(W,) uint64 word hashes -> (W - n + 1,) uint64 n-gram hashes (empty when W < n)."""
+    count = len(word_hashes) - n + 1
+    if count <= 0:
+        return np.empty(0, dtype=np.uint64)
+    h = np.zeros(count, dtype=np.uint64)
+    for i in range(n):  # Horner's rule over the window, all windows at once; wraps mod 2^64
+        h = h * _MULTIPLIER + word_hashes[i : i + count]
+    return h
+
+
+def ngram_hashes(text: str, n: int) -> np.ndarray:
+    """The 64-bit hashes of the normalized word n-grams of `text`, in order (with repeats)."""
+    return ngram_hashes_of_words(_default_hasher(normalize_words(text)), n)
+
+
+# ---------------------------------------------------------------------------------------------
+# The index
+# ---------------------------------------------------------------------------------------------
+
+
+class NgramIndex:
+    """A sorted array of unique 64-bit n-gram hashes with vectorized membership."""
+
+    def __init__(self, hashes: np.ndarray, n: int):
+        self.hashes = hashes
+        self.n = n
+
+    @classmethod
+    def from_texts(cls, texts: Iterable[str], n: int, chunk_ngrams: int = 1 << 24) -> NgramIndex:
+        """Index every n-gram of every text. Deduplicates in chunks to bound peak memory."""
+        hasher = _WordHasher()
+        merged = np.empty(0, dtype=np.uint64)
+        pending: list[np.ndarray] = []
+        pending_size = 0
+        for text in texts:
+            h = ngram_hashes_of_words(hasher(normalize_words(text)), n)
+            if len(h):
+                pending.append(h)
+                pending_size += len(h)
+            if pending_size >= chunk_ngrams:
+                merged = np.union1d(merged, np.concatenate(pending))
+                pending, pending_size = [], 0
+        if pending:
+            merged = np.union1d(merged, np.concatenate(pending))
+        return cls(merged.astype(np.uint64, copy=False), n)
+
+    def __len__(self) -> int:
+        return len(self.hashes)
+
+    def contains(self, hashes: np.ndarray) -> np.ndarray:
+        """(K,) uint64 -> (K,) bool: which hashes are in the index."""
+        if len(self.hashes) == 0 or len(hashes) == 0:
+            return np.zeros(len(hashes), dtype=bool)
+        pos = np.searchsorted(self.hashes, hashes)
+        pos = np.minimum(pos, len(self.hashes) - 1)
+        return self.hashes[pos] == hashes
+
+    def overlap(self, text: str) -> tuple[int, int]:
+        """(n-grams of `text` found in the index, n-grams of `text`)."""
+        h = ngram_hashes(text, self.n)
+        return int(self.contains(h).sum()), len(h)
+
+    def save(self, path: str | Path) -> None:
+        """Write the array atomically (temp file in the same folder, then rename)."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "wb") as f:
+                np.save(f, self.hashes)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | Path, n: int) -> NgramIndex:
+        hashes = np.load(path, mmap_mode="r")
+        if hashes.dtype != np.uint64 or hashes.ndim != 1:
+            got = f"{hashes.dtype} {hashes.shape}"
+            raise ValueError(f"{path}: expected a 1-D uint64 array, got {got}")
+        return cls(hashes, n)
+
+
+def is_dirty(overlap: int, total: int, threshold: float | None = None) -> bool:
+    """Dirty when any n-gram matched (threshold None) or at least `threshold` of them did.
+
+    An item shorter than n words has no n-grams and is never dirty (lm-eval behaves the same;
+    the per-task N is chosen so that about 5% of items are that short).
+    """
+    if total == 0:
+        return False
+    if threshold is None:
+        return overlap > 0
+    return overlap / total >= threshold
+
+
+def dirty_flags(
+    texts: Sequence[str], index: NgramIndex, threshold: float | None = None
+) -> list[bool]:
+    return [is_dirty(*index.overlap(t), threshold) for t in texts]
+
+
+# ---------------------------------------------------------------------------------------------
+# Building from a prepared data dir (train shards) and caching beside them
+# ---------------------------------------------------------------------------------------------
+
+
+def train_shards(data_dir: str | Path) -> list[Path]:
+    shards = sorted(Path(data_dir).glob("train_*.bin"))
+    if not shards:
+        raise FileNotFoundError(f"{data_dir}: no train_*.bin shards to build an n-gram index from")
+    return shards
+
+
+def iter_documents(
+    token_arrays: Iterable[np.ndarray], eot_id: int
+) -> Iterator[np.ndarray]:
+    """Split a stream of token arrays into documents at the end-of-text token.
+
+    Each document is followed by eot; a document may run across shard boundaries, so the tail
+    of one array is carried into the next. A final document without eot is still yielded.
+    """
+    carry = np.empty(0, dtype=np.int64)
+    for arr in token_arrays:
+        arr = np.asarray(arr)
+        ends = np.flatnonzero(arr == eot_id)
+        start = 0
+        for end in ends:
+            doc = arr[start:end]
+            if len(carry):
+                doc, carry = np.concatenate([carry, doc]), np.empty(0, dtype=np.int64)
+            yield doc
+            start = end + 1
+        if start < len(arr):
+            carry = np.concatenate([carry, arr[start:]])
+    if len(carry):
+        yield carry
+
+
+def _shard_signature(shards: Sequence[Path]) -> list[list]:
+    return [[p.name, p.stat().st_size] for p in shards]
+
+
+def build_indexes(
+    data_dir: str | Path, tokenizer, ns: Iterable[int] = (8, 9, 10, 13)
+) -> dict[int, NgramIndex]:
+    """Build and save `ngrams_<n>.npy` for every n from the train shards of a prepared dir.
+
+    The shards are decoded once; every n is indexed from the same pass.
+    """
+    from data.shards import read_shard  # imported here: keeps this module importable alone
+
+    data_dir = Path(data_dir)
+    ns = sorted(set(ns))
+    shards = train_shards(data_dir)
+    hasher = _WordHasher()
+    merged = {n: np.empty(0, dtype=np.uint64) for n in ns}
+    pending: dict[int, list[np.ndarray]] = {n: [] for n in ns}
+    pending_size = 0
+
+    def flush() -> None:
+        for n in ns:
+            if pending[n]:
+                merged[n] = np.union1d(merged[n], np.concatenate(pending[n]))
+                pending[n] = []
+
+    arrays = (read_shard(p) for p in shards)
+    for doc in iter_documents(arrays, tokenizer.eot_id):
+        words = hasher(normalize_words(tokenizer.decode(doc.tolist())))
+        for n in ns:
+            h = ngram_hashes_of_words(words, n)
+            if len(h):
+                pending[n].append(h)
+        pending_size += len(words)
+        if pending_size >= 1 << 24:
+            flush()
+            pending_size = 0
+    flush()
+
+    signature = _shard_signature(shards)
+    indexes = {}
+    for n in ns:
+        index = NgramIndex(merged[n], n)
+        index.save(data_dir / f"ngrams_{n}.npy")
+        meta = {"n": n, "count": len(index), "shards": signature, "hash": "blake2b64-poly"}
+        _write_json_atomic(data_dir / f"ngrams_{n}.json", meta)
+        indexes[n] = index
+    return indexes
+
+
+def load_or_build_index(data_dir: str | Path, n: int, tokenizer) -> NgramIndex:
+    """The saved index for n when it is current (covers exactly today's shards), else build."""
+    data_dir = Path(data_dir)
+    npy, meta_path = data_dir / f"ngrams_{n}.npy", data_dir / f"ngrams_{n}.json"
+    if npy.is_file() and meta_path.is_file():
+        meta = json.loads(meta_path.read_text())
+        if meta.get("shards") == _shard_signature(train_shards(data_dir)):
+            index = NgramIndex.load(npy, n)
+            if len(index) == meta.get("count"):
+                return index
+    # Build every task's n in the same pass: decoding the shards is the expensive part.
+    return build_indexes(data_dir, tokenizer, set(TASK_NGRAM_N.values()) | {n})[n]
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

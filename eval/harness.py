@@ -1,0 +1,295 @@
+"""Zero-shot benchmark scoring, as lm-evaluation-harness scores log-likelihood tasks.
+
+Pipeline for one task: items (eval/tasks.py) -> string pairs (context, continuation) -> token
+pairs (`encode_pair`, lm-eval's `_encode_pair`) -> summed log-likelihood and "is greedy" per pair
+from any `LogLikelihoodModel` -> per-item metrics -> means over all, clean and dirty items.
+
+Any model that can score token pairs plugs in: `TransformerLogLikelihood` wraps our native
+Transformer, `HFLogLikelihood` a Hugging Face causal LM, so an exported model can be compared
+with the native one on identical token requests.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from eval.tasks import Item, get_task, load_task
+
+TokenRequest = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
+
+
+@runtime_checkable
+class LogLikelihoodModel(Protocol):
+    """Scores continuations: for each (context, continuation) token pair, the sum over the
+    continuation's tokens of log p(token | everything before it), and whether every
+    continuation token is the model's argmax (greedy) prediction."""
+
+    max_seq_len: int
+
+    def loglikelihood(self, requests: list[TokenRequest]) -> list[tuple[float, bool]]: ...
+
+
+class _BatchedLogLikelihood(ABC):
+    """lm-eval's `_loglikelihood_tokens` for a model that maps tokens (B, T) -> logits (B, T, V).
+
+    Requests are sorted by total length (longest first, so an out-of-memory shows at once),
+    batched, right-padded to the longest in the batch. The model input is
+    (context + continuation)[-(max_seq_len + 1):][:-1], i.e. the context is truncated on the
+    left so the whole continuation is always scored. Right padding is safe for a causal model:
+    no real position attends to a pad.
+    """
+
+    def __init__(self, max_seq_len: int, batch_size: int, device: torch.device):
+        self.max_seq_len = max_seq_len
+        self.batch_size = batch_size
+        self.device = device
+
+    @abstractmethod
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int64 on self.device -> logits (B, T, V)."""
+
+    @torch.inference_mode()
+    def loglikelihood(self, requests: list[TokenRequest]) -> list[tuple[float, bool]]:
+        inputs, targets = [], []
+        for i, (ctx, cont) in enumerate(requests):
+            if not cont:
+                raise ValueError(f"request {i}: empty continuation")
+            if len(cont) > self.max_seq_len:
+                raise ValueError(
+                    f"request {i}: continuation of {len(cont)} tokens exceeds the model's "
+                    f"max_seq_len {self.max_seq_len}"
+                )
+            if not ctx:
+                raise ValueError(f"request {i}: empty context (encode_pair puts eot there)")
+            inputs.append((list(ctx) + list(cont))[-(self.max_seq_len + 1) :][:-1])
+            targets.append(list(cont))
+        order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            width = len(inputs[batch[0]])  # longest first: the batch's padded width
+            tokens = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, i in enumerate(batch):
+                tokens[row, : len(inputs[i])] = torch.tensor(inputs[i])
+            logits = self.logits(tokens.to(self.device))  # (B, width, V)
+            for row, i in enumerate(batch):
+                n_in, n_cont = len(inputs[i]), len(targets[i])
+                # Position t predicts token t + 1: the continuation is predicted by the last
+                # n_cont input positions.
+                logprobs = F.log_softmax(logits[row, n_in - n_cont : n_in].float(), dim=-1)
+                target = torch.tensor(targets[i], device=logprobs.device)
+                picked = logprobs.gather(1, target[:, None]).squeeze(1)  # (n_cont,)
+                greedy = bool((logprobs.argmax(-1) == target).all())
+                results[i] = (float(picked.sum()), greedy)
+        return results  # type: ignore[return-value]
+
+
+class TransformerLogLikelihood(_BatchedLogLikelihood):
+    """Our model/transformer.py Transformer (forward(tokens) -> logits (B, T, V))."""
+
+    def __init__(self, model: torch.nn.Module, batch_size: int = 16):
+        device = next(model.parameters()).device
+        super().__init__(model.cfg.max_seq_len, batch_size, device)
+        self.model = model.eval()
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens)
+
+
+class HFLogLikelihood(_BatchedLogLikelihood):
+    """A Hugging Face AutoModelForCausalLM (e.g. our export loaded by transformers)."""
+
+    def __init__(self, model, batch_size: int = 16, max_seq_len: int | None = None):
+        device = next(model.parameters()).device
+        max_len = max_seq_len or model.config.max_position_embeddings
+        super().__init__(max_len, batch_size, device)
+        self.model = model.eval()
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, **kw
+    ) -> HFLogLikelihood:
+        from transformers import AutoModelForCausalLM  # optional dependency ([hf] extra)
+
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        return cls(model, **kw)
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens).logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Strings -> token requests
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> TokenRequest:
+    """lm-eval's `_encode_pair`: trailing spaces of the context move to the continuation; the
+    context and context + continuation are each encoded whole and the continuation is the tail
+    where they differ in length (so a merge across the boundary is tokenized as in the whole
+    string). An empty context is the end-of-text token, as lm-eval does."""
+    if context == "":
+        return [tokenizer.eot_id], tokenizer.encode(continuation)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tokenizer.encode(context + continuation)
+    context_enc = tokenizer.encode(context)
+    return context_enc, whole[len(context_enc) :]
+
+
+def item_requests(tokenizer, item: Item) -> list[TokenRequest]:
+    return [encode_pair(tokenizer, c, x) for c, x in zip(item.contexts, item.continuations)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def item_scores(kind: str, item: Item, results: Sequence[tuple[float, bool]]) -> dict[str, float]:
+    """Per-item metrics. Multiple choice: acc = argmax of summed log-likelihood (first on ties,
+    like np.argmax), acc_norm = argmax of log-likelihood / choice length in characters.
+    LAMBADA: acc = all target tokens greedy; loglik feeds the perplexity."""
+    lls = np.array([r[0] for r in results])
+    if kind == "loglikelihood":
+        return {"acc": float(results[0][1]), "loglik": float(lls[0])}
+    return {
+        "acc": float(np.argmax(lls) == item.gold),
+        "acc_norm": float(np.argmax(lls / np.array(item.choice_lengths)) == item.gold),
+    }
+
+
+def aggregate(metrics: Sequence[str], scores: Sequence[dict[str, float]]) -> dict[str, float]:
+    """Means (with lm-eval's standard error: sample std / sqrt(n)) and perplexity =
+    exp(-mean summed log-likelihood)."""
+    out: dict[str, float] = {"n": len(scores)}
+    for m in metrics:
+        if not scores:
+            out[m] = float("nan")
+            continue
+        if m == "perplexity":
+            out[m] = math.exp(-float(np.mean([s["loglik"] for s in scores])))
+            continue
+        values = np.array([s[m] for s in scores])
+        out[m] = float(values.mean())
+        if len(values) > 1:
+            out[m + "_stderr"] = float(values.std(ddof=1) / math.sqrt(len(values)))
+    return out
+
+
+def evaluate_task(
+    model: LogLikelihoodModel,
+    tokenizer,
+    task: str,
+    items: Sequence[Item],
+    dirty: Sequence[bool] | None = None,
+    progress: bool = True,
+    chunk_requests: int = 2048,
+) -> dict:
+    """Score one task. Returns {"task", "metrics": {"all", "clean", "dirty"} each {n, metric:
+    value, ...}, "dirty_fraction", "items_per_s"}; clean/dirty are present when `dirty` is given.
+
+    Items are sent to the model in chunks of about `chunk_requests` requests (sorted by length
+    inside the chunk), which keeps padding low and lets the progress bar count items.
+    """
+    from tqdm import tqdm
+
+    spec = get_task(task)
+    scores: list[dict[str, float]] = []
+    start = time.perf_counter()
+    bar = tqdm(total=len(items), desc=task, unit="item", disable=not progress, leave=False)
+    i = 0
+    while i < len(items):
+        chunk, requests, counts = [], [], []
+        while i < len(items) and (not requests or len(requests) < chunk_requests):
+            reqs = item_requests(tokenizer, items[i])
+            chunk.append(items[i])
+            requests += reqs
+            counts.append(len(reqs))
+            i += 1
+        results = model.loglikelihood(requests)
+        offset = 0
+        for item, count in zip(chunk, counts):
+            scores.append(item_scores(spec.kind, item, results[offset : offset + count]))
+            offset += count
+        bar.update(len(chunk))
+    bar.close()
+    elapsed = time.perf_counter() - start
+    out = {
+        "task": task,
+        "metrics": {"all": aggregate(spec.metrics, scores)},
+        "items_per_s": len(items) / elapsed if elapsed > 0 else float("inf"),
+    }
+    if dirty is not None:
+        if len(dirty) != len(items):
+            raise ValueError(f"{len(dirty)} dirty flags for {len(items)} items")
+        clean = [s for s, d in zip(scores, dirty) if not d]
+        out["metrics"]["clean"] = aggregate(spec.metrics, clean)
+        out["metrics"]["dirty"] = aggregate(spec.metrics, [s for s, d in zip(scores, dirty) if d])
+        out["dirty_fraction"] = float(np.mean(dirty)) if len(dirty) else 0.0
+        out["ngram_n"] = spec.ngram_n
+    return out
+
+
+def run_tasks(
+    model: LogLikelihoodModel,
+    tokenizer,
+    tasks: Sequence[str],
+    limit: int | None = None,
+    data_dir: str | Path | None = None,
+    contamination_dir: str | Path | None = None,
+    dirty_threshold: float | None = None,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """Load and score several tasks; with `contamination_dir` (a prepared data dir with train
+    shards) each item is checked against the n-gram index stored there (built if missing)."""
+    from eval.contamination import dirty_flags, load_or_build_index
+
+    for name in tasks:  # fail on a bad name before any slow work
+        get_task(name)
+    results = {}
+    for name in tasks:
+        items = load_task(name, data_dir, limit)
+        dirty = None
+        if contamination_dir is not None:
+            index = load_or_build_index(contamination_dir, get_task(name).ngram_n, tokenizer)
+            dirty = dirty_flags([it.text for it in items], index, dirty_threshold)
+        results[name] = evaluate_task(model, tokenizer, name, items, dirty, progress)
+    return results
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """A plain-text table: one row per task and subset (all / clean / dirty)."""
+    header = (
+        f"{'task':<14} {'subset':<6} {'n':>6} {'acc':>14} {'acc_norm':>14} {'ppl':>9} "
+        f"{'dirty%':>7}"
+    )
+    lines = [header, "-" * len(header)]
+    for name, r in results.items():
+        for subset, m in r["metrics"].items():
+
+            def cell(key: str, m=m) -> str:
+                if key not in m or (isinstance(m[key], float) and math.isnan(m[key])):
+                    return "-"
+                err = m.get(key + "_stderr")
+                return f"{m[key]:.4f}" + (f"±{err:.4f}" if err is not None else "")
+
+            ppl = f"{m['perplexity']:.2f}" if "perplexity" in m and m["n"] else "-"
+            show_dirty = subset == "all" and "dirty_fraction" in r
+            dirty = f"{100 * r['dirty_fraction']:.1f}" if show_dirty else ""
+            lines.append(
+                f"{name:<14} {subset:<6} {m['n']:>6} {cell('acc'):>14} {cell('acc_norm'):>14} "
+                f"{ppl:>9} {dirty:>7}"
+            )
+    return "\n".join(lines)
