@@ -197,7 +197,8 @@ def _to_hf_llama(model):
     parts = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
              "attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj",
              "attn.wv": "self_attn.v_proj", "attn.wo": "self_attn.o_proj",
-             "mlp.w_gate": "mlp.gate_proj", "mlp.w_up": "mlp.up_proj", "mlp.w_down": "mlp.down_proj"}
+             "mlp.w_gate": "mlp.gate_proj", "mlp.w_up": "mlp.up_proj",
+             "mlp.w_down": "mlp.down_proj"}
     state = {}
     for name, tensor in model.state_dict().items():
         if name.startswith("blocks."):
