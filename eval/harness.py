@@ -81,15 +81,27 @@ class _BatchedLogLikelihood(ABC):
             for row, i in enumerate(batch):
                 tokens[row, : len(inputs[i])] = torch.tensor(inputs[i])
             logits = self.logits(tokens.to(self.device))  # (B, width, V)
+            # Position t predicts token t + 1, so a continuation of n_cont tokens is predicted
+            # by the last n_cont input positions. Gather those rows from every sequence into
+            # one (N, V) block (N = total continuation tokens), so there is one log_softmax and
+            # one device -> host copy per batch.
+            rows, cols, target = [], [], []
             for row, i in enumerate(batch):
                 n_in, n_cont = len(inputs[i]), len(targets[i])
-                # Position t predicts token t + 1: the continuation is predicted by the last
-                # n_cont input positions.
-                logprobs = F.log_softmax(logits[row, n_in - n_cont : n_in].float(), dim=-1)
-                target = torch.tensor(targets[i], device=logprobs.device)
-                picked = logprobs.gather(1, target[:, None]).squeeze(1)  # (n_cont,)
-                greedy = bool((logprobs.argmax(-1) == target).all())
-                results[i] = (float(picked.sum()), greedy)
+                rows += [row] * n_cont
+                cols += range(n_in - n_cont, n_in)
+                target += targets[i]
+            dev = logits.device
+            rows_t = torch.tensor(rows, device=dev)
+            target_t = torch.tensor(target, device=dev)
+            logprobs = F.log_softmax(logits[rows_t, torch.tensor(cols, device=dev)].float(), -1)
+            picked = logprobs.gather(1, target_t[:, None]).squeeze(1).double()  # (N,)
+            missed = (logprobs.argmax(-1) != target_t).double()  # (N,) 1 where not greedy
+            zeros = torch.zeros(len(batch), dtype=torch.float64, device=dev)
+            sums = zeros.index_add(0, rows_t, picked)  # (B,) summed log-likelihood per request
+            misses = zeros.index_add(0, rows_t, missed)
+            for row, (ll, miss) in enumerate(zip(sums.tolist(), misses.tolist())):
+                results[batch[row]] = (ll, miss == 0)
         return results  # type: ignore[return-value]
 
 
@@ -118,9 +130,13 @@ class HFLogLikelihood(_BatchedLogLikelihood):
     def from_pretrained(
         cls, path: str | Path, device: str = "cpu", dtype: torch.dtype = torch.float32, **kw
     ) -> HFLogLikelihood:
+        import transformers
         from transformers import AutoModelForCausalLM  # optional dependency ([hf] extra)
 
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).to(device)
+        # transformers renamed torch_dtype to dtype in 4.56.
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+        key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+        model = AutoModelForCausalLM.from_pretrained(path, **{key: dtype}).to(device)
         return cls(model, **kw)
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
