@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from pathlib import Path
@@ -44,7 +45,8 @@ class _BatchedLogLikelihood(ABC):
     Requests are sorted by total length (longest first, so an out-of-memory shows at once),
     batched, right-padded to the longest in the batch. The model input is
     (context + continuation)[-(max_seq_len + 1):][:-1], i.e. the context is truncated on the
-    left so the whole continuation is always scored. Right padding is safe for a causal model:
+    left so the whole continuation is always scored (a continuation longer than max_seq_len
+    keeps its last max_seq_len tokens, with a warning). Right padding is safe for a causal model:
     no real position attends to a pad.
     """
 
@@ -59,19 +61,25 @@ class _BatchedLogLikelihood(ABC):
 
     @torch.inference_mode()
     def loglikelihood(self, requests: list[TokenRequest]) -> list[tuple[float, bool]]:
-        inputs, targets = [], []
+        inputs, targets, too_long = [], [], 0
         for i, (ctx, cont) in enumerate(requests):
             if not cont:
                 raise ValueError(f"request {i}: empty continuation")
             if len(cont) > self.max_seq_len:
-                raise ValueError(
-                    f"request {i}: continuation of {len(cont)} tokens exceeds the model's "
-                    f"max_seq_len {self.max_seq_len}"
-                )
+                # Only the last max_seq_len continuation tokens fit; score those (lm-eval has
+                # no defined behaviour here). Rare: it needs an answer longer than the window.
+                too_long += 1
+                cont = cont[-self.max_seq_len :]
             if not ctx:
                 raise ValueError(f"request {i}: empty context (encode_pair puts eot there)")
             inputs.append((list(ctx) + list(cont))[-(self.max_seq_len + 1) :][:-1])
             targets.append(list(cont))
+        if too_long:
+            warnings.warn(
+                f"{too_long} continuation(s) longer than max_seq_len {self.max_seq_len}: "
+                "scored on their last max_seq_len tokens",
+                stacklevel=2,
+            )
         order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
         results: list[tuple[float, bool] | None] = [None] * len(requests)
         for start in range(0, len(order), self.batch_size):
@@ -111,7 +119,16 @@ class TransformerLogLikelihood(_BatchedLogLikelihood):
     def __init__(self, model: torch.nn.Module, batch_size: int = 16):
         device = next(model.parameters()).device
         super().__init__(model.cfg.max_seq_len, batch_size, device)
-        self.model = model.eval()
+        self.model = model
+
+    def loglikelihood(self, requests: list[TokenRequest]) -> list[tuple[float, bool]]:
+        # Eval mode while scoring, then back to what it was (eval runs inside training too).
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return super().loglikelihood(requests)
+        finally:
+            self.model.train(was_training)
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
@@ -283,6 +300,20 @@ def run_tasks(
             dirty = dirty_flags([it.text for it in items], index, dirty_threshold)
         results[name] = evaluate_task(model, tokenizer, name, items, dirty, progress)
     return results
+
+
+def flat_metrics(results: dict[str, dict], prefix: str = "eval") -> dict[str, float]:
+    """{"eval/hellaswag/acc_norm": 0.31, "eval/hellaswag/clean/acc_norm": ..., ...} for logging."""
+    flat: dict[str, float] = {}
+    for name, r in results.items():
+        for subset, m in r["metrics"].items():
+            tag = f"{prefix}/{name}" if subset == "all" else f"{prefix}/{name}/{subset}"
+            for key, value in m.items():
+                if not key.endswith("_stderr"):
+                    flat[f"{tag}/{key}"] = value
+        if "dirty_fraction" in r:
+            flat[f"{prefix}/{name}/dirty_fraction"] = r["dirty_fraction"]
+    return flat
 
 
 def format_table(results: dict[str, dict]) -> str:

@@ -17,6 +17,7 @@ from eval.harness import (
     TransformerLogLikelihood,
     encode_pair,
     evaluate_task,
+    flat_metrics,
     format_table,
     item_requests,
 )
@@ -164,6 +165,17 @@ def test_batch_size_and_truncation_do_not_change_scores(tok, trained):
     assert [r[1] for r in one] == [r[1] for r in many]
 
 
+def test_continuation_longer_than_the_window_scores_its_last_tokens(tok, trained):
+    L = trained.cfg.max_seq_len
+    ctx, cont = [5, 6, 7], torch.randint(0, tok.n_vocab, (L + 10,)).tolist()
+    with pytest.warns(UserWarning, match="longer than max_seq_len"):
+        ((ll, _),) = TransformerLogLikelihood(trained).loglikelihood([(ctx, cont)])
+    with torch.no_grad():
+        logits = trained(torch.tensor([cont[-L - 1 : -1]]))[0].double()
+    expected = logits.log_softmax(-1).gather(1, torch.tensor(cont[-L:])[:, None]).sum()
+    assert ll == pytest.approx(float(expected), abs=1e-4)
+
+
 def test_random_model_is_at_chance_on_hellaswag(tok):
     # A randomly initialized model has near-uniform predictions: its HellaSwag accuracy should
     # be 25%. With n = 600 items the binomial standard error is sqrt(.25 * .75 / 600) = 0.018;
@@ -225,3 +237,28 @@ def test_hf_model_with_the_same_weights_scores_the_same(tok, trained):
     b = HFLogLikelihood(hf, 4).loglikelihood(requests)
     # Same fp32 math in a different op order: summed log-likelihoods agree to 1e-4.
     np.testing.assert_allclose([r[0] for r in a], [r[0] for r in b], atol=1e-4)
+
+
+@pytest.mark.filterwarnings("ignore:.*longer than max_seq_len")
+def test_clean_dirty_split_and_training_mode_restored(tok, trained):
+    items = load_task("hellaswag", BENCHMARKS, limit=30)
+    dirty = [bool(b) for b in torch.randint(0, 2, (30,)).tolist()]
+    dirty[0], dirty[1] = True, False  # both subsets non-empty
+    trained.train()
+    lm = TransformerLogLikelihood(trained, batch_size=8)
+    r = evaluate_task(lm, tok, "hellaswag", items, dirty=dirty, progress=False)
+    assert trained.training  # eval inside a training loop leaves the model as it found it
+    clean_only = evaluate_task(lm, tok, "hellaswag", [it for it, d in zip(items, dirty) if not d],
+                               progress=False)["metrics"]["all"]
+    dirty_only = evaluate_task(lm, tok, "hellaswag", [it for it, d in zip(items, dirty) if d],
+                               progress=False)["metrics"]["all"]
+    assert r["metrics"]["clean"] == clean_only and r["metrics"]["dirty"] == dirty_only
+    assert r["dirty_fraction"] == pytest.approx(sum(dirty) / 30) and r["ngram_n"] == 13
+    n_clean = r["metrics"]["clean"]["n"]
+    assert r["metrics"]["all"]["acc"] == pytest.approx(
+        (n_clean * clean_only["acc"] + (30 - n_clean) * dirty_only["acc"]) / 30
+    )
+    flat = flat_metrics({"hellaswag": r})
+    assert flat["eval/hellaswag/acc_norm"] == r["metrics"]["all"]["acc_norm"]
+    assert flat["eval/hellaswag/dirty/n"] == 30 - n_clean
+    assert "dirty" in format_table({"hellaswag": r})
