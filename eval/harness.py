@@ -65,14 +65,15 @@ class _BatchedLogLikelihood(ABC):
         for i, (ctx, cont) in enumerate(requests):
             if not cont:
                 raise ValueError(f"request {i}: empty continuation")
-            if len(cont) > self.max_seq_len:
-                # Only the last max_seq_len continuation tokens fit; score those (lm-eval has
-                # no defined behaviour here). Rare: it needs an answer longer than the window.
-                too_long += 1
-                cont = cont[-self.max_seq_len :]
             if not ctx:
                 raise ValueError(f"request {i}: empty context (encode_pair puts eot there)")
             inputs.append((list(ctx) + list(cont))[-(self.max_seq_len + 1) :][:-1])
+            if len(cont) > self.max_seq_len:
+                # Only the last max_seq_len continuation tokens can be predicted inside the
+                # window; score those (lm-eval has no defined behaviour here). Rare: it needs
+                # an answer longer than the model's context.
+                too_long += 1
+                cont = cont[-self.max_seq_len :]
             targets.append(list(cont))
         if too_long:
             warnings.warn(
