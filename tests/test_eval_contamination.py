@@ -9,10 +9,12 @@ import numpy as np
 import pytest
 from eval_testing import BENCHMARKS, small_tokenizer
 
+from data.shards import read_shard, write_shard
 from eval.contamination import (
     NgramIndex,
     dirty_flags,
     iter_documents,
+    load_or_build_index,
     ngram_hashes,
     normalize_words,
 )
@@ -86,14 +88,35 @@ def test_pasted_items_and_only_those_are_dirty(tmp_path):
             docs[d] = "\n".join(lines[:at] + [tasks[name][i].text] + lines[at:])
 
     # Tokenize like data.prepare (each document followed by eot) and cut the stream into three
-    # "shards" at arbitrary points, so documents run across shard boundaries.
+    # shards at arbitrary points, so documents run across shard boundaries.
     stream = np.array([t for d in docs for t in tok.encode(d) + [tok.eot_id]], dtype=np.uint16)
     cuts = sorted(rng.sample(range(1, len(stream)), 2))
-    shards = np.split(stream, cuts)
-    texts = [tok.decode(d.tolist()) for d in iter_documents(shards, tok.eot_id)]
-    assert texts == docs  # byte-level BPE round trip, documents recovered across shards
+    for k, part in enumerate(np.split(stream, cuts)):
+        write_shard(tmp_path / f"train_{k:06d}.bin", part, tok.n_vocab)
+    write_shard(tmp_path / "val_000000.bin", stream[:1000], tok.n_vocab)  # not indexed
 
-    index = NgramIndex.from_texts(texts, 13, chunk_ngrams=5000)  # several merge rounds
+    index = load_or_build_index(tmp_path, 13, tok)
+    assert sorted(p.name for p in tmp_path.glob("ngrams_*.npy")) == [
+        "ngrams_10.npy", "ngrams_13.npy", "ngrams_8.npy", "ngrams_9.npy"]  # every task's n
+    assert not list(tmp_path.glob("*.tmp"))
+    # Documents recovered across shards: the same index as from the texts directly (built in
+    # several merge rounds here).
+    texts = [tok.decode(d.tolist()) for d in iter_documents(
+        [read_shard(p) for p in sorted(tmp_path.glob("train_*.bin"))], tok.eot_id)]
+    assert texts == docs  # byte-level BPE round trip
+    assert np.array_equal(index.hashes, NgramIndex.from_texts(texts, 13, 5000).hashes)
+
+    class NoDecode:  # the saved index is reused: nothing is decoded the second time
+        eot_id = tok.eot_id
+
+        def decode(self, ids):
+            raise AssertionError("index rebuilt although the shards did not change")
+
+    assert np.array_equal(load_or_build_index(tmp_path, 13, NoDecode()).hashes, index.hashes)
+    write_shard(tmp_path / "train_000003.bin", stream[:50], tok.n_vocab)  # a new shard
+    with pytest.raises(AssertionError, match="index rebuilt"):
+        load_or_build_index(tmp_path, 13, NoDecode())
+
     exact = _exact_ngrams(docs, 13)
     assert len(index) == len(exact)  # no two distinct 13-grams of the corpus share a hash
     for name, items in tasks.items():
