@@ -303,6 +303,19 @@ def run_tasks(
     return results
 
 
+def summary_line(results: dict[str, dict]) -> str:
+    """"hellaswag acc_norm 0.2612 | lambada acc 0.0213 ppl 2345.1" for a training log line."""
+    parts = []
+    for name, r in results.items():
+        m = r["metrics"]["all"]
+        main = "acc_norm" if "acc_norm" in m else "acc"
+        text = f"{name} {main} {m[main]:.4f}"
+        if "perplexity" in m:
+            text += f" ppl {m['perplexity']:.1f}"
+        parts.append(text)
+    return " | ".join(parts)
+
+
 def flat_metrics(results: dict[str, dict], prefix: str = "eval") -> dict[str, float]:
     """{"eval/hellaswag/acc_norm": 0.31, "eval/hellaswag/clean/acc_norm": ..., ...} for logging."""
     flat: dict[str, float] = {}
