@@ -354,3 +354,102 @@ def format_table(results: dict[str, dict]) -> str:
                 f"{ppl:>9} {dirty:>7}"
             )
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a model and its tokenizer for evaluation (used by `python -m eval`)
+# ---------------------------------------------------------------------------------------------
+
+
+class TokenizerMismatchError(ValueError):
+    """The tokenizer at hand is not the one the checkpoint was trained with."""
+
+
+def check_checkpoint_tokenizer(ckpt: Path, tokenizer, model_vocab_size: int) -> None:
+    """Stop when `tokenizer` differs from the one the checkpoint's run was trained with.
+
+    The run's tokenizer identity is in `<run>/run_info.json` (the data manifest train.py saved
+    at the start of the run); the tokenizer at hand comes from today's data dir, which may have
+    been re-prepared since. Scores with another tokenizer would be meaningless.
+    """
+    import json
+
+    info_path = Path(ckpt).parent.parent / "run_info.json"
+    if info_path.is_file():
+        trained = json.loads(info_path.read_text()).get("manifest", {}).get("tokenizer")
+        here = tokenizer.identity()
+        if trained and trained.get("sha256") != here["sha256"]:
+            raise TokenizerMismatchError(
+                f"checkpoint {ckpt} was trained with tokenizer {trained.get('name')!r} "
+                f"({trained.get('n_vocab')} ids, sha256 {trained.get('sha256', '')[:12]}, see "
+                f"{info_path}), but the tokenizer given is {here['name']!r} ({here['n_vocab']} "
+                f"ids, sha256 {here['sha256'][:12]}); evaluate with the run's data dir or "
+                f"tokenizer file"
+            )
+    if tokenizer.n_vocab > model_vocab_size:
+        raise TokenizerMismatchError(
+            f"checkpoint {ckpt}: the tokenizer has {tokenizer.n_vocab} ids but the model only "
+            f"{model_vocab_size} (model.vocab_size): not the tokenizer it was trained with"
+        )
+
+
+def load_native(
+    checkpoint: str | Path,
+    device: str = "cpu",
+    tokenizer_spec: str | None = None,
+    batch_size: int = 16,
+) -> tuple[TransformerLogLikelihood, object, Path]:
+    """(scorer, tokenizer, checkpoint dir) for a checkpoint dir or a run dir (newest
+    checkpoint). The tokenizer is `tokenizer_spec` (tiktoken name or .tiktoken file) or the
+    one of the checkpoint's data dir, and must be the one the run was trained with."""
+    from data.prepare import manifest_tokenizer
+    from data.tokenizer import load_tokenizer
+    from model.checkpoint import load_model
+
+    model, cfg, ckpt = load_model(checkpoint, device)
+    if tokenizer_spec is not None:
+        tokenizer = load_tokenizer(tokenizer_spec)
+    else:
+        tokenizer = manifest_tokenizer(cfg.data.path)
+    check_checkpoint_tokenizer(ckpt, tokenizer, cfg.model.vocab_size)
+    return TransformerLogLikelihood(model, batch_size), tokenizer, ckpt
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` behind our Tokenizer interface (encode / decode /
+    eot_id), so an exported model is scored with the tokenizer that was exported with it."""
+
+    def __init__(self, path: str | Path, eot_token: str = "<|endoftext|>"):
+        from tokenizers import Tokenizer as _HFTok
+
+        path = Path(path)
+        file = path / "tokenizer.json" if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} not found (an exported model has a tokenizer.json)")
+        self.tok = _HFTok.from_file(str(file))
+        self.name = file.parent.name
+        self.n_vocab = self.tok.get_vocab_size(with_added_tokens=True)
+        eot = self.tok.token_to_id(eot_token)
+        if eot is None:
+            raise ValueError(f"{file}: no {eot_token} token")
+        self.eot_id = eot
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
+
+
+def load_hf(
+    path: str | Path,
+    device: str = "cpu",
+    tokenizer_spec: str | None = None,
+    batch_size: int = 16,
+) -> tuple[HFLogLikelihood, object]:
+    """(scorer, tokenizer) for a Hugging Face model dir; the tokenizer is the dir's
+    tokenizer.json unless `tokenizer_spec` names one of ours."""
+    from data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_spec) if tokenizer_spec else HFTokenizer(path)
+    return HFLogLikelihood.from_pretrained(path, device, batch_size=batch_size), tokenizer
