@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 # N per task (REFERENCE.md): the 5th-percentile item length in words, clamped to [8, 13].
 TASK_NGRAM_N = {
@@ -89,6 +90,42 @@ def ngram_hashes(text: str, n: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+class _SortedUnion:
+    """Accumulates hash arrays into one sorted unique array in O(N log N) total work.
+
+    Arrays are buffered, then deduplicated into sorted runs; runs of similar size are merged
+    (like a log-structured merge tree), so no big array is re-merged for every small chunk.
+    """
+
+    def __init__(self, chunk: int = 1 << 24):
+        self.chunk = chunk
+        self.pending: list[np.ndarray] = []
+        self.pending_size = 0
+        self.runs: list[np.ndarray] = []
+
+    def add(self, hashes: np.ndarray) -> None:
+        if len(hashes):
+            self.pending.append(hashes)
+            self.pending_size += len(hashes)
+            if self.pending_size >= self.chunk:
+                self._flush()
+
+    def _flush(self) -> None:
+        if self.pending:
+            self.runs.append(np.unique(np.concatenate(self.pending)))
+            self.pending, self.pending_size = [], 0
+        while len(self.runs) >= 2 and 2 * len(self.runs[-1]) >= len(self.runs[-2]):
+            last = self.runs.pop()
+            self.runs[-1] = np.union1d(self.runs[-1], last)
+
+    def result(self) -> np.ndarray:
+        self._flush()
+        out = np.empty(0, dtype=np.uint64)
+        for run in self.runs:
+            out = np.union1d(out, run)
+        return out.astype(np.uint64, copy=False)
+
+
 class NgramIndex:
     """A sorted array of unique 64-bit n-gram hashes with vectorized membership."""
 
@@ -100,20 +137,10 @@ class NgramIndex:
     def from_texts(cls, texts: Iterable[str], n: int, chunk_ngrams: int = 1 << 24) -> NgramIndex:
         """Index every n-gram of every text. Deduplicates in chunks to bound peak memory."""
         hasher = _WordHasher()
-        merged = np.empty(0, dtype=np.uint64)
-        pending: list[np.ndarray] = []
-        pending_size = 0
+        union = _SortedUnion(chunk_ngrams)
         for text in texts:
-            h = ngram_hashes_of_words(hasher(normalize_words(text)), n)
-            if len(h):
-                pending.append(h)
-                pending_size += len(h)
-            if pending_size >= chunk_ngrams:
-                merged = np.union1d(merged, np.concatenate(pending))
-                pending, pending_size = [], 0
-        if pending:
-            merged = np.union1d(merged, np.concatenate(pending))
-        return cls(merged.astype(np.uint64, copy=False), n)
+            union.add(ngram_hashes_of_words(hasher(normalize_words(text)), n))
+        return cls(union.result(), n)
 
     def __len__(self) -> int:
         return len(self.hashes)
@@ -213,7 +240,10 @@ def _shard_signature(shards: Sequence[Path]) -> list[list]:
 
 
 def build_indexes(
-    data_dir: str | Path, tokenizer, ns: Iterable[int] = (8, 9, 10, 13)
+    data_dir: str | Path,
+    tokenizer,
+    ns: Iterable[int] = (8, 9, 10, 13),
+    progress: bool = True,
 ) -> dict[int, NgramIndex]:
     """Build and save `ngrams_<n>.npy` for every n from the train shards of a prepared dir.
 
@@ -225,33 +255,23 @@ def build_indexes(
     ns = sorted(set(ns))
     shards = train_shards(data_dir)
     hasher = _WordHasher()
-    merged = {n: np.empty(0, dtype=np.uint64) for n in ns}
-    pending: dict[int, list[np.ndarray]] = {n: [] for n in ns}
-    pending_size = 0
-
-    def flush() -> None:
-        for n in ns:
-            if pending[n]:
-                merged[n] = np.union1d(merged[n], np.concatenate(pending[n]))
-                pending[n] = []
-
-    arrays = (read_shard(p) for p in shards)
+    unions = {n: _SortedUnion() for n in ns}
+    arrays = [read_shard(p) for p in shards]  # memory-mapped
+    bar = tqdm(
+        total=sum(len(a) for a in arrays), unit="tok", unit_scale=True, disable=not progress,
+        desc=f"n-gram index {data_dir.name}",
+    )
     for doc in iter_documents(arrays, tokenizer.eot_id):
         words = hasher(normalize_words(tokenizer.decode(doc.tolist())))
         for n in ns:
-            h = ngram_hashes_of_words(words, n)
-            if len(h):
-                pending[n].append(h)
-        pending_size += len(words)
-        if pending_size >= 1 << 24:
-            flush()
-            pending_size = 0
-    flush()
+            unions[n].add(ngram_hashes_of_words(words, n))
+        bar.update(len(doc) + 1)
+    bar.close()
 
     signature = _shard_signature(shards)
     indexes = {}
     for n in ns:
-        index = NgramIndex(merged[n], n)
+        index = NgramIndex(unions[n].result(), n)
         index.save(data_dir / f"ngrams_{n}.npy")
         meta = {"n": n, "count": len(index), "shards": signature, "hash": "blake2b64-poly"}
         _write_json_atomic(data_dir / f"ngrams_{n}.json", meta)
@@ -259,7 +279,9 @@ def build_indexes(
     return indexes
 
 
-def load_or_build_index(data_dir: str | Path, n: int, tokenizer) -> NgramIndex:
+def load_or_build_index(
+    data_dir: str | Path, n: int, tokenizer, progress: bool = True
+) -> NgramIndex:
     """The saved index for n when it is current (covers exactly today's shards), else build."""
     data_dir = Path(data_dir)
     npy, meta_path = data_dir / f"ngrams_{n}.npy", data_dir / f"ngrams_{n}.json"
@@ -270,7 +292,7 @@ def load_or_build_index(data_dir: str | Path, n: int, tokenizer) -> NgramIndex:
             if len(index) == meta.get("count"):
                 return index
     # Build every task's n in the same pass: decoding the shards is the expensive part.
-    return build_indexes(data_dir, tokenizer, set(TASK_NGRAM_N.values()) | {n})[n]
+    return build_indexes(data_dir, tokenizer, set(TASK_NGRAM_N.values()) | {n}, progress)[n]
 
 
 def _write_json_atomic(path: Path, obj: dict) -> None:
@@ -282,3 +304,26 @@ def _write_json_atomic(path: Path, obj: dict) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def main(argv: list[str] | None = None) -> None:
+    """python -m eval.contamination DATA_DIR: build the n-gram indexes of a prepared dir."""
+    import argparse
+    import time
+
+    from data.prepare import manifest_tokenizer
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("data_dir", help="prepared data dir (train_*.bin + manifest.json)")
+    parser.add_argument("--n", type=int, nargs="+", default=sorted(set(TASK_NGRAM_N.values())))
+    args = parser.parse_args(argv)
+    start = time.perf_counter()
+    indexes = build_indexes(args.data_dir, manifest_tokenizer(args.data_dir), args.n)
+    for n, index in indexes.items():
+        size = (Path(args.data_dir) / f"ngrams_{n}.npy").stat().st_size
+        print(f"ngrams_{n}.npy: {len(index):,} distinct {n}-grams, {size / 1e6:.1f} MB")
+    print(f"built in {time.perf_counter() - start:.1f}s")
+
+
+if __name__ == "__main__":
+    main()
