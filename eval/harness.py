@@ -453,3 +453,104 @@ def load_hf(
 
     tokenizer = load_tokenizer(tokenizer_spec) if tokenizer_spec else HFTokenizer(path)
     return HFLogLikelihood.from_pretrained(path, device, batch_size=batch_size), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# Command line: the benchmark part of `python -m eval`
+# ---------------------------------------------------------------------------------------------
+
+
+def add_benchmark_arguments(parser) -> None:
+    """The benchmark options of `python -m eval` (an argparse parser)."""
+    from eval.tasks import TASKS
+
+    g = parser.add_argument_group("zero-shot benchmarks")
+    g.add_argument("--checkpoint", help="a checkpoint dir, or a run dir (its newest checkpoint)")
+    g.add_argument("--hf", help="a Hugging Face model dir (e.g. our export)")
+    g.add_argument(
+        "--tasks", default="",
+        help=f"comma-separated benchmark tasks ({', '.join(TASKS)}; 'all' for every one)",
+    )
+    g.add_argument("--limit", type=int, default=None, help="first N items of each task")
+    g.add_argument("--data-dir", default=None, help="benchmark files: <data-dir>/<task>/...")
+    g.add_argument("--tokenizer", default=None, help="tiktoken name or .tiktoken file")
+    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument(
+        "--contamination", default="auto",
+        help="prepared data dir whose train shards are checked for benchmark n-grams; 'auto': "
+        "the checkpoint's data.path; 'off': no check",
+    )
+    g.add_argument(
+        "--dirty-threshold", type=float, default=None,
+        help="an item is dirty when this fraction of its n-grams is in training data "
+        "(default: any n-gram)",
+    )
+    g.add_argument("--out", default=None, help="write the results as JSON to this file")
+
+
+def parse_tasks(spec: str) -> list[str]:
+    from eval.tasks import TASKS, get_task
+
+    names = list(TASKS) if spec.strip() == "all" else [t for t in spec.split(",") if t.strip()]
+    for name in names:
+        get_task(name.strip())  # unknown name: stop before loading anything
+    return [n.strip() for n in names]
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
+def run_benchmarks(args, device: str = "auto") -> dict:
+    """Load the model named by --checkpoint or --hf, score --tasks, print the table, write
+    --out. Returns the JSON-able report."""
+    import json
+    import os
+
+    tasks = parse_tasks(args.tasks)
+    if bool(args.checkpoint) == bool(args.hf):
+        raise SystemExit("give exactly one of --checkpoint PATH or --hf DIR")
+    device = resolve_device(device)
+    contamination_dir = None
+    if args.checkpoint:
+        lm, tokenizer, ckpt = load_native(args.checkpoint, device, args.tokenizer, args.batch_size)
+        model_info = {"checkpoint": str(ckpt), "kind": "native"}
+        if args.contamination == "auto":
+            contamination_dir = _auto_contamination_dir(ckpt)
+    else:
+        lm, tokenizer = load_hf(args.hf, device, args.tokenizer, args.batch_size)
+        model_info = {"hf": str(args.hf), "kind": "hf"}
+    if args.contamination not in ("auto", "off"):
+        contamination_dir = Path(args.contamination)
+    results = run_tasks(
+        lm, tokenizer, tasks, args.limit, args.data_dir, contamination_dir, args.dirty_threshold
+    )
+    print(format_table(results))
+    report = {
+        "model": model_info,
+        "device": device,
+        "limit": args.limit,
+        "contamination": {
+            "data_dir": str(contamination_dir) if contamination_dir else None,
+            "threshold": args.dirty_threshold if args.dirty_threshold is not None else "any",
+        },
+        "tasks": results,
+    }
+    if args.out:
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        tmp.write_text(json.dumps(report, indent=1) + "\n")
+        os.replace(tmp, out)
+        print(f"wrote {out}")
+    return report
+
+
+def _auto_contamination_dir(ckpt: Path) -> Path | None:
+    """The checkpoint's data.path when it still has train shards, else no check."""
+    from model.checkpoint import load_config_dict
+
+    data_path = Path(load_config_dict(ckpt)["data"]["path"])
+    return data_path if any(data_path.glob("train_*.bin")) else None

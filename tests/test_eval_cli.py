@@ -1,18 +1,36 @@
 """End to end on a tiny prepared corpus: training scores benchmarks every N steps, a checkpoint
 is loaded back for evaluation, and a tokenizer that is not the run's stops with a message."""
 
+import argparse
 import json
 
 import pytest
 import torch
-from eval_testing import BENCHMARKS
+from eval_testing import BENCHMARKS, to_hf_llama
 
-from eval.harness import TokenizerMismatchError, evaluate_task, load_native
-from eval.tasks import load_task
+from eval.harness import (
+    TokenizerMismatchError,
+    add_benchmark_arguments,
+    evaluate_task,
+    load_native,
+    run_benchmarks,
+)
+from eval.tasks import TaskDataError, load_task
 
 pytestmark = pytest.mark.skipif(
     not (BENCHMARKS / "lambada").is_dir(), reason=f"benchmark files not found in {BENCHMARKS}"
 )
+
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny matmuls on a shared 2-core machine: extra threads only contend (10x slower here).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 DATA = ["--data.max_bytes=600000", "--data.vocab_size=400", "--data.workers=1",
         "--data.tokenizer_train_bytes=200000", "--data.val_fraction=0.2"]
@@ -37,9 +55,7 @@ def run(tmp_path_factory):
         "--train.eval_limit=10", f"--train.run_dir={root / 'run'}", "--logging.plot=false",
         "--checkpoint.every=0", "--train.threads=1",
     ])
-    threads = torch.get_num_threads()
     train(cfg)
-    torch.set_num_threads(threads)
     return root
 
 
@@ -72,3 +88,49 @@ def test_tokenizer_other_than_the_runs_stops_with_a_message(run, tmp_path):
     train_bpe(["a completely different corpus, " * 50, "with other merges " * 40], 300, other)
     with pytest.raises(TokenizerMismatchError, match=r"was trained with tokenizer .* but the"):
         load_native(run / "run", tokenizer_spec=str(other))
+
+
+def _cli(argv):
+    parser = argparse.ArgumentParser()
+    add_benchmark_arguments(parser)
+    return run_benchmarks(parser.parse_args(argv), "cpu")
+
+
+def test_cli_native_json_table_and_contamination(run, tmp_path, capsys):
+    out = tmp_path / "results.json"
+    report = _cli(["--checkpoint", str(run / "run"), "--tasks", "hellaswag,lambada",
+                   "--limit", "12", "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+    # Contamination "auto": the run's data dir, whose n-gram indexes were built on demand.
+    assert report["contamination"]["data_dir"] == str(run / "data")
+    assert (run / "data" / "ngrams_13.npy").is_file()
+    for task in ("hellaswag", "lambada"):
+        r = report["tasks"][task]
+        assert set(r["metrics"]) == {"all", "clean", "dirty"} and r["metrics"]["all"]["n"] == 12
+        # stdlib source code shares no 13-word run with these items
+        assert r["dirty_fraction"] == 0.0 and r["metrics"]["clean"]["n"] == 12
+    table = capsys.readouterr().out
+    assert "hellaswag" in table and "clean" in table and "dirty%" in table
+
+
+def test_cli_hf_export_scores_as_native(run, tmp_path):
+    lm, tok, _ = load_native(run / "run")
+    hf_dir = tmp_path / "hf"
+    to_hf_llama(lm.model).save_pretrained(hf_dir)
+    args = ["--tasks", "hellaswag,lambada", "--limit", "12", "--contamination", "off"]
+    native = _cli(["--checkpoint", str(run / "run"), *args])
+    exported = _cli(["--hf", str(hf_dir), "--tokenizer", tok.source, *args])
+    for task in ("hellaswag", "lambada"):
+        a, b = native["tasks"][task]["metrics"]["all"], exported["tasks"][task]["metrics"]["all"]
+        assert a.keys() == b.keys()
+        for key in a:  # fp32 on CPU, different op order: same accuracies, ppl to 1e-5
+            assert a[key] == pytest.approx(b[key], rel=1e-5), (task, key)
+
+
+def test_cli_bad_task_or_missing_files(run, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub fallback must fail, as offline here
+    with pytest.raises(TaskDataError, match="unknown task 'hellaswagg'"):
+        _cli(["--checkpoint", str(run / "run"), "--tasks", "hellaswag,hellaswagg"])
+    with pytest.raises(TaskDataError, match=r"task 'piqa'.*valid.jsonl \+ valid-labels.lst"):
+        _cli(["--checkpoint", str(run / "run"), "--tasks", "piqa", "--data-dir", str(tmp_path),
+              "--contamination", "off"])

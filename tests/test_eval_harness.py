@@ -9,7 +9,7 @@ import math
 import numpy as np
 import pytest
 import torch
-from eval_testing import BENCHMARKS, small_tokenizer, tiny_model, train_briefly
+from eval_testing import BENCHMARKS, small_tokenizer, tiny_model, to_hf_llama, train_briefly
 
 from eval.harness import (
     HFLogLikelihood,
@@ -192,41 +192,8 @@ def test_random_model_is_at_chance_on_hellaswag(tok):
     assert "hellaswag" in table and f"{m['acc']:.4f}" in table
 
 
-def _to_hf_llama(model):
-    """A transformers LlamaForCausalLM holding our Transformer's weights (tensor names as in
-    REFERENCE.md; RoPE is the halves convention in both, so q/k need no permutation)."""
-    transformers = pytest.importorskip("transformers")
-    cfg = model.cfg
-    hf_cfg = transformers.LlamaConfig(
-        vocab_size=cfg.vocab_size, hidden_size=cfg.dim, intermediate_size=cfg.ffn_hidden,
-        num_hidden_layers=cfg.n_layers, num_attention_heads=cfg.n_heads,
-        num_key_value_heads=cfg.n_kv_heads, head_dim=cfg.head_dim, rms_norm_eps=cfg.norm_eps,
-        rope_theta=cfg.rope_theta, max_position_embeddings=cfg.max_seq_len,
-        tie_word_embeddings=cfg.tie_embeddings, attention_bias=False, mlp_bias=False,
-    )
-    names = {"embed.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
-             "lm_head.weight": "lm_head.weight"}
-    parts = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm",
-             "attn.wq": "self_attn.q_proj", "attn.wk": "self_attn.k_proj",
-             "attn.wv": "self_attn.v_proj", "attn.wo": "self_attn.o_proj",
-             "mlp.w_gate": "mlp.gate_proj", "mlp.w_up": "mlp.up_proj",
-             "mlp.w_down": "mlp.down_proj"}
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if name.startswith("blocks."):
-            _, i, rest = name.split(".", 2)
-            part = rest.removesuffix(".weight")
-            state[f"model.layers.{i}.{parts[part]}.weight"] = tensor
-        else:
-            state[names[name]] = tensor
-    hf = transformers.LlamaForCausalLM(hf_cfg)
-    missing, unexpected = hf.load_state_dict(state, strict=False)
-    assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
-    return hf.eval()
-
-
 def test_hf_model_with_the_same_weights_scores_the_same(tok, trained):
-    hf = _to_hf_llama(trained)
+    hf = to_hf_llama(trained)
     items = load_task("hellaswag", BENCHMARKS, limit=8)
     native = evaluate_task(TransformerLogLikelihood(trained, 4), tok, "hellaswag", items,
                            progress=False)
