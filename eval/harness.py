@@ -204,13 +204,15 @@ def item_scores(kind: str, item: Item, results: Sequence[tuple[float, bool]]) ->
     }
 
 
-def aggregate(metrics: Sequence[str], scores: Sequence[dict[str, float]]) -> dict[str, float]:
+def aggregate(
+    metrics: Sequence[str], scores: Sequence[dict[str, float]]
+) -> dict[str, float | None]:
     """Means (with lm-eval's standard error: sample std / sqrt(n)) and perplexity =
     exp(-mean summed log-likelihood)."""
-    out: dict[str, float] = {"n": len(scores)}
+    out: dict[str, float | None] = {"n": len(scores)}
     for m in metrics:
         if not scores:
-            out[m] = float("nan")
+            out[m] = None  # an empty subset (e.g. no dirty items): JSON null, not NaN
             continue
         if m == "perplexity":
             out[m] = math.exp(-float(np.mean([s["loglik"] for s in scores])))
@@ -323,7 +325,7 @@ def flat_metrics(results: dict[str, dict], prefix: str = "eval") -> dict[str, fl
         for subset, m in r["metrics"].items():
             tag = f"{prefix}/{name}" if subset == "all" else f"{prefix}/{name}/{subset}"
             for key, value in m.items():
-                if not key.endswith("_stderr"):
+                if value is not None and not key.endswith("_stderr"):
                     flat[f"{tag}/{key}"] = value
         if "dirty_fraction" in r:
             flat[f"{prefix}/{name}/dirty_fraction"] = r["dirty_fraction"]
@@ -341,12 +343,12 @@ def format_table(results: dict[str, dict]) -> str:
         for subset, m in r["metrics"].items():
 
             def cell(key: str, m=m) -> str:
-                if key not in m or (isinstance(m[key], float) and math.isnan(m[key])):
+                if m.get(key) is None:
                     return "-"
                 err = m.get(key + "_stderr")
                 return f"{m[key]:.4f}" + (f"±{err:.4f}" if err is not None else "")
 
-            ppl = f"{m['perplexity']:.2f}" if "perplexity" in m and m["n"] else "-"
+            ppl = f"{m['perplexity']:.2f}" if m.get("perplexity") is not None else "-"
             show_dirty = subset == "all" and "dirty_fraction" in r
             dirty = f"{100 * r['dirty_fraction']:.1f}" if show_dirty else ""
             lines.append(
