@@ -59,6 +59,10 @@ class _BatchedLogLikelihood(ABC):
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens (B, T) int64 on self.device -> logits (B, T, V)."""
 
+    def logits_at(self, tokens: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
+        """Logits (N, V) at positions (rows[k], cols[k]) only; override to skip the rest."""
+        return self.logits(tokens)[rows, cols]
+
     @torch.inference_mode()
     def loglikelihood(self, requests: list[TokenRequest]) -> list[tuple[float, bool]]:
         inputs, targets, too_long = [], [], 0
@@ -89,21 +93,21 @@ class _BatchedLogLikelihood(ABC):
             tokens = torch.zeros(len(batch), width, dtype=torch.long)
             for row, i in enumerate(batch):
                 tokens[row, : len(inputs[i])] = torch.tensor(inputs[i])
-            logits = self.logits(tokens.to(self.device))  # (B, width, V)
             # Position t predicts token t + 1, so a continuation of n_cont tokens is predicted
-            # by the last n_cont input positions. Gather those rows from every sequence into
-            # one (N, V) block (N = total continuation tokens), so there is one log_softmax and
-            # one device -> host copy per batch.
+            # by the last n_cont input positions. Take those positions of every sequence as one
+            # (N, V) block (N = total continuation tokens): one log_softmax and one device ->
+            # host copy per batch.
             rows, cols, target = [], [], []
             for row, i in enumerate(batch):
                 n_in, n_cont = len(inputs[i]), len(targets[i])
                 rows += [row] * n_cont
                 cols += range(n_in - n_cont, n_in)
                 target += targets[i]
-            dev = logits.device
+            dev = self.device
             rows_t = torch.tensor(rows, device=dev)
             target_t = torch.tensor(target, device=dev)
-            logprobs = F.log_softmax(logits[rows_t, torch.tensor(cols, device=dev)].float(), -1)
+            logits = self.logits_at(tokens.to(dev), rows_t, torch.tensor(cols, device=dev))
+            logprobs = F.log_softmax(logits.float(), dim=-1)  # (N, V)
             picked = logprobs.gather(1, target_t[:, None]).squeeze(1).double()  # (N,)
             missed = (logprobs.argmax(-1) != target_t).double()  # (N,) 1 where not greedy
             zeros = torch.zeros(len(batch), dtype=torch.float64, device=dev)
@@ -133,6 +137,12 @@ class TransformerLogLikelihood(_BatchedLogLikelihood):
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(tokens)
+
+    def logits_at(self, tokens: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
+        # Project only the scored positions: (B, T, V) logits would be 8 GB at batch 16,
+        # 2048 tokens and a 128k vocabulary in bf16.
+        hidden = self.model(tokens, return_hidden=True)  # (B, T, dim)
+        return F.linear(hidden[rows, cols], self.model.output_weight)  # (N, V)
 
 
 class HFLogLikelihood(_BatchedLogLikelihood):
