@@ -242,17 +242,20 @@ def evaluate_task(
     dirty: Sequence[bool] | None = None,
     progress: bool = True,
     chunk_requests: int = 2048,
+    log_samples: bool = False,
 ) -> dict:
     """Score one task. Returns {"task", "metrics": {"all", "clean", "dirty"} each {n, metric:
     value, ...}, "dirty_fraction", "items_per_s"}; clean/dirty are present when `dirty` is given.
 
     Items are sent to the model in chunks of about `chunk_requests` requests (sorted by length
     inside the chunk), which keeps padding low and lets the progress bar count items.
+    `log_samples` adds "samples": per item its index, gold, log-likelihoods and greedy flags.
     """
     from tqdm import tqdm
 
     spec = get_task(task)
     scores: list[dict[str, float]] = []
+    samples: list[dict] = []
     start = time.perf_counter()
     bar = tqdm(total=len(items), desc=task, unit="item", disable=not progress, leave=False)
     i = 0
@@ -267,7 +270,13 @@ def evaluate_task(
         results = model.loglikelihood(requests)
         offset = 0
         for item, count in zip(chunk, counts):
-            scores.append(item_scores(spec.kind, item, results[offset : offset + count]))
+            mine = results[offset : offset + count]
+            scores.append(item_scores(spec.kind, item, mine))
+            if log_samples:
+                samples.append({
+                    "index": item.index, "gold": item.gold,
+                    "loglik": [r[0] for r in mine], "greedy": [r[1] for r in mine],
+                })
             offset += count
         bar.update(len(chunk))
     bar.close()
@@ -275,7 +284,7 @@ def evaluate_task(
     out = {
         "task": task,
         "metrics": {"all": aggregate(spec.metrics, scores)},
-        "items_per_s": len(items) / elapsed if elapsed > 0 else float("inf"),
+        "items_per_s": len(items) / max(elapsed, 1e-9),
     }
     if dirty is not None:
         if len(dirty) != len(items):
@@ -285,6 +294,10 @@ def evaluate_task(
         out["metrics"]["dirty"] = aggregate(spec.metrics, [s for s, d in zip(scores, dirty) if d])
         out["dirty_fraction"] = float(np.mean(dirty)) if len(dirty) else 0.0
         out["ngram_n"] = spec.ngram_n
+        for sample, flag in zip(samples, dirty):
+            sample["dirty"] = flag
+    if log_samples:
+        out["samples"] = samples
     return out
 
 
@@ -297,6 +310,7 @@ def run_tasks(
     contamination_dir: str | Path | None = None,
     dirty_threshold: float | None = None,
     progress: bool = True,
+    log_samples: bool = False,
 ) -> dict[str, dict]:
     """Load and score several tasks; with `contamination_dir` (a prepared data dir with train
     shards) each item is checked against the n-gram index stored there (built if missing)."""
@@ -311,7 +325,9 @@ def run_tasks(
         if contamination_dir is not None:
             index = load_or_build_index(contamination_dir, get_task(name).ngram_n, tokenizer)
             dirty = dirty_flags([it.text for it in items], index, dirty_threshold)
-        results[name] = evaluate_task(model, tokenizer, name, items, dirty, progress)
+        results[name] = evaluate_task(
+            model, tokenizer, name, items, dirty, progress, log_samples=log_samples
+        )
     return results
 
 
@@ -498,6 +514,10 @@ def add_benchmark_arguments(parser) -> None:
         "(default: any n-gram)",
     )
     g.add_argument("--out", default=None, help="write the results as JSON to this file")
+    g.add_argument(
+        "--log-samples", action="store_true",
+        help="include every item's log-likelihoods (and dirty flag) in the JSON",
+    )
 
 
 def parse_tasks(spec: str) -> list[str]:
@@ -537,7 +557,8 @@ def run_benchmarks(args, device: str = "auto") -> dict:
     if args.contamination not in ("auto", "off"):
         contamination_dir = Path(args.contamination)
     results = run_tasks(
-        lm, tokenizer, tasks, args.limit, args.data_dir, contamination_dir, args.dirty_threshold
+        lm, tokenizer, tasks, args.limit, args.data_dir, contamination_dir, args.dirty_threshold,
+        log_samples=args.log_samples,
     )
     print(format_table(results))
     report = {

@@ -117,7 +117,8 @@ def test_cli_hf_export_scores_as_native(run, tmp_path):
     lm, tok, _ = load_native(run / "run")
     hf_dir = tmp_path / "hf"
     to_hf_llama(lm.model).save_pretrained(hf_dir)
-    args = ["--tasks", "hellaswag,lambada", "--limit", "12", "--contamination", "off"]
+    args = ["--tasks", "hellaswag,lambada", "--limit", "12", "--contamination", "off",
+            "--log-samples"]
     native = _cli(["--checkpoint", str(run / "run"), *args])
     exported = _cli(["--hf", str(hf_dir), "--tokenizer", tok.source, *args])
     for task in ("hellaswag", "lambada"):
@@ -125,6 +126,11 @@ def test_cli_hf_export_scores_as_native(run, tmp_path):
         assert a.keys() == b.keys()
         for key in a:  # fp32 on CPU, different op order: same accuracies, ppl to 1e-5
             assert a[key] == pytest.approx(b[key], rel=1e-5), (task, key)
+        sa, sb = native["tasks"][task]["samples"], exported["tasks"][task]["samples"]
+        assert len(sa) == len(sb) == 12
+        for x, y in zip(sa, sb):  # every choice's summed log-likelihood, to 1e-4 nats
+            assert x["loglik"] == pytest.approx(y["loglik"], abs=1e-4)
+            assert x["greedy"] == y["greedy"]
 
 
 def test_cli_bad_task_or_missing_files(run, tmp_path, monkeypatch):
