@@ -39,7 +39,8 @@ class Item:
     contexts[i] + continuations[i] is the i-th scored string pair (one pair for LAMBADA).
     choice_lengths[i] is the length in characters acc_norm divides by (the choice text without
     the leading space, as lm-eval's `len(choice)`).
-    text is what the contamination check looks for: the question with its correct answer.
+    text is what the contamination check looks for: the question (as in the source, without
+    the prompt template) with its correct answer.
     """
 
     index: int
@@ -74,14 +75,18 @@ def _hellaswag_preprocess(text: str) -> str:
     return text.replace("  ", " ")
 
 
-def _multiple_choice(index: int, query: str, choices: list[str], gold: int) -> Item:
+def _multiple_choice(
+    index: int, query: str, choices: list[str], gold: int, question: str | None = None
+) -> Item:
+    # The contamination text is the question as written in the source (without our
+    # "Question: ... Answer:" template, which a leaked copy would not contain) + its answer.
     return Item(
         index=index,
         contexts=[query] * len(choices),
         continuations=[" " + c for c in choices],
         gold=gold,
         choice_lengths=[len(c) for c in choices],
-        text=query + " " + choices[gold],
+        text=(query if question is None else question) + " " + choices[gold],
     )
 
 
@@ -109,15 +114,13 @@ def arc_item(index: int, doc: dict) -> Item:
         stem, texts, labels = q, list(doc["choices"]["text"]), list(doc["choices"]["label"])
     if doc["answerKey"] not in labels:
         raise ValueError(f"answerKey {doc['answerKey']!r} is not one of the labels {labels}")
-    return _multiple_choice(
-        index, f"Question: {stem}\nAnswer:", texts, labels.index(doc["answerKey"])
-    )
+    gold = labels.index(doc["answerKey"])
+    return _multiple_choice(index, f"Question: {stem}\nAnswer:", texts, gold, stem)
 
 
 def piqa_item(index: int, doc: dict) -> Item:
-    return _multiple_choice(
-        index, f"Question: {doc['goal']}\nAnswer:", [doc["sol1"], doc["sol2"]], int(doc["label"])
-    )
+    query, choices = f"Question: {doc['goal']}\nAnswer:", [doc["sol1"], doc["sol2"]]
+    return _multiple_choice(index, query, choices, int(doc["label"]), doc["goal"])
 
 
 def winogrande_item(index: int, doc: dict) -> Item:

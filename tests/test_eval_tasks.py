@@ -82,6 +82,7 @@ def test_arc_original_and_hub_layouts(tmp_path):
     (it,) = load_task("arc_challenge", tmp_path)
     assert it.contexts == ["Question: Which object conducts heat best?\nAnswer:"] * 3
     assert it.continuations == [" wood", " glass", " copper"] and it.gold == 2
+    assert it.text == "Which object conducts heat best? copper"  # no prompt template
     # The hub layout (question string, choices as columns) gives the same item.
     from eval.tasks import arc_item
 
@@ -99,6 +100,7 @@ def test_piqa_labels_from_the_lst_file(tmp_path):
     assert [it.gold for it in items] == [0, 1]
     assert items[1].contexts[0] == "Question: Open a jar\nAnswer:"
     assert items[1].continuations == [" Freeze the lid.", " Warm the lid."]
+    assert items[1].text == "Open a jar Warm the lid."
     _write(tmp_path / "piqa" / "valid-labels.lst", ["0"])
     with pytest.raises(TaskDataError, match="1 labels for 2 questions"):
         load_task("piqa", tmp_path)
