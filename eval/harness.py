@@ -374,7 +374,8 @@ def format_table(results: dict[str, dict]) -> str:
                 err = m.get(key + "_stderr")
                 return f"{m[key]:.4f}" + (f"±{err:.4f}" if err is not None else "")
 
-            ppl = f"{m['perplexity']:.2f}" if m.get("perplexity") is not None else "-"
+            ppl = m.get("perplexity")
+            ppl = "-" if ppl is None else f"{ppl:.2f}" if ppl < 1e5 else f"{ppl:.3g}"
             show_dirty = subset == "all" and "dirty_fraction" in r
             dirty = f"{100 * r['dirty_fraction']:.1f}" if show_dirty else ""
             lines.append(
@@ -421,25 +422,32 @@ def check_checkpoint_tokenizer(ckpt: Path, tokenizer, model_vocab_size: int) -> 
         )
 
 
+def native_tokenizer(ckpt: Path, cfg, tokenizer_spec: str | None = None):
+    """The tokenizer to score a checkpoint with: `tokenizer_spec` (tiktoken name or .tiktoken
+    file) or its data dir's; checked to be the one the run was trained with."""
+    from data.prepare import manifest_tokenizer
+    from data.tokenizer import load_tokenizer
+
+    if tokenizer_spec is not None:
+        tokenizer = load_tokenizer(tokenizer_spec)
+    else:
+        tokenizer = manifest_tokenizer(cfg.data.path)
+    check_checkpoint_tokenizer(ckpt, tokenizer, cfg.model.vocab_size)
+    return tokenizer
+
+
 def load_native(
     checkpoint: str | Path,
     device: str = "cpu",
     tokenizer_spec: str | None = None,
     batch_size: int = 16,
 ) -> tuple[TransformerLogLikelihood, object, Path]:
-    """(scorer, tokenizer, checkpoint dir) for a checkpoint dir or a run dir (newest
-    checkpoint). The tokenizer is `tokenizer_spec` (tiktoken name or .tiktoken file) or the
-    one of the checkpoint's data dir, and must be the one the run was trained with."""
-    from data.prepare import manifest_tokenizer
-    from data.tokenizer import load_tokenizer
+    """(scorer, tokenizer, checkpoint dir) for a checkpoint dir or a run dir (its newest
+    checkpoint); see `native_tokenizer` for the tokenizer."""
     from model.checkpoint import load_model
 
     model, cfg, ckpt = load_model(checkpoint, device)
-    if tokenizer_spec is not None:
-        tokenizer = load_tokenizer(tokenizer_spec)
-    else:
-        tokenizer = manifest_tokenizer(cfg.data.path)
-    check_checkpoint_tokenizer(ckpt, tokenizer, cfg.model.vocab_size)
+    tokenizer = native_tokenizer(ckpt, cfg, tokenizer_spec)
     return TransformerLogLikelihood(model, batch_size), tokenizer, ckpt
 
 
@@ -493,27 +501,26 @@ def add_benchmark_arguments(parser) -> None:
     from eval.tasks import TASKS
 
     g = parser.add_argument_group("zero-shot benchmarks")
-    g.add_argument("--checkpoint", help="a checkpoint dir, or a run dir (its newest checkpoint)")
-    g.add_argument("--hf", help="a Hugging Face model dir (e.g. our export)")
     g.add_argument(
         "--tasks", default="",
-        help=f"comma-separated benchmark tasks ({', '.join(TASKS)}; 'all' for every one)",
+        help=f"comma-separated benchmark tasks ({', '.join(TASKS)}), or 'all'",
     )
     g.add_argument("--limit", type=int, default=None, help="first N items of each task")
     g.add_argument("--data-dir", default=None, help="benchmark files: <data-dir>/<task>/...")
-    g.add_argument("--tokenizer", default=None, help="tiktoken name or .tiktoken file")
-    g.add_argument("--batch-size", type=int, default=16)
+    g.add_argument(
+        "--tokenizer", default=None,
+        help="tiktoken name or .tiktoken file (default: the run's; for --hf: its tokenizer.json)",
+    )
     g.add_argument(
         "--contamination", default="auto",
         help="prepared data dir whose train shards are checked for benchmark n-grams; 'auto': "
-        "the checkpoint's data.path; 'off': no check",
+        "the checkpoint's data.path when it has train shards; 'off': no check",
     )
     g.add_argument(
         "--dirty-threshold", type=float, default=None,
-        help="an item is dirty when this fraction of its n-grams is in training data "
+        help="an item is dirty when this fraction of its n-grams is in the training data "
         "(default: any n-gram)",
     )
-    g.add_argument("--out", default=None, help="write the results as JSON to this file")
     g.add_argument(
         "--log-samples", action="store_true",
         help="include every item's log-likelihoods (and dirty flag) in the JSON",
@@ -521,69 +528,47 @@ def add_benchmark_arguments(parser) -> None:
 
 
 def parse_tasks(spec: str) -> list[str]:
+    """'hellaswag,lambada' or 'all' -> names; an unknown name stops before any slow work."""
     from eval.tasks import TASKS, get_task
 
-    names = list(TASKS) if spec.strip() == "all" else [t for t in spec.split(",") if t.strip()]
+    names = list(TASKS) if spec.strip() == "all" else [t.strip() for t in spec.split(",")]
+    names = [n for n in names if n]
     for name in names:
-        get_task(name.strip())  # unknown name: stop before loading anything
-    return [n.strip() for n in names]
+        get_task(name)
+    return names
 
 
-def resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
-
-
-def run_benchmarks(args, device: str = "auto") -> dict:
-    """Load the model named by --checkpoint or --hf, score --tasks, print the table, write
-    --out. Returns the JSON-able report."""
-    import json
-    import os
-
-    tasks = parse_tasks(args.tasks)
-    if bool(args.checkpoint) == bool(args.hf):
-        raise SystemExit("give exactly one of --checkpoint PATH or --hf DIR")
-    device = resolve_device(device)
-    contamination_dir = None
-    if args.checkpoint:
-        lm, tokenizer, ckpt = load_native(args.checkpoint, device, args.tokenizer, args.batch_size)
-        model_info = {"checkpoint": str(ckpt), "kind": "native"}
-        if args.contamination == "auto":
-            contamination_dir = _auto_contamination_dir(ckpt)
-    else:
-        lm, tokenizer = load_hf(args.hf, device, args.tokenizer, args.batch_size)
-        model_info = {"hf": str(args.hf), "kind": "hf"}
-    if args.contamination not in ("auto", "off"):
-        contamination_dir = Path(args.contamination)
-    results = run_tasks(
-        lm, tokenizer, tasks, args.limit, args.data_dir, contamination_dir, args.dirty_threshold,
-        log_samples=args.log_samples,
-    )
-    print(format_table(results))
-    report = {
-        "model": model_info,
-        "device": device,
-        "limit": args.limit,
-        "contamination": {
-            "data_dir": str(contamination_dir) if contamination_dir else None,
-            "threshold": args.dirty_threshold if args.dirty_threshold is not None else "any",
-        },
-        "tasks": results,
-    }
-    if args.out:
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(report, indent=1) + "\n")
-        os.replace(tmp, out)
-        print(f"wrote {out}")
-    return report
-
-
-def _auto_contamination_dir(ckpt: Path) -> Path | None:
-    """The checkpoint's data.path when it still has train shards, else no check."""
+def contamination_dir(option: str, ckpt: Path | None) -> Path | None:
+    """--contamination: a dir, 'off', or 'auto' (the checkpoint's data.path if it still has
+    train shards; nothing for a Hugging Face model, whose training data is unknown)."""
+    if option == "off":
+        return None
+    if option != "auto":
+        return Path(option)
+    if ckpt is None:
+        return None
     from model.checkpoint import load_config_dict
 
     data_path = Path(load_config_dict(ckpt)["data"]["path"])
     return data_path if any(data_path.glob("train_*.bin")) else None
+
+
+def run_benchmarks(
+    lm: LogLikelihoodModel, tokenizer, tasks: Sequence[str], args, ckpt: Path | None = None
+) -> dict:
+    """Score `tasks` with the options of `add_benchmark_arguments`; print the table; return
+    {"tasks": per-task results, "contamination": settings} for the JSON report."""
+    check_dir = contamination_dir(args.contamination, ckpt)
+    results = run_tasks(
+        lm, tokenizer, tasks, args.limit, args.data_dir, check_dir, args.dirty_threshold,
+        log_samples=args.log_samples,
+    )
+    print(format_table(results))
+    return {
+        "tasks": results,
+        "limit": args.limit,
+        "contamination": {
+            "data_dir": str(check_dir) if check_dir else None,
+            "threshold": args.dirty_threshold if args.dirty_threshold is not None else "any",
+        },
+    }

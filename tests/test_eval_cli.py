@@ -1,21 +1,15 @@
 """End to end on a tiny prepared corpus: training scores benchmarks every N steps, a checkpoint
 is loaded back for evaluation, and a tokenizer that is not the run's stops with a message."""
 
-import argparse
 import json
+import math
 
 import pytest
 import torch
 from eval_testing import BENCHMARKS, to_hf_llama
 
-from eval.harness import (
-    TokenizerMismatchError,
-    add_benchmark_arguments,
-    evaluate_task,
-    load_native,
-    run_benchmarks,
-)
-from eval.tasks import TaskDataError, load_task
+from eval.harness import TokenizerMismatchError, evaluate_task, load_native
+from eval.tasks import load_task
 
 pytestmark = pytest.mark.skipif(
     not (BENCHMARKS / "lambada").is_dir(), reason=f"benchmark files not found in {BENCHMARKS}"
@@ -90,25 +84,29 @@ def test_tokenizer_other_than_the_runs_stops_with_a_message(run, tmp_path):
         load_native(run / "run", tokenizer_spec=str(other))
 
 
-def _cli(argv):
-    parser = argparse.ArgumentParser()
-    add_benchmark_arguments(parser)
-    return run_benchmarks(parser.parse_args(argv), "cpu")
+def _cli(argv, tmp_path):
+    """python -m eval, in process (fast), returning the JSON it wrote."""
+    from eval.__main__ import main
+
+    out = tmp_path / f"results_{len(list(tmp_path.glob('results_*')))}.json"
+    main([*argv, "--device", "cpu", "--out", str(out)])
+    return json.loads(out.read_text())
 
 
-def test_cli_native_json_table_and_contamination(run, tmp_path, capsys):
-    out = tmp_path / "results.json"
-    report = _cli(["--checkpoint", str(run / "run"), "--tasks", "hellaswag,lambada",
-                   "--limit", "12", "--out", str(out)])
-    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+def test_cli_perplexity_benchmarks_json_table_and_contamination(run, tmp_path, capsys):
+    report = _cli(["--run", str(run / "run"), "--tasks", "hellaswag,lambada", "--limit", "12",
+                   "--max-batches", "2"], tmp_path)
+    assert report["perplexity"] == pytest.approx(math.exp(report["val_loss"]))  # lead's part
+    assert report["checkpoint"].endswith("step_000004")
     # Contamination "auto": the run's data dir, whose n-gram indexes were built on demand.
-    assert report["contamination"]["data_dir"] == str(run / "data")
+    assert report["contamination"] == {"data_dir": str(run / "data"), "threshold": "any"}
     assert (run / "data" / "ngrams_13.npy").is_file()
     for task in ("hellaswag", "lambada"):
         r = report["tasks"][task]
         assert set(r["metrics"]) == {"all", "clean", "dirty"} and r["metrics"]["all"]["n"] == 12
-        # stdlib source code shares no 13-word run with these items
+        # stdlib text shares no 13-word run with these items; the empty subset is null
         assert r["dirty_fraction"] == 0.0 and r["metrics"]["clean"]["n"] == 12
+        assert r["metrics"]["dirty"]["acc"] is None
     table = capsys.readouterr().out
     assert "hellaswag" in table and "clean" in table and "dirty%" in table
 
@@ -119,8 +117,8 @@ def test_cli_hf_export_scores_as_native(run, tmp_path):
     to_hf_llama(lm.model).save_pretrained(hf_dir)
     args = ["--tasks", "hellaswag,lambada", "--limit", "12", "--contamination", "off",
             "--log-samples"]
-    native = _cli(["--checkpoint", str(run / "run"), *args])
-    exported = _cli(["--hf", str(hf_dir), "--tokenizer", tok.source, *args])
+    native = _cli(["--checkpoint", str(run / "run"), "--no-perplexity", *args], tmp_path)
+    exported = _cli(["--hf", str(hf_dir), "--tokenizer", tok.source, *args], tmp_path)
     for task in ("hellaswag", "lambada"):
         a, b = native["tasks"][task]["metrics"]["all"], exported["tasks"][task]["metrics"]["all"]
         assert a.keys() == b.keys()
@@ -133,10 +131,17 @@ def test_cli_hf_export_scores_as_native(run, tmp_path):
             assert x["greedy"] == y["greedy"]
 
 
-def test_cli_bad_task_or_missing_files(run, tmp_path, monkeypatch):
+def test_cli_stops_with_clear_messages(run, tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # the hub fallback must fail, as offline here
-    with pytest.raises(TaskDataError, match="unknown task 'hellaswagg'"):
-        _cli(["--checkpoint", str(run / "run"), "--tasks", "hellaswag,hellaswagg"])
-    with pytest.raises(TaskDataError, match=r"task 'piqa'.*valid.jsonl \+ valid-labels.lst"):
-        _cli(["--checkpoint", str(run / "run"), "--tasks", "piqa", "--data-dir", str(tmp_path),
-              "--contamination", "off"])
+    with pytest.raises(SystemExit, match="unknown task 'hellaswagg'"):
+        _cli(["--run", str(run / "run"), "--tasks", "hellaswag,hellaswagg"], tmp_path)
+    with pytest.raises(SystemExit, match=r"task 'piqa'.*valid.jsonl \+ valid-labels.lst"):
+        _cli(["--run", str(run / "run"), "--tasks", "piqa", "--data-dir", str(tmp_path),
+              "--no-perplexity"], tmp_path)
+    other = tmp_path / "other.tiktoken"
+    from data.tokenizer import train_bpe
+
+    train_bpe(["a completely different corpus, " * 50, "with other merges " * 40], 300, other)
+    with pytest.raises(SystemExit, match="was trained with tokenizer"):
+        _cli(["--run", str(run / "run"), "--tasks", "lambada", "--tokenizer", str(other),
+              "--no-perplexity"], tmp_path)
