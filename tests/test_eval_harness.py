@@ -229,3 +229,27 @@ def test_clean_dirty_split_and_training_mode_restored(tok, trained):
     assert flat["eval/hellaswag/acc_norm"] == r["metrics"]["all"]["acc_norm"]
     assert flat["eval/hellaswag/dirty/n"] == 30 - n_clean
     assert "dirty" in format_table({"hellaswag": r})
+
+
+def test_hf_tokenizer_json_behind_our_interface(tmp_path):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    from eval.harness import HFTokenizer
+
+    texts = [json.loads(line)["text"] for line in
+             (BENCHMARKS / "lambada" / "lambada_test.jsonl").read_text().splitlines()[:100]]
+    hf = Tokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    hf.train_from_iterator(texts, trainers.BpeTrainer(
+        vocab_size=320, special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False))
+    hf.save(str(tmp_path / "tokenizer.json"))
+    tok = HFTokenizer(tmp_path)
+    assert tok.eot_id == hf.token_to_id("<|endoftext|>") and tok.n_vocab == 320
+    for text in texts[:20]:
+        assert tok.decode(tok.encode(text)) == text
+    ctx, cont = encode_pair(tok, "Question: why?\nAnswer: ", "because")
+    assert tok.decode(ctx) == "Question: why?\nAnswer:" and tok.decode(cont) == " because"
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        HFTokenizer(tmp_path / "missing")
