@@ -280,9 +280,12 @@ def build_indexes(
 
 
 def load_or_build_index(
-    data_dir: str | Path, n: int, tokenizer, progress: bool = True
+    data_dir: str | Path, n: int, tokenizer=None, progress: bool = True
 ) -> NgramIndex:
-    """The saved index for n when it is current (covers exactly today's shards), else build."""
+    """The saved index for n when it is current (covers exactly today's shards), else build.
+
+    `tokenizer` decodes the shards; by default the data dir's own (from its manifest).
+    """
     data_dir = Path(data_dir)
     npy, meta_path = data_dir / f"ngrams_{n}.npy", data_dir / f"ngrams_{n}.json"
     if npy.is_file() and meta_path.is_file():
@@ -291,6 +294,10 @@ def load_or_build_index(
             index = NgramIndex.load(npy, n)
             if len(index) == meta.get("count"):
                 return index
+    if tokenizer is None:
+        from data.prepare import manifest_tokenizer
+
+        tokenizer = manifest_tokenizer(data_dir)
     # Build every task's n in the same pass: decoding the shards is the expensive part.
     return build_indexes(data_dir, tokenizer, set(TASK_NGRAM_N.values()) | {n}, progress)[n]
 

@@ -314,20 +314,26 @@ def run_tasks(
 ) -> dict[str, dict]:
     """Load and score several tasks; with `contamination_dir` (a prepared data dir with train
     shards) each item is checked against the n-gram index stored there (built if missing)."""
-    from eval.contamination import dirty_flags, load_or_build_index
+    from eval.contamination import dirty_flags, load_or_build_index, normalize_words
 
     for name in tasks:  # fail on a bad name before any slow work
         get_task(name)
     results = {}
     for name in tasks:
         items = load_task(name, data_dir, limit)
-        dirty = None
+        dirty, n = None, get_task(name).ngram_n
         if contamination_dir is not None:
-            index = load_or_build_index(contamination_dir, get_task(name).ngram_n, tokenizer)
+            # The shards are decoded with their own data dir's tokenizer (not necessarily the
+            # model's, e.g. for a Hugging Face model checked against some corpus).
+            index = load_or_build_index(contamination_dir, n, progress=progress)
             dirty = dirty_flags([it.text for it in items], index, dirty_threshold)
         results[name] = evaluate_task(
             model, tokenizer, name, items, dirty, progress, log_samples=log_samples
         )
+        if dirty is not None:
+            # Items with fewer than n words have no n-gram and are never flagged.
+            short = sum(len(normalize_words(it.text)) < n for it in items)
+            results[name]["too_short_to_check"] = short
     return results
 
 

@@ -106,6 +106,7 @@ def test_cli_perplexity_benchmarks_json_table_and_contamination(run, tmp_path, c
         assert set(r["metrics"]) == {"all", "clean", "dirty"} and r["metrics"]["all"]["n"] == 12
         # stdlib text shares no 13-word run with these items; the empty subset is null
         assert r["dirty_fraction"] == 0.0 and r["metrics"]["clean"]["n"] == 12
+        assert r["too_short_to_check"] == 0  # every item here has at least 13 words
         assert r["metrics"]["dirty"]["acc"] is None
     table = capsys.readouterr().out
     assert "hellaswag" in table and "clean" in table and "dirty%" in table
