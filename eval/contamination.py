@@ -33,10 +33,11 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-# N per task (REFERENCE.md): the 5th-percentile item length in words, clamped to [8, 13].
-TASK_NGRAM_N = {
-    "lambada": 13, "hellaswag": 13, "winogrande": 13, "arc_challenge": 10, "arc_easy": 9, "piqa": 8,
-}
+from eval.tasks import TASKS
+
+# N per task (eval/tasks.py, from REFERENCE.md): the 5th-percentile item length in words,
+# clamped to [8, 13].
+TASK_NGRAM_N = {name: spec.ngram_n for name, spec in TASKS.items()}
 
 _PUNCTUATION = str.maketrans("", "", string.punctuation)  # ASCII punctuation only, like lm-eval
 _MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant for the polynomial hash
