@@ -9,23 +9,21 @@ least a given fraction of them.
 The training side is an index: every word n-gram of every training document, hashed to 64 bits,
 stored as a sorted array of unique np.uint64 (8 bytes per distinct n-gram, so a billion-token
 corpus takes a few GB; membership is a binary search). It is built from a prepared data dir's
-train shards (documents decoded with the run's tokenizer, split on the end-of-text token, no
+train shards (documents decoded with the data dir's tokenizer, split on end-of-text, no
 n-gram crossing a document boundary) and saved beside them as `ngrams_<n>.npy`, with a sidecar
 `ngrams_<n>.json` recording which shards it covers, so it is built once and reused.
 
-Hashing: each word is hashed with BLAKE2b to 64 bits (stable across processes and machines,
-unlike Python's `hash`), and an n-gram is a polynomial of its word hashes mod 2^64, computed for
-all positions at once in NumPy. Two different n-grams collide with probability about 2^-64 per
-pair, so with I indexed n-grams and Q item n-grams the expected number of false matches is
-I * Q / 2^64: about 1e-6 for a billion-n-gram index and ten thousand items.
+Hashing is data/normalize.py's, shared with the decontamination stage of data.prepare: 64-bit
+polynomial hashes of the words and of each run of n word hashes, mixed with splitmix64, all in
+NumPy. Two different n-grams collide with probability about 2^-64 per pair, so with I indexed
+n-grams and Q item n-grams the expected number of false matches is I * Q / 2^64: about 1e-6 for
+a billion-n-gram index and ten thousand items.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import string
 import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -33,57 +31,26 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from data.normalize import combine_ngrams, match_bytes, ngram_hashes, word_hashes, word_spans
 from eval.tasks import TASKS
 
 # N per task (eval/tasks.py, from REFERENCE.md): the 5th-percentile item length in words,
 # clamped to [8, 13].
 TASK_NGRAM_N = {name: spec.ngram_n for name, spec in TASKS.items()}
-
-_PUNCTUATION = str.maketrans("", "", string.punctuation)  # ASCII punctuation only, like lm-eval
-_MULTIPLIER = np.uint64(0x9E3779B97F4A7C15)  # odd 64-bit constant for the polynomial hash
+HASH_NAME = "data.normalize.ngram_hashes/1"  # saved with each index; another hash -> rebuild
 
 
-def normalize_words(text: str) -> list[str]:
-    """lm-eval's decontamination normalization: lowercase, drop ASCII punctuation, split."""
-    return text.lower().translate(_PUNCTUATION).split()
+def normalize_words(text: str) -> list[bytes]:
+    """The words `ngram_hashes` hashes: lowercased (ASCII, as lm-eval), ASCII punctuation
+    removed, split on whitespace (as UTF-8 bytes). For counting and exact reference checks."""
+    return match_bytes(text).split()
 
 
-class _WordHasher:
-    """64-bit BLAKE2b of each word, memoized (a corpus repeats a small vocabulary)."""
-
-    def __init__(self) -> None:
-        self._cache: dict[str, int] = {}
-
-    def __call__(self, words: Sequence[str]) -> np.ndarray:
-        cache = self._cache
-        out = np.empty(len(words), dtype=np.uint64)
-        for i, w in enumerate(words):
-            h = cache.get(w)
-            if h is None:
-                h = int.from_bytes(hashlib.blake2b(w.encode(), digest_size=8).digest(), "little")
-                if len(cache) < 5_000_000:
-                    cache[w] = h
-            out[i] = h
-        return out
-
-
-_default_hasher = _WordHasher()
-
-
-def ngram_hashes_of_words(word_hashes: np.ndarray, n: int) -> np.ndarray:
-    """(W,) uint64 word hashes -> (W - n + 1,) uint64 n-gram hashes (empty when W < n)."""
-    count = len(word_hashes) - n + 1
-    if count <= 0:
-        return np.empty(0, dtype=np.uint64)
-    h = np.zeros(count, dtype=np.uint64)
-    for i in range(n):  # Horner's rule over the window, all windows at once; wraps mod 2^64
-        h = h * _MULTIPLIER + word_hashes[i : i + count]
-    return h
-
-
-def ngram_hashes(text: str, n: int) -> np.ndarray:
-    """The 64-bit hashes of the normalized word n-grams of `text`, in order (with repeats)."""
-    return ngram_hashes_of_words(_default_hasher(normalize_words(text)), n)
+def text_word_hashes(text: str) -> np.ndarray:
+    """(W,) uint64 hashes of the words of `text`, for combining into n-grams of several n."""
+    buf = match_bytes(text)
+    starts, ends = word_spans(buf)
+    return word_hashes(buf, starts, ends)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -137,10 +104,9 @@ class NgramIndex:
     @classmethod
     def from_texts(cls, texts: Iterable[str], n: int, chunk_ngrams: int = 1 << 24) -> NgramIndex:
         """Index every n-gram of every text. Deduplicates in chunks to bound peak memory."""
-        hasher = _WordHasher()
         union = _SortedUnion(chunk_ngrams)
         for text in texts:
-            union.add(ngram_hashes_of_words(hasher(normalize_words(text)), n))
+            union.add(combine_ngrams(text_word_hashes(text), n))
         return cls(union.result(), n)
 
     def __len__(self) -> int:
@@ -255,7 +221,6 @@ def build_indexes(
     data_dir = Path(data_dir)
     ns = sorted(set(ns))
     shards = train_shards(data_dir)
-    hasher = _WordHasher()
     unions = {n: _SortedUnion() for n in ns}
     arrays = [read_shard(p) for p in shards]  # memory-mapped
     bar = tqdm(
@@ -263,9 +228,9 @@ def build_indexes(
         desc=f"n-gram index {data_dir.name}",
     )
     for doc in iter_documents(arrays, tokenizer.eot_id):
-        words = hasher(normalize_words(tokenizer.decode(doc.tolist())))
+        words = text_word_hashes(tokenizer.decode(doc.tolist()))
         for n in ns:
-            unions[n].add(ngram_hashes_of_words(words, n))
+            unions[n].add(combine_ngrams(words, n))
         bar.update(len(doc) + 1)
     bar.close()
 
@@ -274,7 +239,7 @@ def build_indexes(
     for n in ns:
         index = NgramIndex(unions[n].result(), n)
         index.save(data_dir / f"ngrams_{n}.npy")
-        meta = {"n": n, "count": len(index), "shards": signature, "hash": "blake2b64-poly"}
+        meta = {"n": n, "count": len(index), "shards": signature, "hash": HASH_NAME}
         _write_json_atomic(data_dir / f"ngrams_{n}.json", meta)
         indexes[n] = index
     return indexes
@@ -291,7 +256,8 @@ def load_or_build_index(
     npy, meta_path = data_dir / f"ngrams_{n}.npy", data_dir / f"ngrams_{n}.json"
     if npy.is_file() and meta_path.is_file():
         meta = json.loads(meta_path.read_text())
-        if meta.get("shards") == _shard_signature(train_shards(data_dir)):
+        current = meta.get("shards") == _shard_signature(train_shards(data_dir))
+        if current and meta.get("hash") == HASH_NAME:
             index = NgramIndex.load(npy, n)
             if len(index) == meta.get("count"):
                 return index

@@ -1,6 +1,7 @@
 """Contamination: benchmark items pasted into a training corpus are found dirty, and every other
 item's flag equals an exact (unhashed) n-gram comparison, so hashing adds no false positives."""
 
+import json
 import random
 import sysconfig
 from pathlib import Path
@@ -30,8 +31,9 @@ CORPUS_FILES = ["textwrap.py", "argparse.py", "difflib.py", "calendar.py", "shut
 
 
 def test_normalization_and_hashing():
-    assert normalize_words("Hello, World!  It's 3.5\tdegrees") == ["hello", "world", "its", "35",
-                                                                   "degrees"]
+    # lm-eval's normalization (data/normalize.py, shared with data.prepare's decontamination)
+    words = normalize_words("Hello, World!  It's 3.5\tdegrees")
+    assert words == [b"hello", b"world", b"its", b"35", b"degrees"]
     a = ngram_hashes("The cat sat on the mat.", 3)
     assert a.dtype == np.uint64 and len(a) == 4
     # Same words after normalization -> same hashes; one word changed -> that window changes.
@@ -113,6 +115,12 @@ def test_pasted_items_and_only_those_are_dirty(tmp_path):
             raise AssertionError("index rebuilt although the shards did not change")
 
     assert np.array_equal(load_or_build_index(tmp_path, 13, NoDecode()).hashes, index.hashes)
+    meta_path = tmp_path / "ngrams_13.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "hash": "some-older-hash"}))
+    with pytest.raises(AssertionError, match="index rebuilt"):  # built with another hash
+        load_or_build_index(tmp_path, 13, NoDecode())
+    meta_path.write_text(json.dumps(meta))
     write_shard(tmp_path / "train_000003.bin", stream[:50], tok.n_vocab)  # a new shard
     with pytest.raises(AssertionError, match="index rebuilt"):
         load_or_build_index(tmp_path, 13, NoDecode())
