@@ -313,3 +313,9 @@ def load_task(
                 f"({spec.hf[0]}) could not be loaded ({type(e).__name__}: {e}); {where}"
             ) from None
     return items[:limit] if limit is not None else items
+
+
+def decontamination_texts(name: str, data_dir: str | Path | None = None) -> list[str]:
+    """Every item's text (question as in the source + its answer) for data.prepare's
+    decontamination stage, so eval and decontamination read benchmarks one way."""
+    return [item.text for item in load_task(name, data_dir, allow_download=False)]
