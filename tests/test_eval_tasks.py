@@ -147,3 +147,14 @@ def test_malformed_files_name_the_file_and_line(tmp_path):
     _write(tmp_path / "winogrande" / "dev.jsonl", [json.dumps({"sentence": "no blank"})])
     with pytest.raises(TaskDataError, match=r"dev.jsonl: item 0 is not in the winogrande format"):
         load_task("winogrande", tmp_path)
+
+
+@needs_benchmarks
+def test_decontamination_texts_are_the_items_with_answers():
+    from eval.tasks import decontamination_texts
+
+    lines = (BENCHMARKS / "lambada" / "lambada_test.jsonl").read_text().splitlines()
+    assert decontamination_texts("lambada", BENCHMARKS) == [json.loads(x)["text"] for x in lines]
+    texts = decontamination_texts("hellaswag", BENCHMARKS)
+    assert texts[0] == ("Roof shingle removal: A man is sitting on a roof. he starts pulling up "
+                        "roofing on a roof.")  # context + gold ending (label 3)
