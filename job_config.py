@@ -81,6 +81,9 @@ class TrainConfig:
     val_batches: int = 8  # micro-batches per validation
     log_every: int = 10
     threads: int = 0  # torch CPU threads per process (0: PyTorch's default)
+    eval_tasks: list[str] = field(default_factory=list)  # benchmarks scored while training
+    eval_every: int = 0  # score eval_tasks every N steps (and at the end); 0: never
+    eval_limit: int = 200  # first N items of each task (0: all)
 
 
 @dataclass

@@ -278,6 +278,14 @@ def train(cfg: JobConfig) -> dict:
         TokenStream(cfg.data.path, "val", manifest), t.seq_len, t.micro_batch_size,
         t.val_batches, dist_info.rank, dist_info.world_size, eot_id,
     )
+    benchmarks = {}  # benchmark items scored every train.eval_every steps (eval/harness.py)
+    if t.eval_tasks and t.eval_every:
+        from data.prepare import manifest_tokenizer
+        from eval import harness
+        from eval.tasks import load_task
+
+        tokenizer = manifest_tokenizer(cfg.data.path, manifest)
+        benchmarks = {name: load_task(name, limit=t.eval_limit or None) for name in t.eval_tasks}
 
     # --- model and optimizer ---
     raw = build_model(cfg.model, device, seed=t.seed)
@@ -355,6 +363,17 @@ def train(cfg: JobConfig) -> dict:
             log.log({"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))})
             if is_main:
                 print(f"step {step:5d} | val loss {last_val:.4f}", flush=True)
+        if benchmarks and (step % t.eval_every == 0 or step == t.steps):
+            # Every rank scores the same items (a sharded model needs all ranks in each forward).
+            with autocast_context(cfg, device):
+                lm = harness.TransformerLogLikelihood(raw, batch_size=t.micro_batch_size)
+                results = {
+                    name: harness.evaluate_task(lm, tokenizer, name, items, progress=False)
+                    for name, items in benchmarks.items()
+                }
+            log.log({"step": step, **harness.flat_metrics(results)})
+            if is_main:
+                print(f"step {step:5d} | {harness.summary_line(results)}", flush=True)
         if step >= t.steps:
             break
         micro_batches = loader.next_step()
