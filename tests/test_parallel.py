@@ -127,11 +127,24 @@ def test_reference_learns(reference):
     assert got[STEPS] < got[1]
 
 
+@pytest.fixture(scope="module")
+def fsdp_run(data_dir, tmp_path_factory) -> Path:
+    """FSDP2 over 2 ranks; checkpoints at steps 3 and 6 (sharded dcp/ + consolidated)."""
+    tmp = tmp_path_factory.mktemp("fsdp")
+    parallel = {"dp_shard": 2, "data_parallel": "fsdp"}
+    run_train(write_config(tmp / "c.toml", data_dir, tmp / "run", parallel=parallel), 2)
+    return tmp / "run"
+
+
+def test_fsdp_matches_one_process(fsdp_run, reference):
+    assert_close(losses(fsdp_run), losses(reference), 1e-5, "fsdp2")
+    assert_close(val_losses(fsdp_run), val_losses(reference), 1e-5, "fsdp2 validation")
+
+
 @pytest.mark.parametrize(
     "name, parallel",
     [
         ("tp2", {"tp": 2}),
-        ("fsdp2", {"dp_shard": 2, "data_parallel": "fsdp"}),
         ("ddp2", {"dp_shard": 2, "data_parallel": "ddp"}),
     ],
 )
@@ -139,3 +152,91 @@ def test_two_ranks_match_one_process(name, parallel, data_dir, reference, tmp_pa
     run_train(write_config(tmp_path / "c.toml", data_dir, tmp_path / name, parallel=parallel), 2)
     assert_close(losses(tmp_path / name), losses(reference), 1e-5, name)
     assert_close(val_losses(tmp_path / name), val_losses(reference), 1e-5, f"{name} validation")
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_matches_native_adamw(stage, data_dir, reference, tmp_path):
+    pytest.importorskip("deepspeed", reason="parallel.engine = 'deepspeed' needs deepspeed")
+    parallel = {"engine": "deepspeed", "zero_stage": stage, "dp_shard": 2}
+    run_train(write_config(tmp_path / "c.toml", data_dir, tmp_path / "run", parallel=parallel), 2)
+    assert_close(losses(tmp_path / "run"), losses(reference), 1e-4, f"ZeRO-{stage}")
+    ckpt = tmp_path / "run" / "checkpoints" / "step_000006"
+    assert (ckpt / "deepspeed").is_dir() and (ckpt / "model.safetensors").is_file()
+
+
+def test_consolidated_export_equals_one_process_weights(fsdp_run, reference):
+    """model.safetensors of the 2-rank FSDP run holds the full weights under our names, equal
+    to the one-process run's, and model.checkpoint.load_model reads it (eval, HF export)."""
+    from model.checkpoint import load_model, load_model_state
+
+    got = load_model_state(fsdp_run / "checkpoints" / "step_000006")
+    want = load_model_state(reference / "checkpoints" / "step_000006")
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].shape == want[name].shape, name
+        # Adam's update is ~lr per step whatever the gradient's size, so tiny float differences
+        # in the gradients move weights by at most about lr x (relative noise): 1e-6 absolute.
+        assert (got[name] - want[name]).abs().max() < 1e-6, name
+    model, cfg, _ = load_model(fsdp_run)
+    assert cfg.model.dim == MODEL["dim"] and model.embed.weight.shape == (VOCAB, MODEL["dim"])
+
+
+@pytest.mark.parametrize("nproc, parallel", [(1, {}), (2, {"tp": 2})], ids=["1proc", "tp2"])
+def test_fsdp_checkpoint_resumes_on_another_mesh(nproc, parallel, fsdp_run, data_dir, reference,
+                                                 tmp_path):
+    """The sharded checkpoint of step 3 (2 FSDP ranks) continues the reference loss curve on
+    one process and on tensor parallelism 2: DCP reshards model and optimizer on load."""
+    ckpt = fsdp_run / "checkpoints" / "step_000003"
+    assert (ckpt / "dcp").is_dir(), "a multi-rank native run writes a sharded dcp/ directory"
+    config = write_config(tmp_path / "c.toml", data_dir, tmp_path / "run", parallel=parallel)
+    run_train(config, nproc, f"--checkpoint.resume={ckpt}")
+    want = {s: v for s, v in losses(reference).items() if s > 3}
+    assert_close(losses(tmp_path / "run"), want, 1e-5, f"resumed on {parallel or '1 process'}")
+
+
+# --- a bad mesh stops before any work ---------------------------------------------------------
+
+
+def _job(**parallel):
+    from job_config import JobConfig
+
+    return JobConfig.from_dict({"model": dict(MODEL), "train": dict(TRAIN), "parallel": parallel})
+
+
+@pytest.mark.parametrize(
+    "world, parallel, message",
+    [
+        (3, {"tp": 2}, "does not divide the world size 3"),
+        (2, {"dp_shard": 4}, "not the world size 2"),
+        (4, {"tp": 4}, "larger than model.n_kv_heads = 2"),
+        (6, {"dp_replicate": 3, "dp_shard": 2}, "train.batch_size = 8 is not a multiple of "
+                                                 "train.micro_batch_size (2) x data-parallel ranks (6)"),
+    ],
+)
+def test_bad_mesh_is_rejected_with_a_clear_message(world, parallel, message):
+    from parallel.mesh import ParallelConfigError, check_parallel
+
+    with pytest.raises(ParallelConfigError) as err:
+        check_parallel(_job(**parallel), world)
+    assert message in str(err.value)
+
+
+def test_good_mesh_resolves_dp_shard():
+    from parallel.mesh import check_parallel
+
+    dims = check_parallel(_job(dp_replicate=1, tp=2), 4)
+    assert (dims.dp_replicate, dims.dp_shard, dims.tp, dims.dp) == (1, 2, 2, 2)
+
+
+def test_train_stops_on_bad_mesh_before_any_setup(data_dir, tmp_path):
+    """Launched as rank 0 of a 4-process world with tp = 4 > 2 KV heads: train.py must exit at
+    once with the message, without waiting for the other ranks (no rendezvous is attempted:
+    MASTER_ADDR is not even set) and without creating the run directory."""
+    config = write_config(tmp_path / "c.toml", data_dir, tmp_path / "run", parallel={"tp": 4})
+    env = dict(os.environ, WORLD_SIZE="4", RANK="0", LOCAL_RANK="0", PYTHONPATH=str(ROOT))
+    env.pop("MASTER_ADDR", None)
+    proc = subprocess.run([sys.executable, "train.py", "--config", str(config)], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode != 0
+    assert "parallel.tp = 4 is larger than model.n_kv_heads = 2" in proc.stderr
+    assert not (tmp_path / "run").exists()
