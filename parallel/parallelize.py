@@ -33,6 +33,7 @@ _SAVE_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
 }
 
 
@@ -60,7 +61,9 @@ def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
 # --- data parallel ----------------------------------------------------------------------------
 
 
-def _fsdp_mixed_precision(cfg: JobConfig, device: torch.device):
+def fsdp_mixed_precision(cfg: JobConfig, device: torch.device):
+    """bf16 parameters for compute (train.dtype / parallel.param_dtype) with fp32 gradient
+    reduction on GPU; plain fp32 on CPU."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
     name = cfg.parallel.param_dtype
@@ -75,13 +78,12 @@ def _fsdp_mixed_precision(cfg: JobConfig, device: torch.device):
     return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
 
 
-def apply_fsdp(model: nn.Module, mesh_info: MeshInfo, cfg: JobConfig, device: torch.device) -> None:
-    """FSDP2: each block is one all-gather / reduce-scatter unit; the root holds the embedding,
-    final norm and output matrix (not resharded after forward: the loss reads them next)."""
+def apply_fsdp(model: nn.Module, mesh, mp) -> None:
+    """FSDP2 over `mesh` (1-D, or 2-D for HSDP) with MixedPrecisionPolicy `mp`: each block is
+    one all-gather / reduce-scatter unit; the root holds the embedding, final norm and output
+    matrix (not resharded after forward: the loss reads the output matrix next)."""
     from torch.distributed.fsdp import fully_shard
 
-    mesh = mesh_info.fsdp_mesh
-    mp = _fsdp_mixed_precision(cfg, device)
     n = len(model.blocks)
     for i, block in enumerate(model.blocks):
         # The last block's parameters are all-gathered again right away for backward.
@@ -115,7 +117,7 @@ def parallelize(
     if p.engine == "deepspeed" or mesh_info.dims.dp == 1:
         return model
     if p.data_parallel == "fsdp":
-        apply_fsdp(model, mesh_info, cfg, device)
+        apply_fsdp(model, mesh_info.fsdp_mesh, fsdp_mixed_precision(cfg, device))
         return model
     from torch.nn.parallel import DistributedDataParallel as DDP
 
