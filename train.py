@@ -395,6 +395,10 @@ def train(cfg: JobConfig) -> dict:
                 record["mfu"] = flops_per_token * tps / (peak * dist_info.world_size)
                 msg += f" | MFU {100 * record['mfu']:.1f}%"
             msg += f" | ETA {format_seconds((t.steps - step) * tokens_per_step / max(tps, 1e-9))}"
+            if device.type == "cuda":  # the fullest rank's peak, for tuning micro-batch / sharding
+                mem = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**30, device=device)
+                record["peak_mem_gib"] = all_reduce_max(mem).item()
+                msg += f" | mem {record['peak_mem_gib']:.1f} GiB"
             if is_main:
                 print(msg, flush=True)
             t_window, tokens_window = time.time(), 0
@@ -406,7 +410,9 @@ def train(cfg: JobConfig) -> dict:
             log.close()
             cleanup()
             sys.exit(130)
+    rank_lines = gather_lines(f"rank {dist_info.rank}/{dist_info.world_size}: {memory_report(device)}")
     if is_main:
+        print("\n".join(rank_lines))
         print(f"done: {step} steps in {format_seconds(time.time() - t_start)}, val loss {last_val}")
         if cfg.logging.plot:
             plot_losses(run_dir)

@@ -154,14 +154,40 @@ def test_two_ranks_match_one_process(name, parallel, data_dir, reference, tmp_pa
     assert_close(val_losses(tmp_path / name), val_losses(reference), 1e-5, f"{name} validation")
 
 
-@pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_matches_native_adamw(stage, data_dir, reference, tmp_path):
+def _deepspeed_run(stage: int, data_dir: Path, tmp_path_factory) -> Path:
     pytest.importorskip("deepspeed", reason="parallel.engine = 'deepspeed' needs deepspeed")
+    tmp = tmp_path_factory.mktemp(f"zero{stage}")
     parallel = {"engine": "deepspeed", "zero_stage": stage, "dp_shard": 2}
-    run_train(write_config(tmp_path / "c.toml", data_dir, tmp_path / "run", parallel=parallel), 2)
-    assert_close(losses(tmp_path / "run"), losses(reference), 1e-4, f"ZeRO-{stage}")
-    ckpt = tmp_path / "run" / "checkpoints" / "step_000006"
+    run_train(write_config(tmp / "c.toml", data_dir, tmp / "run", parallel=parallel), 2)
+    return tmp / "run"
+
+
+@pytest.fixture(scope="module")
+def zero2_run(data_dir, tmp_path_factory) -> Path:
+    return _deepspeed_run(2, data_dir, tmp_path_factory)
+
+
+@pytest.fixture(scope="module")
+def zero3_run(data_dir, tmp_path_factory) -> Path:
+    return _deepspeed_run(3, data_dir, tmp_path_factory)
+
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_zero_matches_native_adamw(stage, request, reference):
+    run = request.getfixturevalue(f"zero{stage}_run")
+    assert_close(losses(run), losses(reference), 1e-4, f"ZeRO-{stage}")
+    ckpt = run / "checkpoints" / "step_000006"
     assert (ckpt / "deepspeed").is_dir() and (ckpt / "model.safetensors").is_file()
+
+
+def test_deepspeed_resumes_through_checkpoint_resume(zero3_run, data_dir, reference, tmp_path):
+    """--checkpoint.resume of a ZeRO-3 step-3 checkpoint (DeepSpeed's partitioned files for
+    model, optimizer and schedule + our loader state) continues the reference curve."""
+    parallel = {"engine": "deepspeed", "zero_stage": 3, "dp_shard": 2}
+    config = write_config(tmp_path / "c.toml", data_dir, tmp_path / "run", parallel=parallel)
+    run_train(config, 2, f"--checkpoint.resume={zero3_run / 'checkpoints' / 'step_000003'}")
+    want = {s: v for s, v in losses(reference).items() if s > 3}
+    assert_close(losses(tmp_path / "run"), want, 1e-4, "ZeRO-3 resumed")
 
 
 def test_consolidated_export_equals_one_process_weights(fsdp_run, reference):
