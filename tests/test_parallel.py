@@ -17,8 +17,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -81,19 +85,51 @@ def data_dir(tmp_path_factory) -> Path:
     return root
 
 
-def run_train(config: Path, nproc: int = 1, *extra: str, expect_ok: bool = True):
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def run_train(config: Path, nproc: int = 1, *extra: str, torchrun: bool = False):
+    """train.py in `nproc` processes. Without torchrun the ranks are started directly with the
+    environment torchrun would give them (saves its agent process: a torch import per run)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
-    if nproc == 1:
-        cmd = [sys.executable, "train.py", "--config", str(config), *extra]
-    else:
+    cmd = [sys.executable, "train.py", "--config", str(config), *extra]
+    if torchrun:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", "train.py", "--config", str(config), *extra]
-    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    if expect_ok and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
-    return proc
+               f"--nproc_per_node={nproc}", *cmd[1:]]
+    envs = [env] if nproc == 1 or torchrun else [
+        dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
+             LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        for port in [str(_free_port())] for r in range(nproc)
+    ]
+    logs = Path(tempfile.mkdtemp(prefix="train_logs_"))
+    procs = []
+    for r, e in enumerate(envs):
+        out, err = open(logs / f"{r}.out", "w"), open(logs / f"{r}.err", "w")
+        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=out, stderr=err))
+        out.close()
+        err.close()
+    deadline = time.time() + 600
+    # Poll all ranks: when one fails the others would wait in a collective, so stop them.
+    while any(p.poll() is None for p in procs) and time.time() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    for r, p in enumerate(procs):
+        if p.returncode != 0:
+            out = (logs / f"{r}.out").read_text()[-3000:]
+            err = (logs / f"{r}.err").read_text()[-6000:]
+            raise AssertionError(f"rank {r} of {' '.join(cmd)} failed (exit {p.returncode}):\n"
+                                 f"{out}\n{err}")
+    shutil.rmtree(logs)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -132,7 +168,8 @@ def fsdp_run(data_dir, tmp_path_factory) -> Path:
     """FSDP2 over 2 ranks; checkpoints at steps 3 and 6 (sharded dcp/ + consolidated)."""
     tmp = tmp_path_factory.mktemp("fsdp")
     parallel = {"dp_shard": 2, "data_parallel": "fsdp"}
-    run_train(write_config(tmp / "c.toml", data_dir, tmp / "run", parallel=parallel), 2)
+    # launched by torchrun itself, as on a cluster
+    run_train(write_config(tmp / "c.toml", data_dir, tmp / "run", parallel=parallel), 2, torchrun=True)
     return tmp / "run"
 
 
@@ -149,7 +186,9 @@ def test_fsdp_matches_one_process(fsdp_run, reference):
     ],
 )
 def test_two_ranks_match_one_process(name, parallel, data_dir, reference, tmp_path):
-    run_train(write_config(tmp_path / "c.toml", data_dir, tmp_path / name, parallel=parallel), 2)
+    config = write_config(tmp_path / "c.toml", data_dir, tmp_path / name, parallel=parallel,
+                          checkpoint={"every": 0})  # only the final checkpoint
+    run_train(config, 2)
     assert_close(losses(tmp_path / name), losses(reference), 1e-5, name)
     assert_close(val_losses(tmp_path / name), val_losses(reference), 1e-5, f"{name} validation")
 
@@ -327,3 +366,51 @@ def test_activation_checkpointing_recomputes_and_keeps_gradients(mode):
         assert ops1["mm"] > ops0["mm"]  # the blocks' projections run again
     else:
         assert ops1["mm"] == ops0["mm"]  # matmul outputs were kept
+
+
+# --- checkpoints without dcp/ (one-process runs) -----------------------------------------------
+
+
+@pytest.mark.parametrize("legacy", [False, True], ids=["named", "positional"])
+def test_full_checkpoint_round_trip(legacy, tmp_path):
+    """A one-process checkpoint (no dcp/) loads back exactly: model, AdamW moments and step,
+    scheduler. legacy: train_state.pt holding a plain `optimizer.state_dict()` (parameters
+    numbered, as model/checkpoint.py's first format wrote) is mapped to names on load."""
+    import torch
+
+    from job_config import JobConfig
+    from model.checkpoint import STATE_FILE
+    from model.transformer import build_model
+    from parallel.checkpoint_dcp import load_train_checkpoint, save_train_checkpoint
+    from train import build_optimizer, lr_factor
+
+    job = JobConfig.from_dict({"model": dict(MODEL), "train": dict(TRAIN)})
+
+    def fresh(seed: int):
+        model = build_model(job.model, "cpu", seed=seed)
+        opt = build_optimizer(model, job.optim, torch.device("cpu"))
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: lr_factor(s, 10, job.optim))
+        return model, opt, sched
+
+    model, opt, sched = fresh(1)
+    tokens = torch.randint(0, VOCAB, (2, 17))
+    for _ in range(2):
+        model(tokens[:, :-1]).logsumexp(-1).mean().backward()
+        opt.step()
+        opt.zero_grad()
+        sched.step()
+    ckpt = save_train_checkpoint(tmp_path, 2, model, model, opt, sched, {"step": 2},
+                                 job.to_dict(), keep=0, is_main=True)
+    assert not (ckpt / "dcp").exists()
+    if legacy:
+        state = torch.load(ckpt / STATE_FILE, weights_only=True)
+        state["optimizer"] = opt.state_dict()
+        torch.save(state, ckpt / STATE_FILE)
+    model2, opt2, sched2 = fresh(2)
+    assert load_train_checkpoint(ckpt, model2, model2, opt2, sched2)["step"] == 2
+    for (name, p), p2 in zip(model.named_parameters(), model2.parameters()):
+        assert torch.equal(p, p2), name
+        for key in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(opt.state[p][key], opt2.state[p2][key]), (name, key)
+    assert sched2.state_dict()["last_epoch"] == 2
+    assert [g["weight_decay"] for g in opt2.param_groups] == [job.optim.weight_decay, 0.0]
