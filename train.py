@@ -127,14 +127,20 @@ def format_seconds(s: float) -> str:
 class MetricsLog:
     """Console + metrics.jsonl + optional wandb, on rank 0 only."""
 
-    def __init__(self, run_dir: Path, cfg: JobConfig, enabled: bool, resumed: bool):
+    def __init__(self, run_dir: Path, cfg: JobConfig, enabled: bool, resumed: int | None):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.wandb = None
         if not enabled:
             return
-        if not resumed and self.path.exists():
-            self.path.unlink()
+        if self.path.exists():
+            # A fresh run starts a new log; a resumed one drops what the killed run logged
+            # after its checkpoint, so every step appears once.
+            keep = [
+                line for line in self.path.read_text().splitlines()
+                if resumed is not None and self._before(json.loads(line), resumed)
+            ]
+            self.path.write_text("".join(line + "\n" for line in keep))
         if cfg.logging.wandb:
             import wandb
 
@@ -143,6 +149,11 @@ class MetricsLog:
                 project=cfg.logging.wandb_project, name=run_dir.name, dir=str(run_dir),
                 config=cfg.to_dict(), mode=mode, resume="allow",
             )
+
+    @staticmethod
+    def _before(record: dict, step: int) -> bool:
+        """Logged before the checkpoint of `step` was written (validation at `step` comes after)."""
+        return record["step"] < step or (record["step"] == step and "loss" in record)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -322,7 +333,7 @@ def train(cfg: JobConfig) -> dict:
               f"{cfg.parallel.data_parallel}, activation checkpointing "
               f"{cfg.parallel.activation_checkpointing}")
         print("\n".join(rank_lines), flush=True)
-    log = MetricsLog(run_dir, cfg, is_main, resumed=ckpt is not None)
+    log = MetricsLog(run_dir, cfg, is_main, resumed=start_step if ckpt is not None else None)
     moe = None
     if cfg.model.is_moe:
         import model.moe as moe

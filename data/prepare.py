@@ -141,8 +141,10 @@ def prepare(cfg: DataConfig, dry_run: bool = False) -> dict:
             f"{manifest_path} was prepared with other settings; choose another data.path "
             f"or delete {out}"
         )
-    out.mkdir(parents=True, exist_ok=True)
     errors = SourceErrors()
+    if next(iter_corpus(cfg, SourceErrors()), None) is None:
+        raise PrepareError(f"no documents found in data.sources = {cfg.sources}")
+    out.mkdir(parents=True, exist_ok=True)
     tokenizer = resolve_tokenizer(cfg, out, errors)
     tokenizer_spec = str(out / TOKENIZER_FILE) if cfg.tokenizer == "train" else cfg.tokenizer
     # The manifest names a trained tokenizer relative to the data dir, so the dir can move.
