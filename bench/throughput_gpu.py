@@ -1,9 +1,10 @@
 """Training throughput and MFU on GPUs: tokens/s of gpt2-124m and llama-1b, with and without
 torch.compile and activation checkpointing, through the same parallelize() as train.py.
 
-    python bench/throughput_gpu.py                                   # one GPU, all variants
-    python bench/throughput_gpu.py --sizes llama-1b --compile on --ac none
-    torchrun --nproc_per_node 8 bench/throughput_gpu.py --sizes llama-1b   # FSDP2 over 8 GPUs
+    python -m bench.throughput_gpu                                # one GPU, all variants
+    python -m bench.throughput_gpu --sizes llama-1b --compile on --ac none
+    torchrun --nproc_per_node 8 -m bench.throughput_gpu --sizes llama-1b  # FSDP2 over 8 GPUs
+    python -m bench.throughput_gpu --smoke                        # CPU check of the script
 
 Each variant builds the model, applies FSDP2 (bf16 parameters, fp32 gradient reduction; on one
 GPU too, so the numerics are those of a multi-GPU run), activation checkpointing and per-block
@@ -26,19 +27,17 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from job_config import JobConfig  # noqa: E402
-from model.config import model_config  # noqa: E402
-from model.loss import lm_loss  # noqa: E402
-from model.transformer import build_model  # noqa: E402
-from parallel.parallelize import (  # noqa: E402
+from job_config import JobConfig
+from model.config import model_config
+from model.loss import lm_loss
+from model.transformer import build_model
+from parallel.parallelize import (
     apply_activation_checkpointing,
     apply_fsdp,
     clip_grad_norm,
     fsdp_mixed_precision,
 )
-from train import GPU_PEAK_FLOPS, build_optimizer  # noqa: E402
+from train import GPU_PEAK_FLOPS, build_optimizer
 
 # Per-GPU micro-batch (sequences) and sequence length of each size (fits an 80 GB H100 without
 # activation checkpointing).
