@@ -15,7 +15,7 @@ message naming the fields instead of hanging in a collective.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
@@ -101,6 +101,8 @@ class MeshInfo:
     mesh: DeviceMesh | None
     dp_rank: int
     dp_size: int
+    # Flattened dims are kept here (slicing them from the root mesh is deprecated).
+    flat: dict[str, DeviceMesh] = field(default_factory=dict)
 
     @property
     def tp_mesh(self) -> DeviceMesh | None:
@@ -113,12 +115,12 @@ class MeshInfo:
             return None
         if self.dims.dp_replicate > 1:
             return self.mesh["dp_replicate", "dp_shard"]
-        return self.mesh["dp_shard"]
+        return self.flat.get("dp_shard") or self.mesh["dp_shard"]
 
     @property
     def dp_mesh(self) -> DeviceMesh | None:
         """All data-parallel ranks as one dimension (DDP, the data loader)."""
-        return self.mesh["dp"] if self.mesh is not None and self.dims.dp > 1 else None
+        return self.flat["dp"] if self.mesh is not None and self.dims.dp > 1 else None
 
     @property
     def ep_mesh(self) -> DeviceMesh | None:
@@ -144,9 +146,9 @@ def build_mesh(dims: ParallelDims, device: torch.device) -> MeshInfo:
     mesh = init_device_mesh(device.type, shape, mesh_dim_names=names)
     # Flattened views: "dp_shard" (FSDP) when ep splits it, and "dp" (loader, DDP).
     if dims.ep > 1:
-        mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard")
-        mesh["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp")
+        flat = {"dp_shard": mesh["dp_shard_mod_ep", "ep"]._flatten("dp_shard"),
+                "dp": mesh["dp_replicate", "dp_shard_mod_ep", "ep"]._flatten("dp")}
     else:
-        mesh["dp_replicate", "dp_shard"]._flatten("dp")
-    dp = mesh["dp"]
-    return MeshInfo(dims, mesh, dp.get_local_rank(), dp.size())
+        flat = {"dp": mesh["dp_replicate", "dp_shard"]._flatten("dp")}
+    dp = flat["dp"]
+    return MeshInfo(dims, mesh, dp.get_local_rank(), dp.size(), flat)
