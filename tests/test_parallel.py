@@ -182,7 +182,8 @@ def test_fsdp_matches_one_process(fsdp_run, reference):
     "name, parallel",
     [
         ("tp2", {"tp": 2}),
-        ("ddp2", {"dp_shard": 2, "data_parallel": "ddp"}),
+        # activation checkpointing changes no number, so it rides along here
+        ("ddp2", {"dp_shard": 2, "data_parallel": "ddp", "activation_checkpointing": "full"}),
     ],
 )
 def test_two_ranks_match_one_process(name, parallel, data_dir, reference, tmp_path):
@@ -246,7 +247,10 @@ def test_consolidated_export_equals_one_process_weights(fsdp_run, reference):
     assert cfg.model.dim == MODEL["dim"] and model.embed.weight.shape == (VOCAB, MODEL["dim"])
 
 
-@pytest.mark.parametrize("nproc, parallel", [(1, {}), (2, {"tp": 2})], ids=["1proc", "tp2"])
+@pytest.mark.parametrize(
+    "nproc, parallel",
+    [(1, {}), (2, {"tp": 2, "activation_checkpointing": "selective"})], ids=["1proc", "tp2"],
+)
 def test_fsdp_checkpoint_resumes_on_another_mesh(nproc, parallel, fsdp_run, data_dir, reference,
                                                  tmp_path):
     """The sharded checkpoint of step 3 (2 FSDP ranks) continues the reference loss curve on
