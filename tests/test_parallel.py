@@ -1,4 +1,4 @@
-"""Parallel training on the CPU: gloo process groups launched by torchrun, tiny model and data.
+"""Parallel training on the CPU: gloo process groups (ranks launched as torchrun would), tiny model and data.
 
 Every multi-process run is compared with a one-process run of the same global batch: tensor
 parallel (TP=2), FSDP2 and DDP over 2 ranks, DeepSpeed ZeRO-2 / ZeRO-3; then a checkpoint saved
@@ -91,17 +91,15 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def run_train(config: Path, nproc: int = 1, *extra: str, torchrun: bool = False):
-    """train.py in `nproc` processes. Without torchrun the ranks are started directly with the
-    environment torchrun would give them (saves its agent process: a torch import per run)."""
+def run_train(config: Path, nproc: int = 1, *extra: str):
+    """train.py in `nproc` processes, started directly with the environment torchrun gives its
+    workers (no agent process: one torch import less per run; tests/test_train.py covers
+    torchrun itself)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(k, None)
     cmd = [sys.executable, "train.py", "--config", str(config), *extra]
-    if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc_per_node={nproc}", *cmd[1:]]
-    envs = [env] if nproc == 1 or torchrun else [
+    envs = [env] if nproc == 1 else [
         dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
              LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
         for port in [str(_free_port())] for r in range(nproc)
@@ -168,8 +166,7 @@ def fsdp_run(data_dir, tmp_path_factory) -> Path:
     """FSDP2 over 2 ranks; checkpoints at steps 3 and 6 (sharded dcp/ + consolidated)."""
     tmp = tmp_path_factory.mktemp("fsdp")
     parallel = {"dp_shard": 2, "data_parallel": "fsdp"}
-    # launched by torchrun itself, as on a cluster
-    run_train(write_config(tmp / "c.toml", data_dir, tmp / "run", parallel=parallel), 2, torchrun=True)
+    run_train(write_config(tmp / "c.toml", data_dir, tmp / "run", parallel=parallel), 2)
     return tmp / "run"
 
 
