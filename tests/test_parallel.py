@@ -1,9 +1,11 @@
-"""Parallel training on the CPU: gloo process groups (ranks launched as torchrun would), tiny model and data.
+"""Parallel training on the CPU: gloo process groups, ranks launched as torchrun would.
 
-Every multi-process run is compared with a one-process run of the same global batch: tensor
-parallel (TP=2), FSDP2 and DDP over 2 ranks, DeepSpeed ZeRO-2 / ZeRO-3; then a checkpoint saved
-by 2 FSDP ranks is resumed on 1 process and on TP=2. The runs go through train.py end to end
-and the losses are read from each run's metrics.jsonl.
+Every multi-process run goes through train.py end to end (tiny model, data made here) and is
+compared, loss by loss from its metrics.jsonl, with a one-process run of the same global batch:
+tensor parallel (TP=2), FSDP2 and DDP over 2 ranks, DeepSpeed ZeRO-2 / ZeRO-3. A checkpoint
+saved by 2 FSDP ranks resumes on 1 process and on TP=2; a ZeRO-3 checkpoint resumes through
+--checkpoint.resume; a bad mesh stops before any setup. Activation checkpointing is checked in
+process (recomputation counted) and rides along in the DDP and TP-resume runs.
 
 Tolerances: fp32 everywhere. Sharding changes only the order of floating-point sums (a matmul
 split in two halves and added, gradients averaged by a reduce-scatter instead of inside one
