@@ -289,6 +289,14 @@ def train(cfg: JobConfig) -> dict:
     # Sharded models run collectives in forward: every rank validates the same number of batches.
     fewest = -all_reduce_max(torch.tensor(-float(len(val_batches)), device=device)).item()
     val_batches = val_batches[: int(fewest)]
+    benchmarks = {}  # benchmark items scored every train.eval_every steps (eval/harness.py)
+    if t.eval_tasks and t.eval_every:
+        from data.prepare import manifest_tokenizer
+        from eval import harness
+        from eval.tasks import load_task
+
+        tokenizer = manifest_tokenizer(cfg.data.path, manifest)
+        benchmarks = {name: load_task(name, limit=t.eval_limit or None) for name in t.eval_tasks}
 
     # --- model and optimizer ---
     # Built whole, then sharded in place: TP -> activation checkpointing -> compile -> FSDP/DDP.
@@ -367,6 +375,17 @@ def train(cfg: JobConfig) -> dict:
             log.log({"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))})
             if is_main:
                 print(f"step {step:5d} | val loss {last_val:.4f}", flush=True)
+        if benchmarks and (step % t.eval_every == 0 or step == t.steps):
+            # Every rank scores the same items (a sharded model needs all ranks in each forward).
+            with autocast_context(cfg, device):
+                lm = harness.TransformerLogLikelihood(raw, batch_size=t.micro_batch_size)
+                results = {
+                    name: harness.evaluate_task(lm, tokenizer, name, items, progress=False)
+                    for name, items in benchmarks.items()
+                }
+            log.log({"step": step, **harness.flat_metrics(results)})
+            if is_main:
+                print(f"step {step:5d} | {harness.summary_line(results)}", flush=True)
         if step >= t.steps:
             break
         micro_batches = loader.next_step()

@@ -94,8 +94,10 @@ def test_prepare_rerun_after_kill_gives_same_shards(tmp_path):
     words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda mu".split()
     for i in range(60):
         (corpus / f"{i:03d}.txt").write_text(" ".join(random.choices(words, k=300)))
+    # stages=[]: random 12-word texts are junk to the prose quality rules; this test is about
+    # resuming, not cleaning (tests/test_data_pipeline.py kills and reruns with every stage on).
     cfg = DataConfig(path=str(tmp_path / "a"), sources=[str(corpus)], vocab_size=300,
-                     shard_tokens=500, val_fraction=0.1, workers=1)
+                     shard_tokens=500, val_fraction=0.1, workers=1, stages=[])
     full = prepare(cfg)
     # simulate a crash: drop the manifest and some shards, then rerun
     cfg_b = DataConfig(**{**cfg.__dict__, "path": str(tmp_path / "b")})
