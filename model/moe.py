@@ -155,24 +155,31 @@ class MoE(nn.Module):
 
     # --- experts ------------------------------------------------------------------------------
 
-    def experts_forward(self, xs: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    def experts_forward(
+        self,
+        xs: torch.Tensor,
+        counts: torch.Tensor,
+        weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
         """Run the local experts on their groups. xs: (M, dim) token rows sorted by local expert,
-        counts: (n_local_experts,) rows per expert (summing to M) -> (M, dim)."""
+        counts: (n_local_experts,) rows per expert (summing to M) -> (M, dim). `weights` replaces
+        (w_gate, w_up, w_down), e.g. by views whose gradient expert parallelism rescales."""
+        w_gate, w_up, w_down = weights or (self.w_gate, self.w_up, self.w_down)
         use_grouped = self.use_grouped_mm
         if use_grouped is None:
             use_grouped = grouped_mm_supported(xs)
         if use_grouped:
             offs = counts.cumsum(0).to(torch.int32)  # end row of each group
-            gate = torch._grouped_mm(xs, self.w_gate.transpose(-2, -1), offs=offs)  # (M, H)
-            up = torch._grouped_mm(xs, self.w_up.transpose(-2, -1), offs=offs)
-            return torch._grouped_mm(self._act(gate, up), self.w_down.transpose(-2, -1), offs=offs)
+            gate = torch._grouped_mm(xs, w_gate.transpose(-2, -1), offs=offs)  # (M, H)
+            up = torch._grouped_mm(xs, w_up.transpose(-2, -1), offs=offs)
+            return torch._grouped_mm(self._act(gate, up), w_down.transpose(-2, -1), offs=offs)
         # Every expert runs, even on zero rows, so every expert weight always gets a gradient
         # (zeros for an idle expert), as with the grouped GEMM.
         out, start = [], 0
         for e, n in enumerate(counts.tolist()):
             rows = xs[start : start + n]
-            hidden = self._act(rows @ self.w_gate[e].t(), rows @ self.w_up[e].t())  # (n, H)
-            out.append(hidden @ self.w_down[e].t())  # (n, D)
+            hidden = self._act(rows @ w_gate[e].t(), rows @ w_up[e].t())  # (n, H)
+            out.append(hidden @ w_down[e].t())  # (n, D)
             start += n
         return torch.cat(out)
 
