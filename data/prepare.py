@@ -1,0 +1,249 @@
+"""python -m data.prepare --config configs/tiny.toml [--data.key=value ...]
+
+Raw text -> documents -> (cleaning stages) -> tokens (end-of-text after every document) ->
+train / validation shards + manifest.json, in `data.path`.
+
+- Tokenizer: `data.tokenizer = "train"` trains a byte-level BPE on a sample of the corpus and
+  saves it beside the shards; otherwise a tiktoken encoding name or a `.tiktoken` file.
+- Work is cut into units of about `data.shard_tokens` tokens, one shard file per unit, in a
+  fixed order. Worker processes tokenize units and write their shards atomically. A rerun
+  (after a crash or a kill) skips every shard already on disk, so it finishes with exactly the
+  shards of an uninterrupted run. manifest.json is written last: its presence means done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from data.shards import read_header, token_dtype, write_shard
+from data.sources import Document, SourceErrors, iter_documents
+from data.tokenizer import Tokenizer, load_tokenizer, train_bpe
+from job_config import DataConfig, load_config
+
+BYTES_PER_TOKEN_GUESS = 4  # only sizes the work units; shards hold whatever a unit produced
+TOKENIZER_FILE = "tokenizer.tiktoken"
+
+
+class PrepareError(RuntimeError):
+    pass
+
+
+def iter_corpus(cfg: DataConfig, errors: SourceErrors) -> Iterator[Document]:
+    """Every document of every source, in order, up to `max_bytes`."""
+    seen = 0
+    for spec in cfg.sources:
+        for doc in iter_documents(spec, errors, cfg.text_field):
+            if cfg.max_bytes and seen >= cfg.max_bytes:
+                return
+            seen += len(doc.text)
+            yield doc
+
+
+def resolve_tokenizer(cfg: DataConfig, out: Path, errors: SourceErrors) -> Tokenizer:
+    if cfg.tokenizer != "train":
+        return load_tokenizer(cfg.tokenizer)
+    path = out / TOKENIZER_FILE
+    if path.exists() and path.with_name(path.name + ".json").exists():
+        return load_tokenizer(path)  # trained by an earlier (interrupted) run: same corpus
+
+    def sample() -> Iterator[str]:
+        taken = 0
+        for doc in iter_corpus(cfg, errors):
+            if taken >= cfg.tokenizer_train_bytes:
+                return
+            taken += len(doc.text)
+            yield doc.text
+
+    t0 = time.time()
+    tok = train_bpe(sample(), cfg.vocab_size, path, name=out.name or "bpe")
+    print(f"trained a {tok.n_vocab}-token byte-level BPE in {time.time() - t0:.1f}s -> {path}")
+    return tok
+
+
+def iter_units(
+    docs: Iterator[Document], cfg: DataConfig, counts: dict
+) -> Iterator[tuple[str, int, list[str]]]:
+    """(split, unit index, texts): documents split train / val by position, grouped into units.
+
+    Document k goes to validation when floor((k+1) f) > floor(k f): exactly a fraction f, spread
+    evenly, and the same on every rerun.
+    """
+    unit_bytes = cfg.shard_tokens * BYTES_PER_TOKEN_GUESS
+    pending: dict[str, list[str]] = {"train": [], "val": []}
+    size = {"train": 0, "val": 0}
+    index = {"train": 0, "val": 0}
+    f = cfg.val_fraction
+    for k, doc in enumerate(docs):
+        split = "val" if int((k + 1) * f) > int(k * f) else "train"
+        pending[split].append(doc.text)
+        size[split] += len(doc.text)
+        counts[split]["documents"] += 1
+        counts[split]["chars"] += len(doc.text)
+        if size[split] >= unit_bytes:
+            yield split, index[split], pending[split]
+            index[split] += 1
+            pending[split], size[split] = [], 0
+    for split in ("train", "val"):
+        if pending[split]:
+            yield split, index[split], pending[split]
+
+
+# --- worker side ----------------------------------------------------------------------------
+_worker_tokenizer: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_spec: str) -> None:
+    global _worker_tokenizer
+    _worker_tokenizer = load_tokenizer(tokenizer_spec)
+
+
+def _tokenize_unit(job: tuple[str, list[str]]) -> int:
+    """Tokenize one unit's documents (each followed by end-of-text) into its shard file."""
+    path, texts = job
+    tok = _worker_tokenizer
+    ids = tok.encode_batch(texts, num_threads=1)
+    dtype = token_dtype(tok.n_vocab)
+    tokens = np.empty(sum(len(d) + 1 for d in ids), dtype=dtype)
+    pos = 0
+    for doc in ids:
+        tokens[pos : pos + len(doc)] = doc
+        tokens[pos + len(doc)] = tok.eot_id
+        pos += len(doc) + 1
+    write_shard(path, tokens, tok.n_vocab)
+    return len(tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def prepare(cfg: DataConfig, dry_run: bool = False) -> dict:
+    """Prepare `cfg.path`; returns the manifest."""
+    out = Path(cfg.path)
+    manifest_path = out / "manifest.json"
+    settings = asdict(cfg)
+    if manifest_path.exists():
+        manifest = json.loads(manifest_path.read_text())
+        if manifest.get("settings") == settings:
+            print(f"{out} is already prepared ({manifest['train']['tokens']:,} train tokens)")
+            return manifest
+        raise PrepareError(
+            f"{manifest_path} was prepared with other settings; choose another data.path "
+            f"or delete {out}"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    errors = SourceErrors()
+    tokenizer = resolve_tokenizer(cfg, out, errors)
+    tokenizer_spec = str(out / TOKENIZER_FILE) if cfg.tokenizer == "train" else cfg.tokenizer
+    # The manifest names a trained tokenizer relative to the data dir, so the dir can move.
+    manifest_spec = TOKENIZER_FILE if cfg.tokenizer == "train" else cfg.tokenizer
+
+    counts = {s: {"documents": 0, "chars": 0, "tokens": 0, "shards": []} for s in ("train", "val")}
+    docs = iter_corpus(cfg, errors)
+    # (cleaning stages plug in here: docs = pipeline(docs))
+    units = iter_units(docs, cfg, counts)
+    t0 = time.time()
+    bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, file=sys.stdout, mininterval=2)
+    ctx = mp.get_context("spawn")  # no fork: safe with torch / tiktoken threads in the parent
+    with ctx.Pool(max(1, cfg.workers), _init_worker, (tokenizer_spec,)) as pool:
+        while True:
+            # A bounded window of units in flight keeps memory flat on any corpus size.
+            window = [u for _, u in zip(range(4 * max(1, cfg.workers)), units)]
+            if not window:
+                break
+            jobs, names = [], []
+            for split, index, texts in window:
+                name = f"{split}_{index:06d}.bin"
+                names.append((split, name))
+                if not dry_run and not (out / name).exists():
+                    jobs.append((str(out / name), texts))
+            if dry_run:
+                for _, _, texts in window:
+                    bar.update(sum(len(t) for t in texts) // BYTES_PER_TOKEN_GUESS)
+                continue
+            for n_tokens in pool.imap(_tokenize_unit, jobs):
+                bar.update(n_tokens)
+            for split, name in names:
+                n = read_header(out / name)["num_tokens"]
+                counts[split]["tokens"] += n
+                counts[split]["shards"].append({"file": name, "tokens": n})
+    bar.close()
+    if counts["train"]["documents"] == 0:
+        raise PrepareError(f"no documents found in data.sources = {cfg.sources}")
+    if counts["val"]["documents"] == 0:
+        raise PrepareError(
+            f"no validation documents: {counts['train']['documents']} documents with "
+            f"data.val_fraction = {cfg.val_fraction}; raise it or add data"
+        )
+    elapsed = time.time() - t0
+    manifest = {
+        "format": "token-shards-v1",
+        "settings": settings,
+        "tokenizer": {**tokenizer.identity(), "spec": manifest_spec},
+        "train": counts["train"],
+        "val": counts["val"],
+        "source_errors": {"count": errors.count, "first": errors.summary()[:100]},
+        "stages": {},
+        "seconds": round(elapsed, 2),
+    }
+    for line in errors.summary()[:20]:
+        print(f"warning: {line}")
+    total = counts["train"]["tokens"] + counts["val"]["tokens"]
+    print(
+        f"{counts['train']['documents']:,} train / {counts['val']['documents']:,} val documents, "
+        f"{total:,} tokens in {elapsed:.1f}s ({total / max(elapsed, 1e-9):,.0f} tokens/s)"
+        + (f"; {errors.count} source errors" if errors.count else "")
+    )
+    if dry_run:
+        print(json.dumps({k: manifest[k] for k in ("train", "val", "stages")}, indent=1))
+        return manifest
+    tmp = manifest_path.with_name("manifest.json.tmp")
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, manifest_path)
+    return manifest
+
+
+def load_manifest(path: str | Path) -> dict:
+    manifest_path = Path(path) / "manifest.json"
+    if not manifest_path.exists():
+        raise FileNotFoundError(
+            f"{manifest_path} not found: prepare the data first (python -m data.prepare --config ...)"
+        )
+    return json.loads(manifest_path.read_text())
+
+
+def manifest_tokenizer(data_path: str | Path, manifest: dict | None = None) -> Tokenizer:
+    """The tokenizer a prepared data dir was made with, checked against the manifest."""
+    manifest = manifest or load_manifest(data_path)
+    info = manifest["tokenizer"]
+    local = Path(data_path) / info["spec"]
+    tok = load_tokenizer(local if local.exists() else info["spec"])
+    if tok.identity()["sha256"] != info["sha256"]:
+        raise ValueError(
+            f"{data_path}/manifest.json: tokenizer {info['spec']!r} differs from the one the "
+            f"shards were made with (sha256 {info['sha256'][:12]}...)"
+        )
+    return tok
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--config", help="TOML job config (its [data] section is used)")
+    parser.add_argument("--dry-run", action="store_true", help="statistics only, no shards")
+    args, overrides = parser.parse_known_args(argv)
+    cfg = load_config(args.config, overrides)
+    prepare(cfg.data, dry_run=args.dry_run)
+
+
+if __name__ == "__main__":
+    main()

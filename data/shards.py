@@ -1,0 +1,85 @@
+"""The on-disk token shard format (llm.c style, versioned).
+
+A shard is a 1024-byte header of 256 little-endian int32 followed by the tokens:
+
+    header[0] = MAGIC       identifies the format
+    header[1] = VERSION
+    header[2] = number of tokens
+    header[3] = bytes per token (2: uint16, 4: uint32)
+    header[4] = vocabulary size of the tokenizer that wrote it
+
+Tokens are uint16 when every id fits (vocabulary <= 65536), uint32 otherwise. Readers check
+the magic, version, dtype and that the file holds exactly the tokens the header announces, so a
+wrong or truncated file is rejected with its name instead of being read as garbage.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+MAGIC = 20241123
+VERSION = 1
+HEADER_INTS = 256
+HEADER_BYTES = HEADER_INTS * 4
+
+
+class ShardError(ValueError):
+    """A shard file that is not what its header (or the format) says."""
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def write_shard(path: str | Path, tokens: np.ndarray, vocab_size: int) -> None:
+    """Write tokens to `path` atomically (temporary name, fsync, rename)."""
+    path = Path(path)
+    dtype = token_dtype(vocab_size)
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= vocab_size):
+        raise ValueError(
+            f"{path}: token ids must lie in [0, {vocab_size}), got [{tokens.min()}, {tokens.max()}]"
+        )
+    header = np.zeros(HEADER_INTS, dtype="<i4")
+    header[:5] = [MAGIC, VERSION, tokens.size, dtype.itemsize, vocab_size]
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(header.tobytes())
+        f.write(tokens.astype(dtype.newbyteorder("<"), copy=False).tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def read_header(path: str | Path) -> dict:
+    path = Path(path)
+    size = path.stat().st_size
+    if size < HEADER_BYTES:
+        raise ShardError(f"{path}: {size} bytes, shorter than the {HEADER_BYTES}-byte header")
+    header = np.fromfile(path, dtype="<i4", count=HEADER_INTS)
+    magic, version, count, itemsize, vocab_size = (int(v) for v in header[:5])
+    if magic != MAGIC:
+        raise ShardError(f"{path}: magic number {magic}, expected {MAGIC} (not a token shard)")
+    if version != VERSION:
+        raise ShardError(f"{path}: format version {version}, this code reads version {VERSION}")
+    if itemsize not in (2, 4):
+        raise ShardError(f"{path}: {itemsize} bytes per token, expected 2 or 4")
+    expected = HEADER_BYTES + count * itemsize
+    if size != expected:
+        raise ShardError(
+            f"{path}: {size} bytes, expected {expected} for {count} tokens "
+            f"(truncated or corrupt shard)"
+        )
+    return {"num_tokens": count, "itemsize": itemsize, "vocab_size": vocab_size}
+
+
+def read_shard(path: str | Path) -> np.ndarray:
+    """Memory-map a shard's tokens after validating its header and size."""
+    header = read_header(path)
+    dtype = np.dtype("<u2") if header["itemsize"] == 2 else np.dtype("<u4")
+    if header["num_tokens"] == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", offset=HEADER_BYTES, shape=(header["num_tokens"],))

@@ -1,0 +1,160 @@
+"""Where documents come from: text files and folders, jsonl, parquet, Hugging Face datasets, and
+the default corpus, the Python standard library of the running interpreter (real text, on
+every machine, no download).
+
+A source spec is a string:
+    "stdlib"                      every .py file of this interpreter's standard library
+    "path/to/file.txt"            one document per file
+    "path/to/folder"              every text file below it (see TEXT_SUFFIXES), one doc each
+    "path/to/data.jsonl"          one document per line, its `text_field` (default "text")
+    "path/to/data.parquet"        one document per row, its `text_field`
+    "hf:name[:config][:split]"    a Hugging Face dataset, streamed (needs `datasets` + network)
+
+Bad input never stops a run: an unreadable file, invalid UTF-8, a jsonl line that is not JSON
+or lacks the text field is recorded in `SourceErrors` (file, line, reason) and skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import sysconfig
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".js", ".ts", ".html", ".tex", ".json"}
+
+
+@dataclass
+class Document:
+    text: str
+    source: str  # file path (or dataset name) it came from
+    line: int | None = None  # 1-based line for jsonl, row for parquet
+
+
+@dataclass
+class SourceErrors:
+    """Problems met while reading; each entry is (file, line or None, reason)."""
+
+    entries: list[tuple[str, int | None, str]] = field(default_factory=list)
+    max_kept: int = 1000  # keep the first ones verbatim, count the rest
+
+    count: int = 0
+
+    def add(self, file: str, line: int | None, reason: str) -> None:
+        self.count += 1
+        if len(self.entries) < self.max_kept:
+            self.entries.append((file, line, reason))
+
+    def summary(self) -> list[str]:
+        return [f"{f}:{ln}: {r}" if ln is not None else f"{f}: {r}" for f, ln, r in self.entries]
+
+
+def stdlib_files() -> list[Path]:
+    """The .py files of this interpreter's standard library (site-packages excluded), sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    return sorted(
+        p for p in root.rglob("*.py") if "site-packages" not in p.parts and p.is_file()
+    )
+
+
+def expand_source(spec: str) -> list[str]:
+    """The files (or the one dataset spec) a source stands for, in a fixed order."""
+    if spec == "stdlib":
+        return [str(p) for p in stdlib_files()]
+    if spec.startswith("hf:"):
+        return [spec]
+    path = Path(spec)
+    if path.is_dir():
+        files = sorted(p for p in path.rglob("*") if p.is_file() and _is_text_file(p))
+        return [str(p) for p in files]
+    if path.is_file():
+        return [str(path)]
+    raise FileNotFoundError(f"data source {spec!r}: no such file or folder")
+
+
+def _is_text_file(path: Path) -> bool:
+    return path.suffix in TEXT_SUFFIXES or path.suffix in (".jsonl", ".parquet")
+
+
+def iter_file(path: str, errors: SourceErrors, text_field: str = "text") -> Iterator[Document]:
+    """The documents of one expanded source entry."""
+    if path.startswith("hf:"):
+        yield from _iter_hf(path, text_field)
+        return
+    suffix = Path(path).suffix
+    try:
+        if suffix == ".jsonl":
+            yield from _iter_jsonl(path, errors, text_field)
+        elif suffix == ".parquet":
+            yield from _iter_parquet(path, errors, text_field)
+        else:
+            raw = Path(path).read_bytes()
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                errors.add(path, None, f"invalid UTF-8 at byte {e.start}; file skipped")
+                return
+            yield Document(text, path)
+    except OSError as e:
+        errors.add(path, None, f"unreadable: {e.strerror or e}")
+
+
+def _iter_jsonl(path: str, errors: SourceErrors, text_field: str) -> Iterator[Document]:
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, start=1):
+            if not raw.strip():
+                continue
+            try:
+                record = json.loads(raw.decode("utf-8"))
+            except UnicodeDecodeError as e:
+                errors.add(path, number, f"invalid UTF-8 at byte {e.start}")
+                continue
+            except json.JSONDecodeError as e:
+                errors.add(path, number, f"not JSON ({e.msg})")
+                continue
+            text = record.get(text_field) if isinstance(record, dict) else None
+            if not isinstance(text, str):
+                errors.add(path, number, f"no string field {text_field!r}")
+                continue
+            yield Document(text, path, number)
+
+
+def _iter_parquet(path: str, errors: SourceErrors, text_field: str) -> Iterator[Document]:
+    import pyarrow.parquet as pq
+
+    table = pq.ParquetFile(path)
+    if text_field not in table.schema_arrow.names:
+        errors.add(path, None, f"no column {text_field!r} (columns: {table.schema_arrow.names})")
+        return
+    row = 0
+    for batch in table.iter_batches(columns=[text_field]):
+        for text in batch.column(0).to_pylist():
+            row += 1
+            if isinstance(text, str):
+                yield Document(text, path, row)
+            else:
+                errors.add(path, row, f"{text_field!r} is not a string")
+
+
+def _iter_hf(spec: str, text_field: str) -> Iterator[Document]:
+    try:
+        import datasets
+    except ImportError as e:
+        raise RuntimeError(f"source {spec!r} needs the `datasets` package: pip install -e .[hf]") from e
+    parts = spec[3:].split(":")
+    name = parts[0]
+    config = parts[1] if len(parts) > 1 and parts[1] else None
+    split = parts[2] if len(parts) > 2 else "train"
+    stream = datasets.load_dataset(name, config, split=split, streaming=True)
+    for row, record in enumerate(stream, start=1):
+        text = record.get(text_field)
+        if isinstance(text, str):
+            yield Document(text, spec, row)
+
+
+def iter_documents(spec: str, errors: SourceErrors | None = None, text_field: str = "text"):
+    """Every document of a source spec, in a fixed order."""
+    errors = errors if errors is not None else SourceErrors()
+    for path in expand_source(spec):
+        yield from iter_file(path, errors, text_field)

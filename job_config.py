@@ -1,0 +1,262 @@
+"""The job config: one typed dataclass per section, loaded from TOML, overridden from the CLI.
+
+    python train.py --config configs/tiny.toml --optim.lr=1e-3 --train.steps=200
+
+Precedence: dataclass defaults < the TOML file < `--section.key=value` overrides. Unknown
+sections or keys and values of the wrong type stop with a message naming the key. The
+resolved config (every field, derived model fields filled in) is saved with each run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import tomllib
+
+from model.config import ModelConfig, model_config
+
+
+@dataclass
+class DataConfig:
+    path: str = "data_cache/stdlib-bpe4k"  # prepared data directory (shards + manifest.json)
+    sources: list[str] = field(default_factory=lambda: ["stdlib"])  # see data/sources.py
+    text_field: str = "text"  # field holding the text in jsonl / parquet / HF datasets
+    tokenizer: str = "train"  # "train" (byte-level BPE on the corpus), a tiktoken name, or a file
+    vocab_size: int = 4096  # size of the BPE trained when tokenizer = "train"
+    tokenizer_train_bytes: int = 40_000_000  # corpus bytes sampled to train the BPE
+    val_fraction: float = 0.02  # fraction of documents (by hash) held out for validation
+    shard_tokens: int = 4_000_000  # tokens per shard file
+    workers: int = 2  # tokenizer processes
+    max_bytes: int = 0  # stop reading sources after this many bytes (0: no limit)
+    document_masking: bool = False  # loader yields per-token document ids for attention
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # final learning rate as a fraction of the peak
+    schedule: str = "cosine"  # cosine | wsd (warmup-stable-decay) | constant
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # wsd: the last fraction of steps decays linearly to min_lr
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # on matrices only; norms and embeddings are not decayed
+    grad_clip: float = 1.0  # max global gradient norm (0: off)
+
+
+@dataclass
+class TrainConfig:
+    run_dir: str = "runs/tiny"
+    seed: int = 1337
+    steps: int = 400
+    seq_len: int = 256
+    batch_size: int = 32  # global batch in sequences (all ranks, all micro-batches)
+    micro_batch_size: int = 16  # sequences per rank per forward/backward
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 autocast on GPU, fp32 on CPU) | float32 | bfloat16
+    compile: bool = False  # torch.compile the model
+    fused_loss: bool = False  # chunked Triton linear + cross-entropy (kernels/cross_entropy.py)
+    z_loss: float = 0.0  # coefficient of the output softmax z-loss
+    val_every: int = 100  # validate every N steps (and at step 0 and the end); 0: never
+    val_batches: int = 8  # micro-batches per validation
+    log_every: int = 10
+    threads: int = 0  # torch CPU threads per process (0: PyTorch's default)
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 100  # save every N steps (and at the end, and on SIGTERM / SIGINT); 0: end only
+    keep: int = 2  # newest checkpoints kept on disk
+    resume: str = ""  # "" (fresh run), "latest" (newest in run_dir), or a checkpoint directory
+
+
+@dataclass
+class LoggingConfig:
+    wandb: bool = False  # log to Weights & Biases (offline mode when no API key is set)
+    wandb_project: str = "pretrain"
+    plot: bool = True  # write loss.png into the run directory
+
+
+@dataclass
+class ParallelConfig:
+    backend: str = "auto"  # process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+
+    @classmethod
+    def from_dict(cls, raw: dict, origin: str = "config") -> JobConfig:
+        """Build from nested dicts, rejecting unknown sections / keys and wrong types."""
+        sections = _section_types(cls)
+        for name in raw:
+            if name not in sections:
+                raise ConfigError(f"{origin}: unknown section [{name}]; known: {sorted(sections)}")
+        values = {}
+        for name, section_cls in sections.items():
+            section = raw.get(name, {})
+            if not isinstance(section, dict):
+                raise ConfigError(f"{origin}: [{name}] must be a table of keys")
+            if name == "model":
+                values[name] = _model_section(section, origin)
+            else:
+                values[name] = _build_section(section_cls, name, section, origin)
+        return cls(**values)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def validate(self) -> None:
+        t = self.train
+        if t.seq_len > self.model.max_seq_len:
+            raise ConfigError(
+                f"train.seq_len = {t.seq_len} exceeds model.max_seq_len = {self.model.max_seq_len}"
+            )
+        if self.optim.schedule not in ("cosine", "wsd", "constant"):
+            raise ConfigError(f"optim.schedule = {self.optim.schedule!r}: expected cosine|wsd|constant")
+        for name in ("steps", "seq_len", "batch_size", "micro_batch_size"):
+            if getattr(t, name) <= 0:
+                raise ConfigError(f"train.{name} = {getattr(t, name)}: expected a positive integer")
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def _section_types(cls) -> dict[str, typing.Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _check_type(key: str, value, expected, origin: str):
+    """Return value converted to `expected` (int -> float allowed), or raise naming the key."""
+    origin_type = typing.get_origin(expected)
+    if origin_type in (typing.Union, types.UnionType):
+        for option in typing.get_args(expected):
+            try:
+                return _check_type(key, value, option, origin)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{origin}: {key} = {value!r}: expected {expected}")
+    if origin_type is list:
+        (item_type,) = typing.get_args(expected)
+        if not isinstance(value, list):
+            raise ConfigError(f"{origin}: {key} = {value!r}: expected a list of {item_type.__name__}")
+        return [_check_type(f"{key}[{i}]", v, item_type, origin) for i, v in enumerate(value)]
+    if expected is type(None):
+        if value is None:
+            return None
+    elif expected is float and isinstance(value, int | float) and not isinstance(value, bool):
+        return float(value)
+    elif expected is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif expected in (bool, str) and type(value) is expected:
+        return value
+    name = getattr(expected, "__name__", str(expected))
+    raise ConfigError(f"{origin}: {key} = {value!r} ({type(value).__name__}): expected {name}")
+
+
+def _build_section(cls, name: str, section: dict, origin: str):
+    types_ = _section_types(cls)
+    kwargs = {}
+    for key, value in section.items():
+        if key not in types_:
+            raise ConfigError(
+                f"{origin}: unknown key {name}.{key}; known keys of [{name}]: {sorted(types_)}"
+            )
+        kwargs[key] = _check_type(f"{name}.{key}", value, types_[key], origin)
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        raise ConfigError(f"{origin}: {e}") from e
+
+
+def _model_section(section: dict, origin: str) -> ModelConfig:
+    section = dict(section)
+    size = section.pop("size", None)
+    types_ = _section_types(ModelConfig)
+    checked = {}
+    for key, value in section.items():
+        if key not in types_:
+            raise ConfigError(
+                f"{origin}: unknown key model.{key}; known keys of [model]: "
+                f"{sorted(['size', *types_])}"
+            )
+        checked[key] = _check_type(f"model.{key}", value, types_[key], origin)
+    try:
+        return model_config(size, **checked)
+    except ValueError as e:
+        raise ConfigError(f"{origin}: {e}") from e
+
+
+def parse_overrides(args: list[str]) -> dict:
+    """["--optim.lr=1e-3", "--data.sources=['a','b']"] -> {"optim": {"lr": 0.001}, ...}.
+
+    Values are parsed as TOML values (numbers, booleans, quoted strings, arrays); anything that
+    does not parse is taken as a bare string.
+    """
+    out: dict = {}
+    for arg in args:
+        if not arg.startswith("--") or "=" not in arg or "." not in arg.split("=", 1)[0]:
+            raise ConfigError(f"override {arg!r}: expected --section.key=value")
+        key, text = arg[2:].split("=", 1)
+        section, name = key.split(".", 1)
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        out.setdefault(section, {})[name] = value
+    return out
+
+
+def merge(base: dict, extra: dict) -> dict:
+    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
+    for section, values in extra.items():
+        if isinstance(values, dict) and isinstance(merged.get(section), dict):
+            merged[section].update(values)
+        else:
+            merged[section] = values
+    return merged
+
+
+def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
+    raw: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: not valid TOML ({e})") from e
+    origin = str(path) if path is not None else "config"
+    if overrides:
+        raw = merge(raw, parse_overrides(overrides))
+        origin += " + command line"
+    cfg = JobConfig.from_dict(raw, origin)
+    cfg.validate()
+    return cfg
+
+
+def to_toml(cfg: JobConfig) -> str:
+    """The resolved config as TOML (scalars and lists of scalars only)."""
+    lines = []
+    for section, values in cfg.to_dict().items():
+        lines.append(f"[{section}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+        lines.append("")
+    return "\n".join(lines)

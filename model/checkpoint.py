@@ -1,0 +1,128 @@
+"""Checkpoints of a run, and loading a trained model back from one.
+
+    runs/NAME/checkpoints/step_000100/
+        model.safetensors   the model's state dict (our parameter names, unsharded)
+        train_state.pt      optimizer, scheduler, data-loader position, RNG, step
+                            (plain tensors and containers: torch.load(weights_only=True))
+        config.json         the resolved job config
+    runs/NAME/checkpoints/latest   text file naming the newest complete step directory
+
+A checkpoint is written into a temporary directory that is renamed into place only when every
+file is on disk, so a run killed mid-save never leaves a checkpoint that looks complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+MODEL_FILE = "model.safetensors"
+STATE_FILE = "train_state.pt"
+CONFIG_FILE = "config.json"
+
+
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
+
+
+def save_checkpoint(
+    run_dir: str | Path,
+    step: int,
+    model_state: dict[str, torch.Tensor],
+    train_state: dict,
+    config: dict,
+    keep: int = 0,
+) -> Path:
+    """Write a checkpoint atomically; keep only the newest `keep` (0: all)."""
+    final = checkpoint_dir(run_dir, step)
+    root = final.parent
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = root / f".tmp_{final.name}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+    save_file(tensors, tmp / MODEL_FILE, metadata={"format": "pt"})
+    torch.save(train_state, tmp / STATE_FILE)
+    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+    for f in tmp.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    latest_tmp = root / "latest.tmp"
+    latest_tmp.write_text(final.name + "\n")
+    os.replace(latest_tmp, root / "latest")
+    if keep > 0:
+        steps = sorted(p for p in root.glob("step_*") if p.is_dir())
+        for old in steps[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
+    """The checkpoint directory of `step`, or the newest one; clear errors when missing."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"run directory {run_dir} does not exist")
+    root = run_dir / "checkpoints"
+    if step is not None:
+        path = checkpoint_dir(run_dir, step)
+        if not path.is_dir():
+            have = sorted(p.name for p in root.glob("step_*")) if root.is_dir() else []
+            raise FileNotFoundError(f"{path} does not exist; checkpoints in {root}: {have}")
+        return path
+    latest = root / "latest"
+    if not latest.exists():
+        raise FileNotFoundError(f"{run_dir} has no checkpoint ({latest} is missing)")
+    path = root / latest.read_text().strip()
+    if not path.is_dir():
+        raise FileNotFoundError(f"{latest} names {path.name}, which does not exist")
+    return path
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A checkpoint directory, or a run directory (its newest checkpoint)."""
+    path = Path(path)
+    if (path / MODEL_FILE).exists():
+        return path
+    return find_checkpoint(path)
+
+
+def load_train_state(ckpt: Path) -> dict:
+    return torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
+
+
+def load_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    path = ckpt / MODEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing")
+    return load_file(path)
+
+
+def load_config_dict(ckpt: Path) -> dict:
+    path = ckpt / CONFIG_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing")
+    return json.loads(path.read_text())
+
+
+def load_model(ckpt_or_run: str | Path, device: str | torch.device = "cpu"):
+    """(model, JobConfig, checkpoint dir) of a checkpoint or a run's newest checkpoint."""
+    from job_config import JobConfig
+    from model.transformer import build_model
+
+    ckpt = resolve_checkpoint(ckpt_or_run)
+    cfg = JobConfig.from_dict(load_config_dict(ckpt), str(ckpt / CONFIG_FILE))
+    model = build_model(cfg.model, device)
+    missing, unexpected = model.load_state_dict(load_model_state(ckpt), strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{ckpt / MODEL_FILE}: missing {missing}, unexpected {unexpected}")
+    model.eval()
+    return model, cfg, ckpt

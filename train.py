@@ -1,0 +1,420 @@
+"""The training entry point: config -> process group -> model -> data -> loop.
+
+    python train.py --config configs/tiny.toml                      # one process (CPU or GPU)
+    torchrun --nproc_per_node 2 train.py --config configs/tiny.toml # data parallel (DDP)
+    python train.py --config configs/tiny.toml --checkpoint.resume=latest
+
+Every step consumes one global batch of `train.batch_size` sequences, split over ranks and
+micro-batches (gradient accumulation), so the loss curve does not depend on the world size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import signal
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from data.loader import DataLoader, TokenStream, validation_batches
+from data.prepare import load_manifest
+from job_config import JobConfig, OptimConfig, load_config, to_toml
+from model.checkpoint import (
+    find_checkpoint,
+    load_model_state,
+    load_train_state,
+    resolve_checkpoint,
+    save_checkpoint,
+)
+from model.loss import lm_loss
+from model.transformer import Transformer, build_model
+from parallel.dist import (
+    DistInfo,
+    all_reduce_max,
+    all_reduce_mean,
+    all_reduce_sum,
+    cleanup,
+    init_distributed,
+)
+
+# Dense bf16 peak of known GPUs, for model FLOPs utilization.
+GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
+
+
+# --- optimizer and schedule -------------------------------------------------------------------
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device):
+    """AdamW; weight decay on matrices only (not on norms, biases or the embedding)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (decay if p.dim() >= 2 and "embed" not in name else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(
+        groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
+        fused=device.type == "cuda",
+    )
+
+
+def lr_factor(step: int, total: int, cfg: OptimConfig) -> float:
+    """Multiplier of the peak learning rate at `step`: linear warmup, then cosine / WSD decay."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    floor = cfg.min_lr_ratio
+    if cfg.schedule == "constant":
+        return 1.0
+    if cfg.schedule == "cosine":
+        progress = (step - cfg.warmup_steps) / max(1, total - cfg.warmup_steps)
+        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    decay_start = int(total * (1 - cfg.decay_fraction))  # wsd
+    if step < decay_start:
+        return 1.0
+    progress = (step - decay_start) / max(1, total - decay_start)
+    return 1.0 - (1 - floor) * min(progress, 1.0)
+
+
+# --- logging ----------------------------------------------------------------------------------
+
+
+def environment_info(dist_info: DistInfo) -> dict:
+    info = {
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "world_size": dist_info.world_size,
+        "device": str(dist_info.device),
+    }
+    if dist_info.device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(dist_info.device)
+        info["cuda"] = torch.version.cuda
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        pass
+    return info
+
+
+def gpu_peak_flops(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in GPU_PEAK_FLOPS.items() if k in name), None)
+
+
+def format_seconds(s: float) -> str:
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+class MetricsLog:
+    """Console + metrics.jsonl + optional wandb, on rank 0 only."""
+
+    def __init__(self, run_dir: Path, cfg: JobConfig, enabled: bool, resumed: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb = None
+        if not enabled:
+            return
+        if not resumed and self.path.exists():
+            self.path.unlink()
+        if cfg.logging.wandb:
+            import wandb
+
+            mode = "online" if os.environ.get("WANDB_API_KEY") else "offline"
+            self.wandb = wandb.init(
+                project=cfg.logging.wandb_project, name=run_dir.name, dir=str(run_dir),
+                config=cfg.to_dict(), mode=mode, resume="allow",
+            )
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "step"}, step=record["step"])
+
+    def close(self) -> None:
+        if self.wandb is not None:
+            self.wandb.finish()
+
+
+def plot_losses(run_dir: Path) -> None:
+    """loss.png from metrics.jsonl: training loss per step and validation loss."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    train = [(r["step"], r["loss"]) for r in records if "loss" in r]
+    val = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if train:
+        ax.plot(*zip(*train), label="train", lw=1)
+    if val:
+        ax.plot(*zip(*val), "o-", label="validation")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title(run_dir.name)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = run_dir / "loss.tmp.png"
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, run_dir / "loss.png")
+
+
+# --- the loop ---------------------------------------------------------------------------------
+
+
+class StopRequested:
+    """SIGTERM / SIGINT set a flag; the loop checkpoints at the next step boundary and exits."""
+
+    def __init__(self):
+        self.flag = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handler)
+
+    def _handler(self, signum, frame):
+        if self.flag:  # a second signal: give up immediately
+            raise KeyboardInterrupt
+        self.flag = True
+        print(f"\nsignal {signum}: saving a checkpoint at the end of this step", flush=True)
+
+
+def autocast_context(cfg: JobConfig, device: torch.device):
+    dtype = cfg.train.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype == "float32":
+        return nullcontext()
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise ValueError(f"train.dtype = {dtype!r}: expected auto, float32 or bfloat16")
+
+
+def compute_loss(model: nn.Module, raw: Transformer, batch, cfg: JobConfig, device) -> torch.Tensor:
+    inputs = batch.inputs.to(device, non_blocking=True)
+    targets = batch.targets.to(device, non_blocking=True)
+    doc_ids = batch.doc_ids.to(device) if batch.doc_ids is not None else None
+    hidden = model(inputs, doc_ids=doc_ids, return_hidden=True)
+    return lm_loss(hidden, raw.output_weight, targets, cfg.train.fused_loss, cfg.train.z_loss)
+
+
+@torch.no_grad()
+def validate(model, raw, batches, cfg: JobConfig, device) -> float:
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    with autocast_context(cfg, device):
+        for batch in batches:
+            total[0] += compute_loss(model, raw, batch, cfg, device).double()
+            total[1] += 1
+    model.train()
+    total = all_reduce_sum(total)
+    return (total[0] / total[1]).item()
+
+
+def train(cfg: JobConfig) -> dict:
+    t = cfg.train
+    dist_info = init_distributed(t.device, cfg.parallel.backend)
+    device, is_main = dist_info.device, dist_info.is_main
+    if t.threads:
+        torch.set_num_threads(t.threads)
+    run_dir = Path(t.run_dir)
+
+    # --- resume point ---
+    ckpt = None
+    if cfg.checkpoint.resume:
+        ckpt = (
+            find_checkpoint(run_dir) if cfg.checkpoint.resume == "latest"
+            else resolve_checkpoint(cfg.checkpoint.resume)
+        )
+
+    # --- data ---
+    manifest = load_manifest(cfg.data.path)
+    tok = manifest["tokenizer"]
+    if tok["n_vocab"] > cfg.model.vocab_size:
+        raise ValueError(
+            f"{cfg.data.path}/manifest.json: tokenizer {tok['name']!r} has {tok['n_vocab']} ids, "
+            f"more than model.vocab_size = {cfg.model.vocab_size}; raise model.vocab_size"
+        )
+    eot_id = tok["eot_id"] if cfg.data.document_masking else None
+    loader = DataLoader(
+        TokenStream(cfg.data.path, "train", manifest), t.seq_len, t.batch_size,
+        t.micro_batch_size, dist_info.rank, dist_info.world_size, t.seed, eot_id,
+    )
+    val_batches = validation_batches(
+        TokenStream(cfg.data.path, "val", manifest), t.seq_len, t.micro_batch_size,
+        t.val_batches, dist_info.rank, dist_info.world_size, eot_id,
+    )
+
+    # --- model and optimizer ---
+    raw = build_model(cfg.model, device, seed=t.seed)
+    model: nn.Module = raw
+    if t.compile:
+        model = torch.compile(model)
+    if dist_info.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
+    optimizer = build_optimizer(raw, cfg.optim, device)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, t.steps, cfg.optim)
+    )
+    start_step, tokens_seen = 0, 0
+    if ckpt is not None:
+        raw.load_state_dict(load_model_state(ckpt))
+        state = load_train_state(ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        loader.load_state_dict(state["loader"])
+        torch.set_rng_state(state["rng"]["torch"])
+        start_step, tokens_seen = state["step"], state["tokens_seen"]
+
+    # --- run directory, resolved config, environment ---
+    env = environment_info(dist_info)
+    n_params = sum(p.numel() for p in raw.parameters())
+    n_active = cfg.model.num_params(active=True)
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+        (run_dir / "run_info.json").write_text(json.dumps({"env": env, "manifest": manifest}, indent=1))
+        print(f"run {run_dir} | {json.dumps(env)}")
+        print(to_toml(cfg))
+        print(
+            f"model: {n_params / 1e6:.2f}M parameters ({n_active / 1e6:.2f}M active per token) | "
+            f"data: {loader.stream.num_tokens:,} train tokens, tokenizer {tok['name']} "
+            f"({tok['n_vocab']} ids) | {loader.accum_steps} micro-batches x {dist_info.world_size} "
+            f"ranks x {t.micro_batch_size} sequences x {t.seq_len} tokens per step"
+            + (f" | resuming from {ckpt} at step {start_step}" if ckpt else "")
+        )
+    log = MetricsLog(run_dir, cfg, is_main, resumed=ckpt is not None)
+    moe = None
+    if cfg.model.is_moe:
+        import model.moe as moe
+
+    def checkpoint(step: int) -> None:
+        if is_main:
+            train_state = {
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "loader": loader.state_dict(), "rng": {"torch": torch.get_rng_state()},
+                "step": step, "tokens_seen": tokens_seen,
+            }
+            path = save_checkpoint(
+                run_dir, step, raw.state_dict(), train_state, cfg.to_dict(), cfg.checkpoint.keep
+            )
+            print(f"checkpoint: {path}", flush=True)
+        from parallel.dist import barrier
+
+        barrier()
+
+    # --- loop ---
+    stop = StopRequested()
+    peak = gpu_peak_flops(device)
+    flops_per_token = cfg.model.flops_per_token(t.seq_len)
+    tokens_per_step = t.batch_size * t.seq_len
+    step = start_step
+    last_val = None
+    t_window, tokens_window = time.time(), 0
+    t_start = time.time()
+    model.train()
+    while True:
+        if t.val_every and (step % t.val_every == 0 or step == t.steps):
+            last_val = validate(model, raw, val_batches, cfg, device)
+            log.log({"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))})
+            if is_main:
+                print(f"step {step:5d} | val loss {last_val:.4f}", flush=True)
+        if step >= t.steps:
+            break
+        micro_batches = loader.next_step()
+        loss_sum = torch.zeros((), device=device)
+        for i, batch in enumerate(micro_batches):
+            last = i == len(micro_batches) - 1
+            sync = nullcontext() if last or not dist_info.distributed else model.no_sync()
+            with sync, autocast_context(cfg, device):
+                loss = compute_loss(model, raw, batch, cfg, device)
+                total = loss + moe.moe_aux_loss(raw) if moe else loss
+                (total / len(micro_batches)).backward()
+            loss_sum += loss.detach()
+        grad_norm = (
+            nn.utils.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip)
+            if cfg.optim.grad_clip > 0 else torch.zeros(())
+        )
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        scheduler.step()
+        if moe:
+            moe.moe_after_step(raw)
+        step += 1
+        tokens_seen += tokens_per_step
+        tokens_window += tokens_per_step
+        loss_value = all_reduce_mean(loss_sum / len(micro_batches)).item()
+        if not math.isfinite(loss_value):
+            raise FloatingPointError(f"step {step}: loss is {loss_value}; lower optim.lr?")
+        record = {
+            "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
+            "grad_norm": float(grad_norm), "tokens": tokens_seen,
+        }
+        if moe:
+            record.update(moe.moe_metrics(raw))
+        if step % t.log_every == 0 or step == t.steps:
+            elapsed = time.time() - t_window
+            tps = tokens_window / max(elapsed, 1e-9)
+            record["tokens_per_s"] = tps
+            msg = (
+                f"step {step:5d}/{t.steps} | loss {loss_value:.4f} | lr {record['lr']:.2e} | "
+                f"grad {record['grad_norm']:.2f} | {tps:,.0f} tok/s"
+            )
+            if peak:
+                record["mfu"] = flops_per_token * tps / (peak * dist_info.world_size)
+                msg += f" | MFU {100 * record['mfu']:.1f}%"
+            msg += f" | ETA {format_seconds((t.steps - step) * tokens_per_step / max(tps, 1e-9))}"
+            if is_main:
+                print(msg, flush=True)
+            t_window, tokens_window = time.time(), 0
+        log.log(record)
+        stop_now = all_reduce_max(torch.tensor(float(stop.flag), device=device)).item() > 0
+        if stop_now or step == t.steps or (cfg.checkpoint.every and step % cfg.checkpoint.every == 0):
+            checkpoint(step)
+        if stop_now:
+            log.close()
+            cleanup()
+            sys.exit(130)
+    if is_main:
+        print(f"done: {step} steps in {format_seconds(time.time() - t_start)}, val loss {last_val}")
+        if cfg.logging.plot:
+            plot_losses(run_dir)
+    log.close()
+    cleanup()
+    return {"val_loss": last_val, "step": step}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Train a Transformer language model.")
+    parser.add_argument("--config", required=True, help="TOML job config, e.g. configs/tiny.toml")
+    args, overrides = parser.parse_known_args(argv)
+    train(load_config(args.config, overrides))
+
+
+if __name__ == "__main__":
+    main()
