@@ -175,12 +175,13 @@ class MoE(nn.Module):
             return torch._grouped_mm(self._act(gate, up), w_down.transpose(-2, -1), offs=offs)
         # Every expert runs, even on zero rows, so every expert weight always gets a gradient
         # (zeros for an idle expert), as with the grouped GEMM.
-        out, start = [], 0
-        for e, n in enumerate(counts.tolist()):
-            rows = xs[start : start + n]
-            hidden = self._act(rows @ w_gate[e].t(), rows @ w_up[e].t())  # (n, H)
-            out.append(hidden @ w_down[e].t())  # (n, D)
-            start += n
+        # unbind (not w[e]) so the backward stacks the E gradients once instead of adding E
+        # full-size zero-padded ones.
+        out = []
+        groups = xs.split(counts.tolist())
+        for rows, wg, wu, wd in zip(groups, w_gate.unbind(0), w_up.unbind(0), w_down.unbind(0)):
+            hidden = self._act(rows @ wg.t(), rows @ wu.t())  # (n, H)
+            out.append(hidden @ wd.t())  # (n, D)
         return torch.cat(out)
 
     def _act(self, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
