@@ -44,12 +44,19 @@ from model.config import ModelConfig
 from model.transformer import FeedForward
 
 
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls on x run in: autocast's (train.py's bf16 on GPU) or x's own."""
+    if torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
 def grouped_mm_supported(x: torch.Tensor) -> bool:
     """torch._grouped_mm has fast kernels for bf16 on CUDA compute capability 9.0+ (Hopper)."""
     return (
         hasattr(torch, "_grouped_mm")
         and x.is_cuda
-        and x.dtype == torch.bfloat16
+        and compute_dtype(x) == torch.bfloat16
         and torch.cuda.get_device_capability(x.device) >= (9, 0)
     )
 
@@ -169,6 +176,9 @@ class MoE(nn.Module):
         if use_grouped is None:
             use_grouped = grouped_mm_supported(xs)
         if use_grouped:
+            # Autocast does not cover _grouped_mm: cast inputs and weights to the compute dtype.
+            dtype = compute_dtype(xs)
+            xs, w_gate, w_up, w_down = (t.to(dtype) for t in (xs, w_gate, w_up, w_down))
             offs = counts.cumsum(0).to(torch.int32)  # end row of each group
             gate = torch._grouped_mm(xs, w_gate.transpose(-2, -1), offs=offs)  # (M, H)
             up = torch._grouped_mm(xs, w_up.transpose(-2, -1), offs=offs)
