@@ -39,6 +39,21 @@ def check_expert_parallel(n_experts: int, ep_size: int) -> None:
         )
 
 
+def expert_parallel_groups(
+    ep: int, device_type: str = "cpu"
+) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """(ep group, replica group) of this rank from a (dp, ep) device mesh over the world: the ep
+    ranks are consecutive (rank // ep shares a group: keep them on one node for fast all-to-all)
+    and the replica group joins the ranks holding the same expert shard."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    if ep < 1 or world % ep:
+        raise ValueError(f"parallel.ep = {ep}: expected a divisor of the world size {world}")
+    mesh = init_device_mesh(device_type, (world // ep, ep), mesh_dim_names=("dp", "ep"))
+    return mesh.get_group("ep"), mesh.get_group("dp")
+
+
 class _AllToAll(torch.autograd.Function):
     """all_to_all_single with autograd: the backward is the reverse exchange of the gradients.
 

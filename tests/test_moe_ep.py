@@ -82,9 +82,11 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
     from parallel.expert_parallel import (
         apply_expert_parallel,
         clip_grad_norm_,
+        expert_parallel_groups,
         expert_parameter_names,
         full_state_dict,
         local_state_dict,
+        sync_expert_grads,
     )
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
@@ -100,12 +102,14 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         except ValueError as e:
             results["bad_error"] = str(e)
 
+        ep_group, replica_group = expert_parallel_groups(2)
+        assert dist.get_world_size(ep_group) == 2 and dist.get_world_size(replica_group) == 1
         for balance in ("bias", "aux"):
             cfg = make_cfg(balance)
             # Shard on the meta device, then initialize: the same weights as unsharded.
             with torch.device("meta"):
                 model = Transformer(cfg)
-            apply_expert_parallel(model, None)
+            apply_expert_parallel(model, ep_group)
             model.to_empty(device="cpu")
             model.init_weights(0)
             full_init = {k: v.clone() for k, v in full_state_dict(model).items()}
@@ -118,9 +122,13 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
                 dist.all_reduce(x)
                 return x / 2
 
+            def clip(m):
+                sync_expert_grads(m, replica_group)  # a no-op here: ep spans the world
+                return clip_grad_norm_(m, MAX_NORM)
+
             losses, norms = train(
                 ddp, make_data()[:, :, half],
-                clip=lambda m: clip_grad_norm_(m, MAX_NORM),
+                clip=clip,
                 after_step=moe_after_step,
                 loss_reduce=mean_over_ranks,
             )
