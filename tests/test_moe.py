@@ -307,3 +307,24 @@ def test_moe_transformer_learns():
 def test_bad_top_k_is_rejected():
     with pytest.raises(ValueError, match="moe_top_k = 5: expected between 1 and n_experts = 4"):
         tiny_cfg(n_experts=4, moe_top_k=5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_grouped_mm_on_gpu_matches_the_loop_in_bf16():
+    if torch.cuda.get_device_capability() < (9, 0):
+        pytest.skip("torch._grouped_mm needs compute capability 9.0+")
+    torch.manual_seed(9)
+    cfg = tiny_cfg(dim=64, expert_hidden=128, n_experts=8, n_shared_experts=1)
+    moe = make_moe(cfg, seed=9).cuda()
+    x = torch.randn(4, 64, cfg.dim, device="cuda", requires_grad=True)
+    outs = []
+    for grouped in (True, False):
+        moe.use_grouped_mm = grouped
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            out = moe(x)
+        (gx,) = torch.autograd.grad(out.float().square().sum(), x)
+        outs.append((out.float(), gx))
+    # Same bf16 products, different accumulation order: bf16-level agreement.
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=2e-2, atol=2e-2)
