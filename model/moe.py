@@ -306,3 +306,70 @@ def moe_metrics(model: nn.Module) -> dict[str, float]:
     if out:
         out["moe/max_min_ratio"] = worst
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI: how evenly a trained model spreads held-out tokens over its experts
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def load_balance_report(model: nn.Module, tokens: torch.Tensor, batch: int = 16) -> dict:
+    """Route `tokens` (n, T) through the model; moe_metrics over exactly those tokens."""
+    moe_metrics(model)  # drop anything recorded before
+    was_training = model.training
+    model.train()  # statistics are recorded in training mode (the model has no dropout)
+    for chunk in tokens.split(batch):
+        model(chunk)
+    for _, layer in moe_layers(model):
+        layer.last_aux_loss = None  # nothing here is a training step
+        layer._step_load = None
+    model.train(was_training)
+    return moe_metrics(model)
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+    from pathlib import Path
+
+    from data.shards import read_shard
+    from model.checkpoint import load_model
+
+    parser = argparse.ArgumentParser(
+        description="Per-layer expert load (max/min ratio) of a trained MoE on validation data."
+    )
+    parser.add_argument("--run", required=True, help="run directory or checkpoint directory")
+    parser.add_argument("--sequences", type=int, default=128, help="random validation windows")
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    model, cfg, ckpt = load_model(args.run)
+    if not cfg.model.is_moe:
+        raise SystemExit(f"{ckpt}: model.n_experts = 0, not a Mixture-of-Experts model")
+    shards = sorted(Path(cfg.data.path).glob("val_*.bin"))
+    if not shards:
+        raise SystemExit(f"{cfg.data.path}: no val_*.bin shards (data.path of {ckpt})")
+    val = read_shard(shards[0])
+    T = min(args.seq_len, cfg.model.max_seq_len, len(val) - 1)
+    gen = torch.Generator().manual_seed(args.seed)
+    # Windows at random offsets over the whole split, so that no single file dominates.
+    starts = torch.randint(0, len(val) - T, (args.sequences,), generator=gen).tolist()
+    tokens = torch.stack([torch.from_numpy(val[s : s + T].astype("int64")) for s in starts])
+    report = load_balance_report(model, tokens)
+    print(f"{ckpt}: {tokens.numel():,} validation tokens, balancing = {cfg.model.moe_balance!r}")
+    for name, _ in moe_layers(model):
+        fracs = [v for k, v in report.items() if k.startswith(f"moe/{name}/frac_e")]
+        print(
+            f"  {name}: max/min load {report[f'moe/{name}/max_min_ratio']:.2f} | fraction per "
+            f"expert {' '.join(f'{f:.3f}' for f in fracs)}"
+        )
+    print(f"  worst layer max/min load: {report['moe/max_min_ratio']:.2f}")
+
+
+if __name__ == "__main__":
+    # Run the imported module's main: under `python -m`, this file's classes are __main__.MoE,
+    # not the model.moe.MoE the model is built from, and isinstance checks would miss them.
+    from model.moe import main as _main
+
+    _main()

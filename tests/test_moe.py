@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from model.config import model_config
-from model.moe import MoE, moe_after_step, moe_aux_loss, moe_metrics
+from model.moe import MoE, load_balance_report, moe_after_step, moe_aux_loss, moe_metrics
 from model.transformer import build_model
 
 
@@ -283,6 +283,24 @@ def test_metrics_name_layers_and_count_only_training():
     assert len(fracs) == cfg.n_experts and sum(fracs) == pytest.approx(1.0)
     worst = max(metrics["moe/layer1/max_min_ratio"], metrics["moe/layer3/max_min_ratio"])
     assert metrics["moe/max_min_ratio"] == worst
+
+
+def test_load_balance_report_counts_exactly_the_given_tokens():
+    cfg = tiny_cfg(moe_balance="bias")
+    model = build_model(cfg, "cpu", seed=0).eval()
+    tokens = torch.randint(0, cfg.vocab_size, (5, 8))
+    report = load_balance_report(model, tokens, batch=2)
+    seen = []  # what layer 0's MoE receives
+    hook = model.blocks[0].mlp.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    with torch.no_grad():
+        model(tokens)
+    hook.remove()
+    idx, _ = model.blocks[0].mlp._route(seen[0].view(-1, cfg.dim))
+    load = torch.bincount(idx.flatten(), minlength=cfg.n_experts).float()
+    fracs = [report[f"moe/layer0/frac_e{j}"] for j in range(cfg.n_experts)]
+    torch.testing.assert_close(torch.tensor(fracs), load / load.sum())
+    assert not model.training  # mode restored
+    assert all(m._step_load is None for m in (b.mlp for b in model.blocks))  # no bias update
 
 
 def test_moe_transformer_learns():

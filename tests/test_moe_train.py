@@ -68,7 +68,7 @@ def bias(ckpt: Path) -> torch.Tensor:
     return torch.stack([state[f"blocks.{i}.mlp.expert_bias"] for i in range(2)])
 
 
-def test_moe_run_resumes_exactly_with_its_bias(data_dir, tmp_path):
+def test_moe_run_resumes_exactly_with_its_bias(data_dir, tmp_path, capsys):
     ref = tmp_path / "ref"
     train(data_dir, ref)
     want = losses(ref)
@@ -76,6 +76,13 @@ def test_moe_run_resumes_exactly_with_its_bias(data_dir, tmp_path):
     assert want[STEPS] < want[1]
     last = records(ref)[-1]
     assert {"moe/layer0/max_min_ratio", "moe/layer1/frac_e0", "moe/layer1/z_loss"} <= set(last)
+
+    # The load report CLI reads the run and its validation data.
+    from model.moe import main as load_report
+
+    load_report(["--run", str(ref), "--sequences", "8", "--seq-len", "32"])
+    out = capsys.readouterr().out
+    assert "256 validation tokens" in out and "layer1: max/min load" in out
 
     # Resume from the step-4 checkpoint into a fresh run directory.
     ckpt = ref / "checkpoints" / "step_000004"
