@@ -18,6 +18,11 @@ from pathlib import Path
 
 import tomllib
 
+from data.decontaminate import DecontamConfig
+from data.dedup import NearDedupConfig
+from data.pii import PIIConfig
+from data.pipeline import DEFAULT_STAGES
+from data.quality import QualityConfig
 from model.config import ModelConfig, model_config
 
 
@@ -34,6 +39,15 @@ class DataConfig:
     workers: int = 2  # tokenizer processes
     max_bytes: int = 0  # stop reading sources after this many bytes (0: no limit)
     document_masking: bool = False  # loader yields per-token document ids for attention
+    # Domain mixture for training: "prepared_dir=weight" entries; the loader draws each
+    # sequence from a domain with probability weight / sum (validation stays on `path`).
+    mixture: list[str] = field(default_factory=list)
+    # Cleaning stages run by data.prepare, in this order (data/pipeline.py); [] for none.
+    stages: list[str] = field(default_factory=lambda: list(DEFAULT_STAGES))
+    quality: QualityConfig = field(default_factory=QualityConfig)  # [data.quality]
+    near_dedup: NearDedupConfig = field(default_factory=NearDedupConfig)  # [data.near_dedup]
+    pii: PIIConfig = field(default_factory=PIIConfig)  # [data.pii]
+    decontaminate: DecontamConfig = field(default_factory=DecontamConfig)  # [data.decontaminate]
 
 
 @dataclass
@@ -67,6 +81,9 @@ class TrainConfig:
     val_batches: int = 8  # micro-batches per validation
     log_every: int = 10
     threads: int = 0  # torch CPU threads per process (0: PyTorch's default)
+    eval_tasks: list[str] = field(default_factory=list)  # benchmarks scored while training
+    eval_every: int = 0  # score eval_tasks every N steps (and at the end); 0: never
+    eval_limit: int = 200  # first N items of each task (0: all)
 
 
 @dataclass
@@ -127,6 +144,11 @@ class JobConfig:
             )
         if self.optim.schedule not in ("cosine", "wsd", "constant"):
             raise ConfigError(f"optim.schedule = {self.optim.schedule!r}: expected cosine|wsd|constant")
+        unknown = [s for s in self.data.stages if s not in DEFAULT_STAGES]
+        if unknown or len(set(self.data.stages)) != len(self.data.stages):
+            raise ConfigError(
+                f"data.stages = {self.data.stages}: each at most once, from {DEFAULT_STAGES}"
+            )
         for name in ("steps", "seq_len", "batch_size", "micro_batch_size"):
             if getattr(t, name) <= 0:
                 raise ConfigError(f"train.{name} = {getattr(t, name)}: expected a positive integer")
@@ -151,6 +173,10 @@ def _check_type(key: str, value, expected, origin: str):
             except ConfigError:
                 continue
         raise ConfigError(f"{origin}: {key} = {value!r}: expected {expected}")
+    if dataclasses.is_dataclass(expected):  # a nested table, e.g. [data.quality]
+        if not isinstance(value, dict):
+            raise ConfigError(f"{origin}: {key} must be a table of keys")
+        return _build_section(expected, key, value, origin)
     if origin_type is list:
         (item_type,) = typing.get_args(expected)
         if not isinstance(value, list):
@@ -213,22 +239,26 @@ def parse_overrides(args: list[str]) -> dict:
         if not arg.startswith("--") or "=" not in arg or "." not in arg.split("=", 1)[0]:
             raise ConfigError(f"override {arg!r}: expected --section.key=value")
         key, text = arg[2:].split("=", 1)
-        section, name = key.split(".", 1)
+        *tables, name = key.split(".")  # --data.quality.profile=x sets [data.quality] profile
         try:
             value = tomllib.loads(f"v = {text}")["v"]
         except tomllib.TOMLDecodeError:
             value = text
-        out.setdefault(section, {})[name] = value
+        node = out
+        for table in tables:
+            node = node.setdefault(table, {})
+        node[name] = value
     return out
 
 
 def merge(base: dict, extra: dict) -> dict:
-    merged = {k: dict(v) if isinstance(v, dict) else v for k, v in base.items()}
-    for section, values in extra.items():
-        if isinstance(values, dict) and isinstance(merged.get(section), dict):
-            merged[section].update(values)
+    """`extra` over `base`, nested tables merged key by key."""
+    merged = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = merge(merged[key], value)
         else:
-            merged[section] = values
+            merged[key] = value
     return merged
 
 
@@ -253,10 +283,18 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
 
 def to_toml(cfg: JobConfig) -> str:
     """The resolved config as TOML (scalars and lists of scalars only)."""
-    lines = []
-    for section, values in cfg.to_dict().items():
-        lines.append(f"[{section}]")
+    lines: list[str] = []
+
+    def table(name: str, values: dict) -> None:
+        lines.append(f"[{name}]")
+        nested = {k: v for k, v in values.items() if isinstance(v, dict)}
         for key, value in values.items():
-            lines.append(f"{key} = {json.dumps(value)}")
+            if key not in nested:
+                lines.append(f"{key} = {json.dumps(value)}")
         lines.append("")
+        for key, value in nested.items():  # e.g. [data.quality], after data's own keys
+            table(f"{name}.{key}", value)
+
+    for section, values in cfg.to_dict().items():
+        table(section, values)
     return "\n".join(lines)

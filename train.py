@@ -127,14 +127,20 @@ def format_seconds(s: float) -> str:
 class MetricsLog:
     """Console + metrics.jsonl + optional wandb, on rank 0 only."""
 
-    def __init__(self, run_dir: Path, cfg: JobConfig, enabled: bool, resumed: bool):
+    def __init__(self, run_dir: Path, cfg: JobConfig, enabled: bool, resumed: int | None):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.wandb = None
         if not enabled:
             return
-        if not resumed and self.path.exists():
-            self.path.unlink()
+        if self.path.exists():
+            # A fresh run starts a new log; a resumed one drops what the killed run logged
+            # after its checkpoint, so every step appears once.
+            keep = [
+                line for line in self.path.read_text().splitlines()
+                if resumed is not None and self._before(json.loads(line), resumed)
+            ]
+            self.path.write_text("".join(line + "\n" for line in keep))
         if cfg.logging.wandb:
             import wandb
 
@@ -143,6 +149,11 @@ class MetricsLog:
                 project=cfg.logging.wandb_project, name=run_dir.name, dir=str(run_dir),
                 config=cfg.to_dict(), mode=mode, resume="allow",
             )
+
+    @staticmethod
+    def _before(record: dict, step: int) -> bool:
+        """Logged before the checkpoint of `step` was written (validation at `step` comes after)."""
+        return record["step"] < step or (record["step"] == step and "loss" in record)
 
     def log(self, record: dict) -> None:
         if not self.enabled:
@@ -267,6 +278,14 @@ def train(cfg: JobConfig) -> dict:
         TokenStream(cfg.data.path, "val", manifest), t.seq_len, t.micro_batch_size,
         t.val_batches, dist_info.rank, dist_info.world_size, eot_id,
     )
+    benchmarks = {}  # benchmark items scored every train.eval_every steps (eval/harness.py)
+    if t.eval_tasks and t.eval_every:
+        from data.prepare import manifest_tokenizer
+        from eval import harness
+        from eval.tasks import load_task
+
+        tokenizer = manifest_tokenizer(cfg.data.path, manifest)
+        benchmarks = {name: load_task(name, limit=t.eval_limit or None) for name in t.eval_tasks}
 
     # --- model and optimizer ---
     raw = build_model(cfg.model, device, seed=t.seed)
@@ -308,7 +327,7 @@ def train(cfg: JobConfig) -> dict:
             f"ranks x {t.micro_batch_size} sequences x {t.seq_len} tokens per step"
             + (f" | resuming from {ckpt} at step {start_step}" if ckpt else "")
         )
-    log = MetricsLog(run_dir, cfg, is_main, resumed=ckpt is not None)
+    log = MetricsLog(run_dir, cfg, is_main, resumed=start_step if ckpt is not None else None)
     moe = None
     if cfg.model.is_moe:
         import model.moe as moe
@@ -344,6 +363,17 @@ def train(cfg: JobConfig) -> dict:
             log.log({"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))})
             if is_main:
                 print(f"step {step:5d} | val loss {last_val:.4f}", flush=True)
+        if benchmarks and (step % t.eval_every == 0 or step == t.steps):
+            # Every rank scores the same items (a sharded model needs all ranks in each forward).
+            with autocast_context(cfg, device):
+                lm = harness.TransformerLogLikelihood(raw, batch_size=t.micro_batch_size)
+                results = {
+                    name: harness.evaluate_task(lm, tokenizer, name, items, progress=False)
+                    for name, items in benchmarks.items()
+                }
+            log.log({"step": step, **harness.flat_metrics(results)})
+            if is_main:
+                print(f"step {step:5d} | {harness.summary_line(results)}", flush=True)
         if step >= t.steps:
             break
         micro_batches = loader.next_step()

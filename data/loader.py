@@ -110,10 +110,11 @@ class DataLoader:
     def _permutation(self, epoch: int) -> np.ndarray:
         return np.random.default_rng([self.seed, epoch]).permutation(self.num_windows)
 
-    def _take_global(self) -> np.ndarray:
-        """Window ids of the next global batch; advances the state."""
-        ids = []
-        need = self.batch_size
+    def _take_global(self, count: int | None = None) -> np.ndarray:
+        """Window ids of the next global batch (or of the next `count` windows); advances the
+        state."""
+        ids = [np.zeros(0, np.int64)]
+        need = self.batch_size if count is None else count
         while need:
             take = min(need, self.num_windows - self.position)
             ids.append(self._order[self.position : self.position + take])
@@ -156,3 +157,141 @@ def validation_batches(
         make_batch(stream, np.arange(j * micro_batch_size, (j + 1) * micro_batch_size), seq_len, eot_id)
         for j in range(rank, total, world_size)
     ]
+
+
+class MixtureLoader:
+    """Training batches drawn from several prepared datasets (domains) by weight.
+
+    For global step s, every sequence of the batch picks its domain with a generator seeded by
+    (seed, s), so the draw does not depend on the world size or on resuming; each domain hands
+    out windows from its own `DataLoader` order (its own epochs). The state is the step, each
+    domain loader's state and the windows seen per domain; resuming with other domains or
+    weights is refused, so a resumed run keeps its mixture.
+    """
+
+    def __init__(
+        self,
+        streams: dict[str, TokenStream],
+        weights: dict[str, float],
+        seq_len: int,
+        batch_size: int,
+        micro_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        eot_id: int | None = None,
+    ):
+        if set(streams) != set(weights) or not streams:
+            raise ValueError(f"mixture: domains {sorted(streams)} vs weights {sorted(weights)}")
+        if any(w < 0 for w in weights.values()) or sum(weights.values()) <= 0:
+            raise ValueError(f"mixture weights must be >= 0 with a positive sum, got {weights}")
+        self.names = list(streams)
+        total = sum(weights.values())
+        self.weights = np.array([weights[n] / total for n in self.names])  # (D,)
+        self.loaders = [
+            DataLoader(streams[n], seq_len, batch_size, micro_batch_size, rank, world_size,
+                       seed + 1000 * (i + 1), eot_id)
+            for i, n in enumerate(self.names)
+        ]
+        self.seq_len, self.batch_size, self.micro = seq_len, batch_size, micro_batch_size
+        self.rank, self.world, self.seed, self.eot_id = rank, world_size, seed, eot_id
+        self.accum_steps = self.loaders[0].accum_steps
+        self.stream = self.loaders[0].stream  # for logging token counts, like DataLoader
+        self.step = 0
+        self.seen = np.zeros(len(self.names), np.int64)  # windows drawn per domain
+
+    def next_step(self) -> list[Batch]:
+        """This rank's micro-batches of the next global batch, sequences mixed by weight."""
+        rng = np.random.default_rng([self.seed, 0x6D6978, self.step])
+        domains = rng.choice(len(self.names), size=self.batch_size, p=self.weights)  # (B,)
+        windows = np.empty(self.batch_size, np.int64)
+        for d, loader in enumerate(self.loaders):
+            where = np.flatnonzero(domains == d)
+            windows[where] = loader._take_global(len(where))
+        self.seen += np.bincount(domains, minlength=len(self.names))
+        self.step += 1
+        T = self.seq_len
+        micro = []
+        for m in range(self.accum_steps):
+            sl = slice((m * self.world + self.rank) * self.micro,
+                       (m * self.world + self.rank + 1) * self.micro)
+            rows = np.stack([self.loaders[d].stream.read(int(w) * T, T + 1)
+                             for d, w in zip(domains[sl], windows[sl])])  # (micro, T+1)
+            inputs, targets = rows[:, :-1], rows[:, 1:]
+            doc_ids = None
+            if self.eot_id is not None:
+                doc_ids = torch.from_numpy(document_ids(inputs, self.eot_id))
+            micro.append(Batch(torch.from_numpy(inputs.copy()), torch.from_numpy(targets.copy()),
+                               doc_ids))
+        return micro
+
+    def mixture_seen(self) -> dict[str, float]:
+        """Fraction of training sequences drawn from each domain so far (for the logs)."""
+        total = max(int(self.seen.sum()), 1)
+        return {n: int(c) / total for n, c in zip(self.names, self.seen)}
+
+    def state_dict(self) -> dict:
+        return {
+            "step": self.step,
+            "names": list(self.names),
+            "weights": self.weights.tolist(),
+            "seen": self.seen.tolist(),
+            "loaders": [loader.state_dict() for loader in self.loaders],
+            "seed": self.seed,
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        if "names" not in state:
+            raise ValueError("loader state is not a mixture's; resume with the same data config")
+        if state["names"] != self.names or not np.allclose(state["weights"], self.weights):
+            raise ValueError(
+                f"loader state has mixture {dict(zip(state['names'], state['weights']))}, this "
+                f"run has {dict(zip(self.names, self.weights.tolist()))}"
+            )
+        if state["seed"] != self.seed:
+            raise ValueError(f"loader state has seed {state['seed']}, this run uses {self.seed}")
+        self.step = int(state["step"])
+        self.seen = np.array(state["seen"], np.int64)
+        for loader, sub in zip(self.loaders, state["loaders"]):
+            loader.load_state_dict(sub)
+
+
+def parse_mixture(entries: list[str]) -> dict[str, float]:
+    """["data_cache/code=3", "data_cache/web=1"] -> {path: weight} (data.mixture)."""
+    out: dict[str, float] = {}
+    for entry in entries:
+        path, sep, weight = entry.rpartition("=")
+        try:
+            value = float(weight)
+        except ValueError:
+            value = -1.0
+        if not sep or not path or value < 0:
+            raise ValueError(f"data.mixture entry {entry!r}: expected 'prepared_dir=weight'")
+        out[path] = value
+    return out
+
+
+def build_train_loader(
+    data_cfg, manifest: dict, seq_len: int, batch_size: int, micro_batch_size: int,
+    rank: int = 0, world_size: int = 1, seed: int = 0, eot_id: int | None = None,
+) -> DataLoader | MixtureLoader:
+    """The training loader of a config: one dataset (`data.path`), or the domains of
+    `data.mixture`, which must share `data.path`'s tokenizer."""
+    if not data_cfg.mixture:
+        return DataLoader(TokenStream(data_cfg.path, "train", manifest), seq_len, batch_size,
+                          micro_batch_size, rank, world_size, seed, eot_id)
+    from data.prepare import load_manifest
+
+    weights = parse_mixture(data_cfg.mixture)
+    streams = {}
+    for path in weights:
+        domain_manifest = load_manifest(path)
+        if domain_manifest["tokenizer"]["sha256"] != manifest["tokenizer"]["sha256"]:
+            raise ValueError(
+                f"data.mixture: {path} was tokenized with {domain_manifest['tokenizer']['name']!r}"
+                f", data.path {data_cfg.path} with {manifest['tokenizer']['name']!r}; a mixture "
+                f"needs one tokenizer"
+            )
+        streams[path] = TokenStream(path, "train", domain_manifest)
+    return MixtureLoader(streams, weights, seq_len, batch_size, micro_batch_size, rank,
+                         world_size, seed, eot_id)

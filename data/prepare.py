@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from data.pipeline import build_pipeline
 from data.shards import read_header, token_dtype, write_shard
 from data.sources import Document, SourceErrors, iter_documents
 from data.tokenizer import Tokenizer, load_tokenizer, train_bpe
@@ -50,7 +51,7 @@ def iter_corpus(cfg: DataConfig, errors: SourceErrors) -> Iterator[Document]:
             yield doc
 
 
-def resolve_tokenizer(cfg: DataConfig, out: Path, errors: SourceErrors) -> Tokenizer:
+def resolve_tokenizer(cfg: DataConfig, out: Path) -> Tokenizer:
     if cfg.tokenizer != "train":
         return load_tokenizer(cfg.tokenizer)
     path = out / TOKENIZER_FILE
@@ -59,7 +60,8 @@ def resolve_tokenizer(cfg: DataConfig, out: Path, errors: SourceErrors) -> Token
 
     def sample() -> Iterator[str]:
         taken = 0
-        for doc in iter_corpus(cfg, errors):
+        # Source errors are reported by the main pass below, not twice.
+        for doc in iter_corpus(cfg, SourceErrors()):
             if taken >= cfg.tokenizer_train_bytes:
                 return
             taken += len(doc.text)
@@ -141,16 +143,20 @@ def prepare(cfg: DataConfig, dry_run: bool = False) -> dict:
             f"{manifest_path} was prepared with other settings; choose another data.path "
             f"or delete {out}"
         )
-    out.mkdir(parents=True, exist_ok=True)
     errors = SourceErrors()
-    tokenizer = resolve_tokenizer(cfg, out, errors)
+    if next(iter_corpus(cfg, SourceErrors()), None) is None:
+        raise PrepareError(f"no documents found in data.sources = {cfg.sources}")
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = resolve_tokenizer(cfg, out)
     tokenizer_spec = str(out / TOKENIZER_FILE) if cfg.tokenizer == "train" else cfg.tokenizer
     # The manifest names a trained tokenizer relative to the data dir, so the dir can move.
     manifest_spec = TOKENIZER_FILE if cfg.tokenizer == "train" else cfg.tokenizer
 
     counts = {s: {"documents": 0, "chars": 0, "tokens": 0, "shards": []} for s in ("train", "val")}
     docs = iter_corpus(cfg, errors)
-    # (cleaning stages plug in here: docs = pipeline(docs))
+    # Cleaning stages (data/pipeline.py): deterministic, so a rerun yields the same shards.
+    pipeline = build_pipeline(cfg)
+    docs = pipeline.documents(docs, workers=cfg.workers, progress=sys.stdout.isatty())
     units = iter_units(docs, cfg, counts)
     t0 = time.time()
     bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, file=sys.stdout, mininterval=2)
@@ -179,6 +185,11 @@ def prepare(cfg: DataConfig, dry_run: bool = False) -> dict:
                 counts[split]["shards"].append({"file": name, "tokens": n})
     bar.close()
     if counts["train"]["documents"] == 0:
+        if pipeline.stats and pipeline.stats[0].docs_in:
+            raise PrepareError(
+                f"the cleaning stages (data.stages) removed all {pipeline.stats[0].docs_in} "
+                f"documents:\n{pipeline.summary()}"
+            )
         raise PrepareError(f"no documents found in data.sources = {cfg.sources}")
     if counts["val"]["documents"] == 0:
         raise PrepareError(
@@ -193,9 +204,10 @@ def prepare(cfg: DataConfig, dry_run: bool = False) -> dict:
         "train": counts["train"],
         "val": counts["val"],
         "source_errors": {"count": errors.count, "first": errors.summary()[:100]},
-        "stages": {},
+        "stages": pipeline.stats_dict(),
         "seconds": round(elapsed, 2),
     }
+    print(pipeline.summary())
     for line in errors.summary()[:20]:
         print(f"warning: {line}")
     total = counts["train"]["tokens"] + counts["val"]["tokens"]

@@ -141,7 +141,7 @@ def _iter_hf(spec: str, text_field: str) -> Iterator[Document]:
     try:
         import datasets
     except ImportError as e:
-        raise RuntimeError(f"source {spec!r} needs the `datasets` package: pip install -e .[hf]") from e
+        raise RuntimeError(f"source {spec!r} needs the `datasets` package: pip install -e .[hub]") from e
     parts = spec[3:].split(":")
     name = parts[0]
     config = parts[1] if len(parts) > 1 and parts[1] else None

@@ -9,3 +9,21 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """A prepared data dir: ~1 MB of the standard library, a 512-id BPE trained on it."""
+    from data.prepare import prepare
+    from job_config import DataConfig
+
+    path = tmp_path_factory.mktemp("data") / "stdlib-512"
+    cfg = DataConfig(
+        path=str(path), sources=["stdlib"], vocab_size=512, max_bytes=1_000_000,
+        tokenizer_train_bytes=300_000, shard_tokens=60_000, val_fraction=0.05, workers=2,
+    )
+    prepare(cfg)
+    return path
