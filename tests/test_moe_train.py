@@ -8,29 +8,11 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 REPO = Path(__file__).resolve().parent.parent
 STEPS = 8
-
-
-@pytest.fixture(scope="module")
-def data_dir(request, tmp_path_factory) -> Path:
-    """The suite's shared tiny corpus when tests/conftest.py provides it, else our own."""
-    try:
-        return Path(request.getfixturevalue("tiny_data"))
-    except pytest.FixtureLookupError:
-        from data.prepare import prepare
-        from job_config import DataConfig
-
-        path = tmp_path_factory.mktemp("data") / "stdlib-512"
-        prepare(DataConfig(
-            path=str(path), sources=["stdlib"], vocab_size=512, max_bytes=400_000,
-            tokenizer_train_bytes=200_000, shard_tokens=40_000, val_fraction=0.2, workers=1,
-        ))
-        return path
 
 
 def train(data: Path, run_dir: Path, **extra) -> None:
@@ -68,7 +50,8 @@ def bias(ckpt: Path) -> torch.Tensor:
     return torch.stack([state[f"blocks.{i}.mlp.expert_bias"] for i in range(2)])
 
 
-def test_moe_run_resumes_exactly_with_its_bias(data_dir, tmp_path, capsys):
+def test_moe_run_resumes_exactly_with_its_bias(tiny_data, tmp_path, capsys):
+    data_dir = tiny_data  # the suite's prepared corpus (tests/conftest.py)
     ref = tmp_path / "ref"
     train(data_dir, ref)
     want = losses(ref)
