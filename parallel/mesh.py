@@ -77,6 +77,12 @@ def check_parallel(cfg: JobConfig, world_size: int) -> ParallelDims:
         if p.data_parallel == "ddp" and p.dp_replicate * dp_shard > 1:
             fail("parallel.tp > 1 with data parallelism needs parallel.data_parallel = 'fsdp'")
     if p.ep > 1:
+        # parallel/expert_parallel.py shards the experts, but composing it here still needs:
+        # expert parameters left out of FSDP / DDP, their gradients averaged over the replica
+        # ranks, its EP-aware clipping, and checkpoints of gathered experts. Until then a run
+        # would silently treat different expert shards as replicas, so it stops here.
+        fail(f"parallel.ep = {p.ep}: expert parallelism is not yet composed with parallelize() "
+             f"(FSDP/DDP, clipping, checkpoints); use parallel.ep = 1")
         if not m.is_moe:
             fail(f"parallel.ep = {p.ep} but the model has no experts (model.n_experts = 0)")
         if dp_shard % p.ep:

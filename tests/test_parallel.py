@@ -277,6 +277,7 @@ def _job(**parallel):
         (3, {"tp": 2}, "does not divide the world size 3"),
         (2, {"dp_shard": 4}, "not the world size 2"),
         (4, {"tp": 4}, "larger than model.n_kv_heads = 2"),
+        (2, {"ep": 2}, "parallel.ep = 2: expert parallelism is not yet composed"),
         (6, {"dp_replicate": 3, "dp_shard": 2}, "train.batch_size = 8 is not a multiple of "
                                                  "train.micro_batch_size (2) x data-parallel ranks (6)"),
     ],
