@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from data.loader import DataLoader, TokenStream, validation_batches
+from data.loader import TokenStream, build_train_loader, validation_batches
 from data.prepare import load_manifest
 from job_config import JobConfig, OptimConfig, load_config, to_toml
 from model.checkpoint import find_checkpoint, resolve_checkpoint
@@ -278,9 +278,9 @@ def train(cfg: JobConfig) -> dict:
             f"more than model.vocab_size = {cfg.model.vocab_size}; raise model.vocab_size"
         )
     eot_id = tok["eot_id"] if cfg.data.document_masking else None
-    loader = DataLoader(
-        TokenStream(cfg.data.path, "train", manifest), t.seq_len, t.batch_size,
-        t.micro_batch_size, mesh.dp_rank, mesh.dp_size, t.seed, eot_id,
+    loader = build_train_loader(  # one dataset, or the weighted domains of data.mixture
+        cfg.data, manifest, t.seq_len, t.batch_size, t.micro_batch_size,
+        mesh.dp_rank, mesh.dp_size, t.seed, eot_id,
     )  # ranks of one tensor-parallel group read the same batch
     val_batches = validation_batches(
         TokenStream(cfg.data.path, "val", manifest), t.seq_len, t.micro_batch_size,
@@ -411,9 +411,11 @@ def train(cfg: JobConfig) -> dict:
             "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm), "tokens": tokens_seen,
         }
-        if moe:
-            record.update(moe.moe_metrics(raw))
         if step % t.log_every == 0 or step == t.steps:
+            if moe:  # expert loads accumulated since the last log line
+                record.update(moe.moe_metrics(raw))
+            if hasattr(loader, "mixture_seen"):
+                record.update({f"mixture/{k}": v for k, v in loader.mixture_seen().items()})
             elapsed = time.time() - t_window
             tps = tokens_window / max(elapsed, 1e-9)
             record["tokens_per_s"] = tps
