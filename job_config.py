@@ -102,7 +102,40 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
+    """How the world of processes is split (see parallel/mesh.py): dp_replicate x dp_shard x tp
+    ranks; ep (expert parallel, MoE) is carved out of dp_shard."""
+
     backend: str = "auto"  # process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo
+    engine: str = "native"  # native (PyTorch: DDP / FSDP2 / DTensor TP) | deepspeed (ZeRO)
+    dp_replicate: int = 1  # data-parallel replicas (HSDP: FSDP inside a replica, DDP-like across)
+    dp_shard: int = -1  # data-parallel ranks that shard parameters; -1: the rest of the world
+    tp: int = 1  # tensor-parallel ranks (Megatron-style column/row split + sequence parallel)
+    ep: int = 1  # expert-parallel ranks for MoE layers; must divide dp_shard
+    data_parallel: str = "fsdp"  # fsdp (FSDP2 fully_shard) | ddp (DistributedDataParallel)
+    activation_checkpointing: str = "none"  # none | selective (keep matmuls, recompute rest) | full
+    param_dtype: str = "auto"  # FSDP2 compute dtype: auto (= train dtype) | float32 | bfloat16
+    reduce_dtype: str = "float32"  # FSDP2 gradient reduction dtype
+    zero_stage: int = 2  # deepspeed engine: ZeRO stage 1, 2 or 3
+    offload_optimizer: bool = False  # deepspeed engine: optimizer states and step on the CPU
+
+    def __post_init__(self) -> None:
+        choices = {
+            "engine": ("native", "deepspeed"),
+            "data_parallel": ("fsdp", "ddp"),
+            "activation_checkpointing": ("none", "selective", "full"),
+            "param_dtype": ("auto", "float32", "bfloat16"),
+            "reduce_dtype": ("float32", "bfloat16"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"parallel.{name} = {getattr(self, name)!r}: expected one of {allowed}")
+        for name in ("dp_replicate", "tp", "ep"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} = {getattr(self, name)}: expected >= 1")
+        if self.dp_shard == 0 or self.dp_shard < -1:
+            raise ValueError(f"parallel.dp_shard = {self.dp_shard}: expected >= 1, or -1 (the rest)")
+        if self.zero_stage not in (1, 2, 3):
+            raise ValueError(f"parallel.zero_stage = {self.zero_stage}: expected 1, 2 or 3")
 
 
 @dataclass

@@ -24,26 +24,26 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from data.loader import DataLoader, TokenStream, validation_batches
+from data.loader import TokenStream, build_train_loader, validation_batches
 from data.prepare import load_manifest
 from job_config import JobConfig, OptimConfig, load_config, to_toml
-from model.checkpoint import (
-    find_checkpoint,
-    load_model_state,
-    load_train_state,
-    resolve_checkpoint,
-    save_checkpoint,
-)
+from model.checkpoint import find_checkpoint, resolve_checkpoint
 from model.loss import lm_loss
 from model.transformer import Transformer, build_model
+from parallel.checkpoint_dcp import load_train_checkpoint, save_train_checkpoint
 from parallel.dist import (
     DistInfo,
     all_reduce_max,
     all_reduce_mean,
     all_reduce_sum,
     cleanup,
+    env_world_size,
+    gather_lines,
     init_distributed,
+    memory_report,
 )
+from parallel.mesh import build_mesh, check_parallel
+from parallel.parallelize import backward, grad_sync, optimizer_step, parallelize
 
 # Dense bf16 peak of known GPUs, for model FLOPs utilization.
 GPU_PEAK_FLOPS = {"H100": 989e12, "H200": 989e12, "A100": 312e12, "L4": 121e12, "A10": 125e12}
@@ -228,7 +228,13 @@ def compute_loss(model: nn.Module, raw: Transformer, batch, cfg: JobConfig, devi
     inputs = batch.inputs.to(device, non_blocking=True)
     targets = batch.targets.to(device, non_blocking=True)
     doc_ids = batch.doc_ids.to(device) if batch.doc_ids is not None else None
+    if cfg.parallel.engine == "deepspeed":  # the engine wraps model + loss (parallel/deepspeed_engine.py)
+        return model(inputs, targets, doc_ids)
     hidden = model(inputs, doc_ids=doc_ids, return_hidden=True)
+    if cfg.parallel.tp > 1:  # logits stay split by vocabulary across the tensor-parallel ranks
+        from parallel.tensor_parallel import vocab_parallel_loss
+
+        return vocab_parallel_loss(hidden, raw.output_weight, targets, cfg.train.z_loss)
     return lm_loss(hidden, raw.output_weight, targets, cfg.train.fused_loss, cfg.train.z_loss)
 
 
@@ -247,8 +253,10 @@ def validate(model, raw, batches, cfg: JobConfig, device) -> float:
 
 def train(cfg: JobConfig) -> dict:
     t = cfg.train
+    dims = check_parallel(cfg, env_world_size())  # a bad mesh stops here, before any setup
     dist_info = init_distributed(t.device, cfg.parallel.backend)
     device, is_main = dist_info.device, dist_info.is_main
+    mesh = build_mesh(dims, device)
     if t.threads:
         torch.set_num_threads(t.threads)
     run_dir = Path(t.run_dir)
@@ -270,14 +278,17 @@ def train(cfg: JobConfig) -> dict:
             f"more than model.vocab_size = {cfg.model.vocab_size}; raise model.vocab_size"
         )
     eot_id = tok["eot_id"] if cfg.data.document_masking else None
-    loader = DataLoader(
-        TokenStream(cfg.data.path, "train", manifest), t.seq_len, t.batch_size,
-        t.micro_batch_size, dist_info.rank, dist_info.world_size, t.seed, eot_id,
-    )
+    loader = build_train_loader(  # one dataset, or the weighted domains of data.mixture
+        cfg.data, manifest, t.seq_len, t.batch_size, t.micro_batch_size,
+        mesh.dp_rank, mesh.dp_size, t.seed, eot_id,
+    )  # ranks of one tensor-parallel group read the same batch
     val_batches = validation_batches(
         TokenStream(cfg.data.path, "val", manifest), t.seq_len, t.micro_batch_size,
-        t.val_batches, dist_info.rank, dist_info.world_size, eot_id,
+        t.val_batches, mesh.dp_rank, mesh.dp_size, eot_id,
     )
+    # Sharded models run collectives in forward: every rank validates the same number of batches.
+    fewest = -all_reduce_max(torch.tensor(-float(len(val_batches)), device=device)).item()
+    val_batches = val_batches[: int(fewest)]
     benchmarks = {}  # benchmark items scored every train.eval_every steps (eval/harness.py)
     if t.eval_tasks and t.eval_every:
         from data.prepare import manifest_tokenizer
@@ -288,31 +299,27 @@ def train(cfg: JobConfig) -> dict:
         benchmarks = {name: load_task(name, limit=t.eval_limit or None) for name in t.eval_tasks}
 
     # --- model and optimizer ---
+    # Built whole, then sharded in place: TP -> activation checkpointing -> compile -> FSDP/DDP.
     raw = build_model(cfg.model, device, seed=t.seed)
-    model: nn.Module = raw
-    if t.compile:
-        model = torch.compile(model)
-    if dist_info.distributed:
-        from torch.nn.parallel import DistributedDataParallel as DDP
-
-        model = DDP(model, device_ids=[device.index] if device.type == "cuda" else None)
-    optimizer = build_optimizer(raw, cfg.optim, device)
+    model: nn.Module = parallelize(raw, mesh, cfg, device)
+    optimizer = build_optimizer(raw, cfg.optim, device)  # over the sharded parameters
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: lr_factor(s, t.steps, cfg.optim)
     )
+    if cfg.parallel.engine == "deepspeed":
+        from parallel.deepspeed_engine import initialize
+
+        model = initialize(raw, optimizer, scheduler, cfg, mesh.dp_size, device)
     start_step, tokens_seen = 0, 0
     if ckpt is not None:
-        raw.load_state_dict(load_model_state(ckpt))
-        state = load_train_state(ckpt)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
+        state = load_train_checkpoint(ckpt, model, raw, optimizer, scheduler)
         loader.load_state_dict(state["loader"])
         torch.set_rng_state(state["rng"]["torch"])
         start_step, tokens_seen = state["step"], state["tokens_seen"]
 
     # --- run directory, resolved config, environment ---
     env = environment_info(dist_info)
-    n_params = sum(p.numel() for p in raw.parameters())
+    n_params = cfg.model.num_params()
     n_active = cfg.model.num_params(active=True)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -323,29 +330,34 @@ def train(cfg: JobConfig) -> dict:
         print(
             f"model: {n_params / 1e6:.2f}M parameters ({n_active / 1e6:.2f}M active per token) | "
             f"data: {loader.stream.num_tokens:,} train tokens, tokenizer {tok['name']} "
-            f"({tok['n_vocab']} ids) | {loader.accum_steps} micro-batches x {dist_info.world_size} "
-            f"ranks x {t.micro_batch_size} sequences x {t.seq_len} tokens per step"
+            f"({tok['n_vocab']} ids) | {loader.accum_steps} micro-batches x {mesh.dp_size} "
+            f"data-parallel ranks x {t.micro_batch_size} sequences x {t.seq_len} tokens per step"
             + (f" | resuming from {ckpt} at step {start_step}" if ckpt else "")
         )
+    rank_lines = gather_lines(f"rank {dist_info.rank}/{dist_info.world_size} on {device}: "
+                              f"{memory_report(device)} after setup")
+    if is_main:
+        print(f"mesh: {mesh.describe()} | engine {cfg.parallel.engine}, data parallel "
+              f"{cfg.parallel.data_parallel}, activation checkpointing "
+              f"{cfg.parallel.activation_checkpointing}")
+        print("\n".join(rank_lines), flush=True)
     log = MetricsLog(run_dir, cfg, is_main, resumed=start_step if ckpt is not None else None)
     moe = None
     if cfg.model.is_moe:
         import model.moe as moe
 
     def checkpoint(step: int) -> None:
+        # Every rank takes part (sharded states); the optimizer and scheduler are added inside.
+        train_state = {
+            "loader": loader.state_dict(), "rng": {"torch": torch.get_rng_state()},
+            "step": step, "tokens_seen": tokens_seen,
+        }
+        path = save_train_checkpoint(
+            run_dir, step, model, raw, optimizer, scheduler, train_state, cfg.to_dict(),
+            cfg.checkpoint.keep, is_main,
+        )
         if is_main:
-            train_state = {
-                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                "loader": loader.state_dict(), "rng": {"torch": torch.get_rng_state()},
-                "step": step, "tokens_seen": tokens_seen,
-            }
-            path = save_checkpoint(
-                run_dir, step, raw.state_dict(), train_state, cfg.to_dict(), cfg.checkpoint.keep
-            )
             print(f"checkpoint: {path}", flush=True)
-        from parallel.dist import barrier
-
-        barrier()
 
     # --- loop ---
     stop = StopRequested()
@@ -380,19 +392,13 @@ def train(cfg: JobConfig) -> dict:
         loss_sum = torch.zeros((), device=device)
         for i, batch in enumerate(micro_batches):
             last = i == len(micro_batches) - 1
-            sync = nullcontext() if last or not dist_info.distributed else model.no_sync()
-            with sync, autocast_context(cfg, device):
+            with grad_sync(model, last), autocast_context(cfg, device):
                 loss = compute_loss(model, raw, batch, cfg, device)
                 total = loss + moe.moe_aux_loss(raw) if moe else loss
-                (total / len(micro_batches)).backward()
+                backward(model, total / len(micro_batches))
             loss_sum += loss.detach()
-        grad_norm = (
-            nn.utils.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip)
-            if cfg.optim.grad_clip > 0 else torch.zeros(())
-        )
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        scheduler.step()
+        # clip, step, zero grads, schedule (DeepSpeed did it inside the last backward)
+        grad_norm = optimizer_step(model, optimizer, scheduler, raw, cfg.optim.grad_clip)
         if moe:
             moe.moe_after_step(raw)
         step += 1
@@ -405,9 +411,11 @@ def train(cfg: JobConfig) -> dict:
             "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm), "tokens": tokens_seen,
         }
-        if moe:
-            record.update(moe.moe_metrics(raw))
         if step % t.log_every == 0 or step == t.steps:
+            if moe:  # expert loads accumulated since the last log line
+                record.update(moe.moe_metrics(raw))
+            if hasattr(loader, "mixture_seen"):
+                record.update({f"mixture/{k}": v for k, v in loader.mixture_seen().items()})
             elapsed = time.time() - t_window
             tps = tokens_window / max(elapsed, 1e-9)
             record["tokens_per_s"] = tps
@@ -419,6 +427,10 @@ def train(cfg: JobConfig) -> dict:
                 record["mfu"] = flops_per_token * tps / (peak * dist_info.world_size)
                 msg += f" | MFU {100 * record['mfu']:.1f}%"
             msg += f" | ETA {format_seconds((t.steps - step) * tokens_per_step / max(tps, 1e-9))}"
+            if device.type == "cuda":  # the fullest rank's peak, for tuning micro-batch / sharding
+                mem = torch.tensor(torch.cuda.max_memory_allocated(device) / 2**30, device=device)
+                record["peak_mem_gib"] = all_reduce_max(mem).item()
+                msg += f" | mem {record['peak_mem_gib']:.1f} GiB"
             if is_main:
                 print(msg, flush=True)
             t_window, tokens_window = time.time(), 0
@@ -430,7 +442,9 @@ def train(cfg: JobConfig) -> dict:
             log.close()
             cleanup()
             sys.exit(130)
+    rank_lines = gather_lines(f"rank {dist_info.rank}/{dist_info.world_size}: {memory_report(device)}")
     if is_main:
+        print("\n".join(rank_lines))
         print(f"done: {step} steps in {format_seconds(time.time() - t_start)}, val loss {last_val}")
         if cfg.logging.plot:
             plot_losses(run_dir)

@@ -30,6 +30,12 @@ def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
 
 
+def temp_checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of `step` is assembled before it is renamed into place."""
+    final = checkpoint_dir(run_dir, step)
+    return final.parent / f".tmp_{final.name}"
+
+
 def save_checkpoint(
     run_dir: str | Path,
     step: int,
@@ -37,20 +43,27 @@ def save_checkpoint(
     train_state: dict,
     config: dict,
     keep: int = 0,
+    keep_temp_contents: bool = False,
 ) -> Path:
-    """Write a checkpoint atomically; keep only the newest `keep` (0: all)."""
+    """Write a checkpoint atomically; keep only the newest `keep` (0: all).
+
+    keep_temp_contents: the temporary directory already holds files written by all ranks
+    (parallel/checkpoint_dcp.py: a sharded `dcp/` or `deepspeed/` subdirectory); keep them.
+    """
     final = checkpoint_dir(run_dir, step)
     root = final.parent
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / f".tmp_{final.name}"
-    if tmp.exists():
+    tmp = temp_checkpoint_dir(run_dir, step)
+    if tmp.exists() and not keep_temp_contents:
         shutil.rmtree(tmp)
-    tmp.mkdir()
+    tmp.mkdir(exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
     save_file(tensors, tmp / MODEL_FILE, metadata={"format": "pt"})
     torch.save(train_state, tmp / STATE_FILE)
     (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
     for f in tmp.iterdir():
+        if not f.is_file():
+            continue
         with open(f, "rb") as fh:
             os.fsync(fh.fileno())
     if final.exists():

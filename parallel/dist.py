@@ -83,3 +83,29 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def memory_report(device: torch.device) -> str:
+    """This rank's memory: peak CUDA allocation, or the process's peak RSS on CPU."""
+    if device.type == "cuda":
+        peak = torch.cuda.max_memory_allocated(device) / 2**30
+        reserved = torch.cuda.max_memory_reserved(device) / 2**30
+        return f"peak allocated {peak:.2f} GiB, reserved {reserved:.2f} GiB"
+    import resource
+
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+    return f"peak RSS {rss:.2f} GiB"
+
+
+def env_world_size() -> int:
+    """The world size torchrun announces (1 without torchrun), read before any setup."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def gather_lines(line: str) -> list[str]:
+    """Every rank's `line`, in rank order (on all ranks)."""
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return [line]
+    lines: list = [None] * dist.get_world_size()
+    dist.all_gather_object(lines, line)
+    return lines

@@ -1,0 +1,131 @@
+"""Saving and resuming a run in any parallel layout, in model/checkpoint.py's directory format.
+
+    checkpoints/step_000100/
+        model.safetensors   consolidated full model, our names (eval, sampling, HF export)
+        train_state.pt      scheduler, loader position, RNG, step (+ the optimizer when the
+                            run had one process: FQN-keyed, see below)
+        config.json
+        dcp/                sharded model + optimizer (torch.distributed.checkpoint), written
+                            by every rank of a multi-process native run
+        deepspeed/          DeepSpeed's own files (parallel.engine = "deepspeed")
+
+All ranks write their shards into the temporary directory, then rank 0 adds the consolidated
+files and renames it into place (model/checkpoint.py), so a checkpoint is complete or absent.
+
+Resuming reads `dcp/` when present: DCP reshards on load, so a checkpoint of 2 FSDP ranks
+resumes on 1 process, on tensor parallelism 2, or any other mesh. Without `dcp/` the full
+model.safetensors and the full optimizer state are loaded and sharded onto the current layout.
+Optimizer states are keyed by parameter name (get_optimizer_state_dict), not by position, in
+both places.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+
+from model.checkpoint import (
+    load_model_state,
+    load_train_state,
+    save_checkpoint,
+    temp_checkpoint_dir,
+)
+from parallel.dist import barrier
+
+DCP_DIR = "dcp"
+FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _world() -> int:
+    return dist.get_world_size() if dist.is_initialized() else 1
+
+
+def save_train_checkpoint(
+    run_dir: Path, step: int, model: nn.Module, raw: nn.Module, optimizer, scheduler,
+    train_state: dict, config: dict, keep: int, is_main: bool,
+) -> Path:
+    """Every rank calls this. `model` is what the loop calls (a DeepSpeed engine, DDP, or raw);
+    `train_state` holds loader / RNG / step; optimizer and scheduler are added here."""
+    from parallel.parallelize import is_deepspeed
+
+    final = run_dir / "checkpoints" / f"step_{step:06d}"
+    tmp = temp_checkpoint_dir(run_dir, step)
+    if is_deepspeed(model) or _world() > 1:
+        if is_main and tmp.exists():
+            shutil.rmtree(tmp)
+        barrier()
+        if is_deepspeed(model):
+            from parallel import deepspeed_engine
+
+            deepspeed_engine.save(model, tmp)
+            full = deepspeed_engine.consolidated_state_dict(model)  # + scheduler in deepspeed/
+        else:
+            train_state = dict(train_state, scheduler=scheduler.state_dict())
+            sharded = {"model": get_model_state_dict(raw),
+                       "optimizer": get_optimizer_state_dict(raw, optimizer)}
+            dcp.save(sharded, checkpoint_id=tmp / DCP_DIR)
+            full = get_model_state_dict(raw, options=FULL)  # collective; rank 0 gets the tensors
+        barrier()  # every shard is on disk before rank 0 commits
+        if is_main:
+            save_checkpoint(run_dir, step, full, train_state, config, keep, keep_temp_contents=True)
+    elif is_main:
+        optim = get_optimizer_state_dict(raw, optimizer, options=FULL)
+        train_state = dict(train_state, optimizer=optim, scheduler=scheduler.state_dict())
+        save_checkpoint(run_dir, step, raw.state_dict(), train_state, config, keep)
+    barrier()
+    return final
+
+
+def load_train_checkpoint(ckpt: Path, model: nn.Module, raw: nn.Module, optimizer, scheduler) -> dict:
+    """Load model, optimizer and scheduler (into whatever layout they have now); returns
+    train_state (loader, RNG, step)."""
+    from parallel.parallelize import is_deepspeed
+
+    state = load_train_state(ckpt)
+    if is_deepspeed(model):
+        from parallel import deepspeed_engine
+
+        deepspeed_engine.load(model, ckpt)  # model, optimizer and scheduler
+        return state
+    if (ckpt / DCP_DIR).is_dir():
+        # Targets in the current layout: DCP reads the slices each rank owns.
+        sharded = {"model": get_model_state_dict(raw),
+                   "optimizer": get_optimizer_state_dict(raw, optimizer)}
+        dcp.load(sharded, checkpoint_id=ckpt / DCP_DIR)
+        set_model_state_dict(raw, sharded["model"])
+        set_optimizer_state_dict(raw, optimizer, sharded["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        return state
+    if (ckpt / "deepspeed").is_dir():
+        raise ValueError(f"{ckpt} was saved by parallel.engine = 'deepspeed'; resume it with that engine")
+    # Full tensors on every rank; each keeps its own shard.
+    set_model_state_dict(raw, load_model_state(ckpt), options=StateDictOptions(full_state_dict=True))
+    optim = state.get("optimizer")
+    if optim is None:
+        raise ValueError(f"{ckpt}/train_state.pt holds no optimizer state")
+    if optim["state"] and isinstance(next(iter(optim["state"])), int):
+        optim = _positional_to_named(optim, optimizer, raw)
+    set_optimizer_state_dict(raw, optimizer, optim, options=StateDictOptions(full_state_dict=True))
+    scheduler.load_state_dict(state["scheduler"])
+    return state
+
+
+def _positional_to_named(optim: dict, optimizer, raw: nn.Module) -> dict:
+    """A torch `optimizer.state_dict()` (parameters numbered in param-group order) keyed by
+    parameter name instead, using this run's optimizer (built by the same function, so the
+    same order) to map numbers to names."""
+    names = {id(p): n for n, p in raw.named_parameters()}
+    order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
+    groups = [dict(g, params=[order[i] for i in g["params"]]) for g in optim["param_groups"]]
+    return {"state": {order[i]: s for i, s in optim["state"].items()}, "param_groups": groups}

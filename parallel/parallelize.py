@@ -1,0 +1,185 @@
+"""parallelize(model, mesh, cfg): tensor parallel -> activation checkpointing -> compile ->
+FSDP2 or DDP, applied in place to a built model.model.transformer.Transformer.
+
+Everything is applied without renaming parameters (no wrapper modules between the model and
+its blocks), so state dicts keep our names: `blocks.0.attn.wq.weight` in every configuration.
+The helpers at the bottom are the few places where the training loop differs by engine.
+"""
+
+from __future__ import annotations
+
+import functools
+from contextlib import AbstractContextManager, nullcontext
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import (
+    CheckpointPolicy,
+    checkpoint,
+    create_selective_checkpoint_contexts,
+)
+
+from job_config import JobConfig
+from parallel.mesh import MeshInfo
+
+# --- activation checkpointing -----------------------------------------------------------------
+
+# Ops whose outputs selective checkpointing keeps: the matmuls and attention (costly to redo);
+# norms, RoPE, SiLU and other elementwise ops are recomputed in backward.
+_SAVE_OPS = {
+    torch.ops.aten.mm.default,
+    torch.ops.aten.addmm.default,
+    torch.ops.aten.bmm.default,
+    torch.ops.aten._scaled_dot_product_flash_attention.default,
+    torch.ops.aten._scaled_dot_product_efficient_attention.default,
+    torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.aten._scaled_dot_product_flash_attention_for_cpu.default,
+}
+
+
+def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
+    return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def apply_activation_checkpointing(model: nn.Module, mode: str) -> None:
+    """Recompute each block's activations in backward: "full" keeps only block inputs,
+    "selective" keeps matmul and attention outputs as well."""
+    if mode == "none":
+        return
+    context_fn = (
+        functools.partial(create_selective_checkpoint_contexts, _selective_policy)
+        if mode == "selective" else None
+    )
+    for block in model.blocks:
+        kwargs = {"use_reentrant": False}
+        if context_fn is not None:
+            kwargs["context_fn"] = context_fn
+        # An instance attribute shadows Block.forward; the parameters keep their names.
+        block.forward = functools.partial(checkpoint, block.forward, **kwargs)
+
+
+# --- data parallel ----------------------------------------------------------------------------
+
+
+def fsdp_mixed_precision(cfg: JobConfig, device: torch.device):
+    """bf16 parameters for compute (train.dtype / parallel.param_dtype) with fp32 gradient
+    reduction on GPU; plain fp32 on CPU."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    name = cfg.parallel.param_dtype
+    if name == "auto":
+        name = cfg.train.dtype
+        if name == "auto":
+            name = "bfloat16" if device.type == "cuda" else "float32"
+    param = getattr(torch, name)
+    reduce = getattr(torch, cfg.parallel.reduce_dtype)
+    if param == torch.float32 and reduce == torch.float32:
+        return MixedPrecisionPolicy()
+    return MixedPrecisionPolicy(param_dtype=param, reduce_dtype=reduce)
+
+
+def apply_fsdp(model: nn.Module, mesh, mp) -> None:
+    """FSDP2 over `mesh` (1-D, or 2-D for HSDP) with MixedPrecisionPolicy `mp`: each block is
+    one all-gather / reduce-scatter unit; the root holds the embedding, final norm and output
+    matrix (not resharded after forward: the loss reads the output matrix next)."""
+    from torch.distributed.fsdp import fully_shard
+
+    n = len(model.blocks)
+    for i, block in enumerate(model.blocks):
+        # The last block's parameters are all-gathered again right away for backward.
+        fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=i < n - 1)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+
+
+def parallelize(
+    model: nn.Module, mesh_info: MeshInfo, cfg: JobConfig, device: torch.device
+) -> nn.Module:
+    """Apply the parallel plan in place; returns the module to call in the training loop
+    (a DDP wrapper, or the model itself)."""
+    p = cfg.parallel
+    if mesh_info.tp_mesh is not None:
+        from parallel.tensor_parallel import apply_tensor_parallel
+
+        apply_tensor_parallel(model, mesh_info.tp_mesh)
+    if mesh_info.ep_mesh is not None:
+        try:
+            from parallel.expert_parallel import apply_expert_parallel
+        except ImportError as e:
+            raise NotImplementedError(
+                "parallel.ep > 1 needs parallel/expert_parallel.py (apply_expert_parallel)"
+            ) from e
+        apply_expert_parallel(model, mesh_info.ep_mesh.get_group())
+    apply_activation_checkpointing(model, p.activation_checkpointing)
+    if cfg.train.compile:
+        # Per block: one graph reused n_layers times compiles fast; compile() keeps the names.
+        for block in model.blocks:
+            block.compile()
+    if p.engine == "deepspeed" or mesh_info.dims.dp == 1:
+        return model
+    if p.data_parallel == "fsdp":
+        apply_fsdp(model, mesh_info.fsdp_mesh, fsdp_mixed_precision(cfg, device))
+        return model
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    return DDP(
+        model,
+        device_ids=[device.index] if device.type == "cuda" else None,
+        process_group=mesh_info.dp_mesh.get_group(),
+    )
+
+
+# --- the places where the loop differs by engine ----------------------------------------------
+
+
+def is_deepspeed(model: nn.Module) -> bool:
+    return type(model).__name__ == "DeepSpeedEngine"
+
+
+def grad_sync(model: nn.Module, last_micro_batch: bool) -> AbstractContextManager:
+    """DDP: skip the gradient all-reduce on all but the last micro-batch. FSDP2 reduce-scatters
+    every micro-batch (keeping gradients sharded saves more memory than the skipped traffic);
+    DeepSpeed accumulates on its own."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    if isinstance(model, DDP) and not last_micro_batch:
+        return model.no_sync()
+    return nullcontext()
+
+
+def backward(model: nn.Module, loss: torch.Tensor) -> None:
+    """loss is already divided by the number of micro-batches."""
+    if is_deepspeed(model):
+        # DeepSpeed's own accumulation: step() after every micro-batch; it reduces gradients
+        # and steps the optimizer (clip, AdamW, zero grads, schedule) at the last one only.
+        model.backward(loss, scale_wrt_gas=False)
+        model.step()
+    else:
+        loss.backward()
+
+
+@torch.no_grad()
+def clip_grad_norm(parameters, max_norm: float) -> torch.Tensor:
+    """Global gradient norm over all ranks and shards (DTensor gradients from FSDP2 / TP are
+    reduced across the mesh), then scale gradients to at most max_norm. Returns the norm."""
+    from torch.distributed.tensor import DTensor
+
+    params = [p for p in parameters if p.grad is not None]
+    grads = [p.grad for p in params]
+    total = nn.utils.get_total_norm(grads, norm_type=2.0)
+    if isinstance(total, DTensor):
+        total = total.full_tensor()
+    if max_norm > 0:
+        nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    return total
+
+
+def optimizer_step(model, optimizer, scheduler, raw: nn.Module, grad_clip: float) -> float:
+    """Clip, step, zero the gradients, advance the schedule; returns the gradient norm."""
+    if is_deepspeed(model):  # already stepped at the last micro-batch's backward()
+        norm = model.get_global_grad_norm()
+        return float(norm) if norm is not None else 0.0
+    norm = clip_grad_norm(raw.parameters(), grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    return float(norm)
