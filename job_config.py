@@ -91,6 +91,9 @@ class CheckpointConfig:
     every: int = 100  # save every N steps (and at the end, and on SIGTERM / SIGINT); 0: end only
     keep: int = 2  # newest checkpoints kept on disk
     resume: str = ""  # "" (fresh run), "latest" (newest in run_dir), or a checkpoint directory
+    # Start a fresh run (step 0, new optimizer) from these weights: a checkpoint or run directory,
+    # e.g. one written by `python -m model.hf import`. Ignored when resuming.
+    init_from: str = ""
 
 
 @dataclass

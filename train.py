@@ -301,6 +301,8 @@ def train(cfg: JobConfig) -> dict:
     # --- model and optimizer ---
     # Built whole, then sharded in place: TP -> activation checkpointing -> compile -> FSDP/DDP.
     raw = build_model(cfg.model, device, seed=t.seed)
+    if cfg.checkpoint.init_from and ckpt is None:  # weights only, e.g. an imported HF model
+        raw.load_state_dict(load_model_state(resolve_checkpoint(cfg.checkpoint.init_from)))
     model: nn.Module = parallelize(raw, mesh, cfg, device)
     optimizer = build_optimizer(raw, cfg.optim, device)  # over the sharded parameters
     scheduler = torch.optim.lr_scheduler.LambdaLR(

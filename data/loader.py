@@ -149,12 +149,14 @@ def validation_batches(
     stream: TokenStream, seq_len: int, micro_batch_size: int, num_batches: int,
     rank: int = 0, world_size: int = 1, eot_id: int | None = None,
 ) -> list[Batch]:
-    """The same validation windows on every call: the first ones of the split, in order,
-    dealt round-robin to ranks (micro-batch j goes to rank j % world)."""
+    """The same validation windows on every call, spread evenly over the whole split (the first
+    windows alone would measure a handful of documents), dealt round-robin to ranks: micro-batch
+    j goes to rank j % world."""
     windows = (stream.num_tokens - 1) // seq_len
     total = min(num_batches, windows // micro_batch_size)
+    chosen = np.linspace(0, windows - 1, total * micro_batch_size).round().astype(np.int64)
     return [
-        make_batch(stream, np.arange(j * micro_batch_size, (j + 1) * micro_batch_size), seq_len, eot_id)
+        make_batch(stream, chosen[j * micro_batch_size : (j + 1) * micro_batch_size], seq_len, eot_id)
         for j in range(rank, total, world_size)
     ]
 
