@@ -27,7 +27,7 @@ import torch.nn as nn
 from data.loader import TokenStream, build_train_loader, validation_batches
 from data.prepare import load_manifest
 from job_config import JobConfig, OptimConfig, load_config, to_toml
-from model.checkpoint import find_checkpoint, resolve_checkpoint
+from model.checkpoint import find_checkpoint, load_model_state, resolve_checkpoint
 from model.loss import lm_loss
 from model.transformer import Transformer, build_model
 from parallel.checkpoint_dcp import load_train_checkpoint, save_train_checkpoint

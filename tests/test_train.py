@@ -137,3 +137,15 @@ def test_eval_and_generate_cli_on_a_trained_run(tiny_data, tmp_path):
                            "def ", "--max-new-tokens", "10"], cwd=REPO, check=True,
                           capture_output=True, text=True)
     assert "def " in proc.stdout
+
+
+def test_init_from_starts_a_fresh_run_from_trained_weights(tiny_data, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    run_train(tiny_overrides(tiny_data, first, **{"train.steps": 6, "train.val_every": 6}))
+    run_train(tiny_overrides(tiny_data, second, **{"train.steps": 2, "train.val_every": 2,
+                                                   "checkpoint.init_from": str(first)}))
+    val = lambda run: [json.loads(x)["val_loss"] for x in (run / "metrics.jsonl").read_text()
+                       .splitlines() if "val_loss" in x]
+    # the second run's step-0 validation is the first run's final model, exactly
+    assert val(second)[0] == val(first)[-1]
+    assert sorted(step_losses(second)) == [1, 2]  # a fresh schedule from step 0
