@@ -57,11 +57,6 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None):
     return emb.cos().float(), emb.sin().float()
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([-x2, x1], dim=-1)
-
-
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False):
     """x: (B, H, T, D); cos, sin: (T, D) or (B, T, D) for per-sequence positions."""
     if fused:
@@ -70,8 +65,8 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: boo
         return apply_rope_kernel(x, cos, sin)
     if cos.dim() == 3:  # (B, T, D) -> (B, 1, T, D) to broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
-    # Same as x * cos + rotate_half(x) * sin, on halves: the tables repeat after D/2, and this
-    # form skips the negated copy rotate_half makes (twice as fast on the CPU).
+    # x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1] (Hugging Face), computed
+    # on halves: the tables repeat after D/2, and no negated copy of x is made (2x on the CPU).
     half = x.shape[-1] // 2
     cos, sin = cos[..., :half], sin[..., :half]
     x1, x2 = x.float().chunk(2, dim=-1)

@@ -11,7 +11,27 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+import random  # noqa: E402
+
 import pytest  # noqa: E402
+
+
+@pytest.fixture
+def seed() -> int:
+    """A fresh random seed per test, printed so a failure can be replayed."""
+    s = random.randrange(2**31)
+    torch.manual_seed(s)
+    print(f"random seed {s}")
+    return s
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    # Tiny matmuls on a shared 2-core machine: extra threads only contend (10x slower here).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="session")

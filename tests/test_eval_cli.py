@@ -5,25 +5,18 @@ import json
 import math
 
 import pytest
-import torch
 from eval_testing import BENCHMARKS, to_hf_llama
 
 from eval.harness import TokenizerMismatchError, evaluate_task, load_native
 from eval.tasks import load_task
 
-pytestmark = pytest.mark.skipif(
-    not (BENCHMARKS / "lambada").is_dir(), reason=f"benchmark files not found in {BENCHMARKS}"
-)
+pytestmark = [
+    pytest.mark.skipif(
+        not (BENCHMARKS / "lambada").is_dir(), reason=f"benchmark files not found in {BENCHMARKS}"
+    ),
+    pytest.mark.usefixtures("one_thread"),
+]
 
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny matmuls on a shared 2-core machine: extra threads only contend (10x slower here).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 DATA = ["--data.max_bytes=600000", "--data.vocab_size=400", "--data.workers=1",

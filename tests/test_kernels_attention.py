@@ -5,7 +5,6 @@ sequence lengths of 33..70 cover several query / key blocks, partial tail blocks
 off-diagonal loop, and the block skipping of document masking.
 """
 
-import random
 
 import pytest
 import torch
@@ -15,14 +14,6 @@ from kernels.attention import attention, document_segments, reference_attention
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture
-def seed() -> int:
-    s = random.randrange(2**31)
-    torch.manual_seed(s)
-    print(f"random seed {s}")
-    return s
 
 
 def make_doc_ids(B: int, T: int, device=DEVICE) -> torch.Tensor:

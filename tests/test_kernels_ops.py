@@ -5,7 +5,6 @@ the float64 reference at 1e-5 .. 1e-4 (a handful of fp32 roundings per element, 
 most a few hundred terms); fp16 forwards at 1e-2 (fp16 eps 9.8e-4 on O(1) values).
 """
 
-import random
 
 import pytest
 import torch
@@ -24,14 +23,6 @@ from model.transformer import apply_rope as model_apply_rope
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.gpu
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
-
-
-@pytest.fixture
-def seed() -> int:
-    s = random.randrange(2**31)
-    torch.manual_seed(s)
-    print(f"random seed {s}")
-    return s
 
 
 def check_grads(fn, ref_fn, inputs, seed, atol, rtol, grad_of=None):
