@@ -31,7 +31,8 @@ from eval.harness import (
 )
 from eval.perplexity import evaluate_perplexity
 from eval.tasks import TaskDataError
-from model.checkpoint import find_checkpoint, load_model, resolve_checkpoint
+from model.checkpoint import find_checkpoint, resolve_checkpoint
+from model.load import load_model
 
 
 def main(argv: list[str] | None = None) -> None:

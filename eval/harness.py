@@ -450,7 +450,7 @@ def load_native(
 ) -> tuple[TransformerLogLikelihood, object, Path]:
     """(scorer, tokenizer, checkpoint dir) for a checkpoint dir or a run dir (its newest
     checkpoint); see `native_tokenizer` for the tokenizer."""
-    from model.checkpoint import load_model
+    from model.load import load_model
 
     model, cfg, ckpt = load_model(checkpoint, device)
     tokenizer = native_tokenizer(ckpt, cfg, tokenizer_spec)

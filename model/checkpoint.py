@@ -1,4 +1,4 @@
-"""Checkpoints of a run, and loading a trained model back from one.
+"""The files of a run's checkpoints: writing them atomically, finding them, reading them back.
 
     runs/NAME/checkpoints/step_000100/
         model.safetensors   the model's state dict (our parameter names, unsharded)
@@ -9,6 +9,7 @@
 
 A checkpoint is written into a temporary directory that is renamed into place only when every
 file is on disk, so a run killed mid-save never leaves a checkpoint that looks complete.
+Building a model from a checkpoint is model/load.py's job; this module only moves files.
 """
 
 from __future__ import annotations
@@ -124,18 +125,3 @@ def load_config_dict(ckpt: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing")
     return json.loads(path.read_text())
-
-
-def load_model(ckpt_or_run: str | Path, device: str | torch.device = "cpu"):
-    """(model, JobConfig, checkpoint dir) of a checkpoint or a run's newest checkpoint."""
-    from job_config import JobConfig
-    from model.transformer import build_model
-
-    ckpt = resolve_checkpoint(ckpt_or_run)
-    cfg = JobConfig.from_dict(load_config_dict(ckpt), str(ckpt / CONFIG_FILE))
-    model = build_model(cfg.model, device)
-    missing, unexpected = model.load_state_dict(load_model_state(ckpt), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{ckpt / MODEL_FILE}: missing {missing}, unexpected {unexpected}")
-    model.eval()
-    return model, cfg, ckpt

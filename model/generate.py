@@ -65,7 +65,7 @@ def generate(
 
 def main(argv: list[str] | None = None) -> None:
     from data.prepare import manifest_tokenizer
-    from model.checkpoint import load_model
+    from model.load import load_model
 
     parser = argparse.ArgumentParser(description="Sample text from a trained run.")
     parser.add_argument("--run", required=True, help="run directory or checkpoint directory")
