@@ -25,7 +25,7 @@ import torch
 import torch.nn as nn
 
 from data.loader import TokenStream, build_train_loader, validation_batches
-from data.prepare import load_manifest
+from data.manifest import load_manifest
 from job_config import JobConfig, OptimConfig, load_config, to_toml
 from model.checkpoint import find_checkpoint, load_model_state, resolve_checkpoint
 from model.loss import lm_loss
@@ -291,7 +291,7 @@ def train(cfg: JobConfig) -> dict:
     val_batches = val_batches[: int(fewest)]
     benchmarks = {}  # benchmark items scored every train.eval_every steps (eval/harness.py)
     if t.eval_tasks and t.eval_every:
-        from data.prepare import manifest_tokenizer
+        from data.manifest import manifest_tokenizer
         from eval import harness
         from eval.tasks import load_task
 

@@ -64,7 +64,7 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from data.prepare import manifest_tokenizer
+    from data.manifest import manifest_tokenizer
     from model.checkpoint import load_model
 
     parser = argparse.ArgumentParser(description="Sample text from a trained run.")

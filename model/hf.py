@@ -625,7 +625,7 @@ def export_run(
 
         tok = load_tokenizer(tokenizer)
     elif with_tokenizer:
-        from data.prepare import manifest_tokenizer
+        from data.manifest import manifest_tokenizer
 
         try:
             tok = manifest_tokenizer(job.data.path)
