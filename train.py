@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
+from common.atomic import atomic_path, write_json, write_text
 from data.loader import TokenStream, build_train_loader, validation_batches
 from data.manifest import load_manifest
 from job_config import JobConfig, OptimConfig, load_config, to_toml
@@ -140,7 +141,7 @@ class MetricsLog:
                 line for line in self.path.read_text().splitlines()
                 if resumed is not None and self._before(json.loads(line), resumed)
             ]
-            self.path.write_text("".join(line + "\n" for line in keep))
+            write_text(self.path, "".join(line + "\n" for line in keep))
         if cfg.logging.wandb:
             import wandb
 
@@ -189,10 +190,9 @@ def plot_losses(run_dir: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    tmp = run_dir / "loss.tmp.png"
-    fig.savefig(tmp, dpi=100)
+    with atomic_path(run_dir / "loss.png") as tmp:
+        fig.savefig(tmp, dpi=100, format="png")  # the temporary's name has no .png suffix
     plt.close(fig)
-    os.replace(tmp, run_dir / "loss.png")
 
 
 # --- the loop ---------------------------------------------------------------------------------
@@ -325,8 +325,8 @@ def train(cfg: JobConfig) -> dict:
     n_active = cfg.model.num_params(active=True)
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg))
-        (run_dir / "run_info.json").write_text(json.dumps({"env": env, "manifest": manifest}, indent=1))
+        write_text(run_dir / "config.toml", to_toml(cfg))
+        write_json(run_dir / "run_info.json", {"env": env, "manifest": manifest})
         print(f"run {run_dir} | {json.dumps(env)}")
         print(to_toml(cfg))
         print(
