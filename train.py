@@ -23,7 +23,7 @@ import torch.nn as nn
 
 from common.atomic import write_json, write_text
 from data.loader import TokenStream, build_train_loader, validation_batches
-from data.prepare import load_manifest, manifest_tokenizer
+from data.manifest import load_manifest, manifest_tokenizer
 from job_config import JobConfig, load_config, to_toml
 from model.checkpoint import find_checkpoint, load_model_state, resolve_checkpoint
 from model.moe import moe_metrics

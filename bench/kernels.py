@@ -26,6 +26,8 @@ from pathlib import Path
 
 import torch
 
+from common.atomic import write_text
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -325,13 +327,6 @@ def render(device_name: str, att_rows: list[dict], loss_rows: list[dict], args) 
     return "\n".join(lines) + "\n"
 
 
-def write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--smoke", action="store_true",
@@ -387,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.smoke or args.out:
         slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
         path = args.out or RESULTS_DIR / f"kernels-{slug}.md"
-        write_atomic(path, text)
+        write_text(path, text)
         print(f"wrote {path}")
     return 0
 

@@ -299,7 +299,7 @@ def build_train_loader(
     if not data_cfg.mixture:
         return DataLoader(TokenStream(data_cfg.path, "train", manifest), seq_len, batch_size,
                           micro_batch_size, rank, world_size, seed, eot_id)
-    from data.prepare import load_manifest
+    from data.manifest import load_manifest
 
     weights = parse_mixture(data_cfg.mixture)
     streams = {}

@@ -310,7 +310,7 @@ def test_cli_export_generates_like_model_generate(tmp_path, capsys, tiny_data):
     """End to end: a run directory (checkpoint + prepared data's tokenizer) exported with
     `python -m model.hf export`; transformers' tokenizer + greedy generate give the same text
     as `python -m model.generate --temperature 0`."""
-    from data.prepare import manifest_tokenizer
+    from data.manifest import manifest_tokenizer
     from job_config import JobConfig
     from model import generate, hf
     from model.checkpoint import save_checkpoint
