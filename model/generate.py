@@ -46,22 +46,27 @@ def generate(
     """Continue `prompt`; temperature 0 is greedy. Returns the new tokens only."""
     if not prompt:
         raise ValueError("the prompt must hold at least one token")
-    device = model.embed.weight.device
+    device = model.norm.weight.device
     max_len = min(model.cfg.max_seq_len, len(prompt) + max_new_tokens)
     prompt = prompt[-(max_len - 1) :] if len(prompt) >= max_len else prompt
     cache = model.new_cache(1, max_len)
-    logits = model(torch.tensor([prompt], device=device), cache=cache)[:, -1]  # (1, V)
+    n = len(prompt)
+    positions = torch.arange(n, device=device)[None]  # (1, T)
+    logits = model(torch.tensor([prompt], device=device), cache=cache.step(positions))[:, -1]
     out: list[int] = []
-    while len(out) < max_new_tokens and cache[0].pos < max_len:
+    while len(out) < max_new_tokens:
         if temperature == 0:
             next_id = int(logits.argmax(-1))
         else:
             probs = filter_logits(logits.float() / temperature, top_k, top_p).softmax(-1)
             next_id = int(torch.multinomial(probs, 1, generator=generator))
         out.append(next_id)
-        if next_id == stop_token or cache[0].pos >= max_len:
+        if next_id == stop_token or n >= max_len:
             break
-        logits = model(torch.tensor([[next_id]], device=device), cache=cache)[:, -1]
+        positions = torch.tensor([[n]], device=device)
+        logits = model(torch.tensor([[next_id]], device=device), cache=cache.step(positions))
+        logits = logits[:, -1]
+        n += 1
     return out
 
 

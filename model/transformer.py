@@ -78,7 +78,7 @@ class Attention(nn.Module):
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.fused_kernels) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.fused_kernels) if cfg.qk_norm else None
 
-    def forward(self, x, cos, sin, doc_ids=None, cache: LayerKVCache | None = None):
+    def forward(self, x, cos, sin, doc_ids=None, cache: LayerCache | None = None):
         B, T, _ = x.shape
         # (B, T, H*D) -> (B, H, T, D)
         q = self.wq(x).view(B, T, -1, self.head_dim).transpose(1, 2)
@@ -113,28 +113,81 @@ class Block(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------
-# KV cache for sampling (model/generate.py)
+# KV cache for decoding (model/generate.py, inference/engine.py)
 # ---------------------------------------------------------------------------------------------
 
 
+class KVCache:
+    """Keys and values of every layer for `batch` sequences of up to `max_len` positions,
+    allocated once. Each sequence has its own length: a forward writes token t of row b at
+    position positions[b, t] and lets it see entries 0 .. positions[b, t] of its own row. Ragged
+    batches need no position padding, and undoing tokens (a rejected speculation) is writing
+    over them: an entry past a row's position is never read before it is written again."""
+
+    def __init__(self, k: list[torch.Tensor], v: list[torch.Tensor]):
+        self.k, self.v = k, v  # per layer: (batch, n_kv_heads, max_len, head_dim)
+
+    @classmethod
+    def allocate(cls, cfg: ModelConfig, batch: int, max_len: int, dtype, device) -> KVCache:
+        shape = (batch, cfg.n_kv_heads, max_len, cfg.head_dim)
+        zeros = lambda: torch.zeros(shape, dtype=dtype, device=device)
+        return cls([zeros() for _ in range(cfg.n_layers)], [zeros() for _ in range(cfg.n_layers)])
+
+    @property
+    def batch(self) -> int:
+        return self.k[0].shape[0]
+
+    @property
+    def max_len(self) -> int:
+        return self.k[0].shape[2]
+
+    def rows(self, start: int, stop: int) -> KVCache:
+        """Rows start .. stop - 1 as a cache of their own (views: writes land in this one)."""
+        return KVCache([k[start:stop] for k in self.k], [v[start:stop] for v in self.v])
+
+    def step(
+        self, positions: torch.Tensor, kv_len: int | None = None, write: torch.Tensor | None = None
+    ) -> CacheStep:
+        """The cache as one forward of tokens at `positions` (B, T) uses it. Attention reads the
+        first `kv_len` entries (default all: fixed shapes for torch.compile; fewer is faster
+        eagerly, and must exceed every position). write: (B, T) entries to write each token's
+        keys and values to, default `positions` (padding can aim at an entry no one reads)."""
+        kv_len = kv_len or self.max_len
+        write = positions if write is None else write
+        B, T = positions.shape
+        _, n_kv, _, head_dim = self.k[0].shape
+        index = write[:, None, :, None].expand(B, n_kv, T, head_dim)  # scatter along positions
+        keys = torch.arange(kv_len, device=positions.device)
+        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, kv_len)
+        return CacheStep(self, positions, index, mask)
+
+
 @dataclass
-class LayerKVCache:
-    k: torch.Tensor  # (B, Hkv, T_max, D)
-    v: torch.Tensor
-    pos: int = 0  # tokens already in the cache
+class CacheStep:
+    cache: KVCache
+    positions: torch.Tensor  # (B, T) absolute positions (RoPE, visibility)
+    index: torch.Tensor  # (B, Hkv, T, D) cache entries written
+    mask: torch.Tensor  # (B, 1, T, kv_len) entries each query sees
+
+    def layer(self, i: int) -> LayerCache:
+        return LayerCache(self, i)
+
+
+@dataclass
+class LayerCache:
+    step: CacheStep
+    layer: int
 
     def attend(self, q, k, v):
-        """Append k, v (B, Hkv, t, D) at self.pos and attend q (B, H, t, D) to the whole prefix."""
-        t = q.shape[2]
-        end = self.pos + t
-        self.k[:, :, self.pos : end] = k
-        self.v[:, :, self.pos : end] = v
-        keys, values = self.k[:, :, :end], self.v[:, :, :end]
-        # Query i sits at absolute position pos + i and sees keys 0 .. pos + i.
-        mask = torch.ones(t, end, dtype=torch.bool, device=q.device).tril(diagonal=self.pos)
-        self.pos = end
+        """Write k, v (B, Hkv, T, D) and attend q (B, H, T, D) to the row's cached prefix."""
+        step = self.step
+        k_all, v_all = step.cache.k[self.layer], step.cache.v[self.layer]
+        k_all.scatter_(2, step.index, k.to(k_all.dtype))
+        v_all.scatter_(2, step.index, v.to(v_all.dtype))
+        n = step.mask.shape[-1]
+        keys, values = k_all[:, :, :n], v_all[:, :, :n]
         gqa = q.shape[1] != keys.shape[1]
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=step.mask, enable_gqa=gqa)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -188,36 +241,46 @@ class Transformer(nn.Module):
         tokens: torch.Tensor,
         doc_ids: torch.Tensor | None = None,
         return_hidden: bool = False,
-        cache: list[LayerKVCache] | None = None,
+        cache: CacheStep | None = None,
     ) -> torch.Tensor:
         """tokens: (B, T) int ids -> logits (B, T, V), or hidden states (B, T, dim).
 
         doc_ids: optional (B, T) document ids for document-masked attention.
-        cache: per-layer KV caches for incremental decoding (positions continue from cache.pos).
+        cache: incremental decoding, `kv_cache.step(positions)`: token t of row b sits at
+        positions[b, t] and is written to the cache (see KVCache).
         """
         B, T = tokens.shape
-        start = cache[0].pos if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
-            raise ValueError(
-                f"sequence of {start + T} tokens exceeds model.max_seq_len = {self.cfg.max_seq_len}"
-            )
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        if cache is None:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(
+                    f"sequence of {T} tokens exceeds model.max_seq_len = {self.cfg.max_seq_len}"
+                )
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]
+            layers = [None] * len(self.blocks)
+        else:
+            if cache.positions.shape != tokens.shape:
+                raise ValueError(f"positions {tuple(cache.positions.shape)} for tokens {(B, T)}")
+            cos, sin = self.rope_cos[cache.positions], self.rope_sin[cache.positions]  # (B, T, D)
+            layers = [cache.layer(i) for i in range(len(self.blocks))]
         x = self.embed(tokens)
-        for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, doc_ids, None if cache is None else cache[i])
+        for block, layer_cache in zip(self.blocks, layers):
+            x = block(x, cos, sin, doc_ids, layer_cache)
         x = self.norm(x)
-        if return_hidden:
-            return x
-        return F.linear(x, self.output_weight)
+        return x if return_hidden else self.output(x)
 
-    def new_cache(self, batch_size: int, max_len: int | None = None) -> list[LayerKVCache]:
-        cfg = self.cfg
-        max_len = max_len or cfg.max_seq_len
-        p = self.embed.weight
-        shape = (batch_size, cfg.n_kv_heads, max_len, cfg.head_dim)
-        return [
-            LayerKVCache(p.new_zeros(shape), p.new_zeros(shape)) for _ in range(cfg.n_layers)
-        ]
+    def output(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final hidden states (..., dim) -> logits (..., V); model/quant.py may swap lm_head."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return F.linear(hidden, self.embed.weight)
+
+    def new_cache(self, batch_size: int, max_len: int | None = None) -> KVCache:
+        """A zeroed KVCache in the dtype and on the device of the model's activations."""
+        max_len = max_len or self.cfg.max_seq_len
+        if max_len > self.cfg.max_seq_len:
+            raise ValueError(f"a cache of {max_len} tokens exceeds model.max_seq_len = {self.cfg.max_seq_len}")
+        p = self.norm.weight  # a plain parameter even in a quantized model
+        return KVCache.allocate(self.cfg, batch_size, max_len, p.dtype, p.device)
 
 
 def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> Transformer:
