@@ -42,8 +42,11 @@ def save_checkpoint(
     config: dict,
     keep: int = 0,
     keep_temp_contents: bool = False,
+    extra_files: dict[str, str] | None = None,
 ) -> Path:
     """Write a checkpoint atomically; keep only the newest `keep` (0: all).
+
+    extra_files: name -> text of further files inside the checkpoint (e.g. quantization.json).
 
     keep_temp_contents: the temporary directory already holds files written by all ranks
     (parallel/checkpoint_dcp.py: a sharded `dcp/` or `deepspeed/` subdirectory); keep them.
@@ -56,6 +59,8 @@ def save_checkpoint(
         save_file(tensors, tmp / MODEL_FILE, metadata={"format": "pt"})
         torch.save(train_state, tmp / STATE_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
     write_text(root / "latest", final.name + "\n")
     if keep > 0:
         steps = sorted(p for p in root.glob("step_*") if p.is_dir())

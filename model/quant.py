@@ -1,0 +1,262 @@
+"""Weight-only quantization: every nn.Linear becomes int8 (per output channel) or int4 (per group
+of inputs), the token embedding int8 per row; activations stay in floating point.
+
+    quantize_model(model, "int8")                  # in place, from the trained weights
+    quantize_model(model, "int4", group_size=64)
+
+int8: symmetric per output row, scale = max|w| / 127, q = round(w / scale) in [-127, 127].
+int4: asymmetric per group of G inputs (gpt-fast's convention), scale = (max - min) / 15,
+zero = min + 8 * scale, q = round((w - zero) / scale) + 8 in [0, 15], w ~ (q - 8) * scale + zero;
+scales and zeros in bfloat16 as (K / G, N, 2). The packed layout (kernels/quant_matmul.py's
+docstring) is the state dict's and the same on every device.
+
+The embedding is int8 in both modes: a lookup reads only its rows, and when the output head is
+tied to it the two share the one int8 matrix (int4 rows would have to be read back out of
+ATen's CPU packing). The MoE router stays in floating point (it decides which experts run);
+stacked expert weights are not nn.Linear and stay as they are.
+
+The product, by device: CUDA runs the Triton kernel (kernels/quant_matmul.py); the CPU runs
+ATen's weight-only ops `_weight_int8pack_mm` / `_weight_int4pack_mm_for_cpu` on bfloat16
+activations (their fast path on x86: in fp32 they are several times slower than a plain fp32
+matmul); anything else dequantizes and multiplies (the reference).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MODES = ("int8", "int4")
+GROUP_SIZES = (32, 64, 128)
+QUANT_FILE = "quantization.json"  # in a quantized checkpoint: {"mode", "group_size"}
+SKIP = ("router",)  # module names kept in floating point
+
+
+def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (q int8 (N, K), scale fp32 (N,))."""
+    w = w.float()
+    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
+    q = torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (packed uint8 (N, K / 2), scales and zeros bf16 (K / G, N, 2))."""
+    N, K = w.shape
+    if K % group_size:
+        raise ValueError(f"int4 group size {group_size} does not divide the input size {K}")
+    g = w.float().view(N, K // group_size, group_size)
+    lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (N, K / G)
+    scale = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16)
+    zero = (lo + 8 * scale.float()).to(torch.bfloat16)
+    # q from the stored (rounded) scale and zero, so dequantization is as close as it can be
+    q = torch.round((g - zero.float()[..., None]) / scale.float()[..., None]) + 8
+    q = q.clamp(0, 15).to(torch.uint8).view(N, K)
+    packed = q[:, 0::2] | (q[:, 1::2] << 4)
+    return packed, torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+
+
+def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
+    """uint8 (N, K / 2) -> the nibbles (N, K) as uint8, column k from byte k // 2."""
+    return torch.stack([packed & 0xF, packed >> 4], dim=-1).flatten(1)
+
+
+# --- ATen's CPU int4 layout -----------------------------------------------------------------
+# `_convert_weight_to_int4pack_for_cpu` moves the nibbles around in a layout that depends on the
+# CPU's vector width; it is a permutation of nibbles, so it is undone by finding where each
+# element lands (index-coded inputs, one base-16 digit at a time).
+
+
+def _to_cpu_layout(packed: torch.Tensor) -> torch.Tensor:
+    return torch.ops.aten._convert_weight_to_int4pack_for_cpu(unpack_int4(packed).int(), 1)
+
+
+def _from_cpu_layout(cpu_packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    index = torch.arange(n * k, dtype=torch.int64)
+    source = torch.zeros(n * k, dtype=torch.int64)  # source[i] = element held by nibble i
+    for digit in range(0, max(1, (n * k - 1).bit_length()), 4):
+        coded = ((index >> digit) & 0xF).view(n, k).int()
+        out = torch.ops.aten._convert_weight_to_int4pack_for_cpu(coded, 1).view(-1)
+        source |= torch.stack([out & 0xF, out >> 4], dim=-1).view(-1).long() << digit
+    nibbles = torch.stack([cpu_packed.view(-1) & 0xF, cpu_packed.view(-1) >> 4], dim=-1).view(-1)
+    q = torch.empty(n * k, dtype=torch.uint8)
+    q[source] = nibbles
+    q = q.view(n, k)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
+class QuantLinear(nn.Module):
+    """y = x @ dequant(W)^T with W stored int8 or packed int4 (buffers, not parameters)."""
+
+    def __init__(self, in_features: int, out_features: int, mode: str = "int8",
+                 group_size: int = 64, device=None, bias: bool = False):  # fmt: skip
+        super().__init__()
+        if mode not in MODES:
+            raise ValueError(f"quantization mode {mode!r}: expected one of {MODES}")
+        self.in_features, self.out_features, self.mode = in_features, out_features, mode
+        self.group_size = group_size if mode == "int4" else 0
+        N, K = out_features, in_features
+        if mode == "int8":
+            self.register_buffer("weight", torch.empty(N, K, dtype=torch.int8, device=device))
+            self.register_buffer("scale", torch.empty(N, dtype=torch.float32, device=device))
+        else:
+            if group_size not in GROUP_SIZES or K % group_size:
+                raise ValueError(
+                    f"int4 group size {group_size}: expected one of {GROUP_SIZES} dividing the "
+                    f"input size {K}"
+                )
+            self.register_buffer("weight", torch.empty(N, K // 2, dtype=torch.uint8, device=device))
+            self.register_buffer(
+                "scale", torch.empty(K // group_size, N, 2, dtype=torch.bfloat16, device=device)
+            )
+        # a bias (Qwen2's q/k/v) stays in floating point
+        self.register_buffer("bias", torch.empty(N, device=device) if bias else None)
+        self.cpu_layout = False  # int4 weight currently in ATen's CPU layout (see forward)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, mode: str, group_size: int = 64) -> QuantLinear:
+        weight = linear.weight.detach()
+        N, K = weight.shape
+        layer = cls(K, N, mode, group_size, weight.device, bias=linear.bias is not None)
+        q, s = quantize_int8(weight) if mode == "int8" else quantize_int4(weight, group_size)
+        layer.weight.copy_(q)
+        layer.scale.copy_(s)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias.detach())
+        return layer
+
+    def canonical_weight(self) -> torch.Tensor:
+        """The weight in the state dict's layout (int4 may sit in ATen's CPU layout)."""
+        if not self.cpu_layout:
+            return self.weight
+        cpu = _from_cpu_layout(self.weight.cpu(), self.out_features, self.in_features)
+        return cpu.to(self.weight.device)
+
+    def _set_layout(self, cpu: bool) -> None:
+        """Repack the int4 bytes in place of the others (memory stays one copy)."""
+        if cpu != self.cpu_layout:
+            self.weight = _to_cpu_layout(self.weight) if cpu else self.canonical_weight()
+            self.cpu_layout = cpu
+
+    def dequantize(self) -> torch.Tensor:
+        """The (N, K) fp32 matrix this layer multiplies by."""
+        if self.mode == "int8":
+            return self.weight.float() * self.scale[:, None]
+        G = self.group_size
+        q = unpack_int4(self.canonical_weight()).float()
+        scale = self.scale[..., 0].float().T.repeat_interleave(G, dim=1)  # (N, K)
+        zero = self.scale[..., 1].float().T.repeat_interleave(G, dim=1)
+        return (q - 8) * scale + zero
+
+    def _use_cpu_op(self, x2d: torch.Tensor) -> bool:
+        if x2d.device.type != "cpu":
+            return False
+        if self.mode == "int8":  # M > 1 with K % 8 != 0 crashes the op (REFERENCE-POSTTRAIN §7)
+            return self.in_features % 8 == 0
+        return self.out_features % 16 == 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = x.shape
+        x2d = x.reshape(-1, shape[-1])
+        if x2d.device.type == "cuda":
+            from kernels.quant_matmul import quant_matmul
+
+            self._set_layout(cpu=False)
+            bits = 8 if self.mode == "int8" else 4
+            y = quant_matmul(x2d, self.weight, self.scale, bits, self.group_size)
+        elif self._use_cpu_op(x2d):
+            xb = x2d.to(torch.bfloat16)
+            if self.mode == "int8":
+                y = torch.ops.aten._weight_int8pack_mm(xb, self.weight, self.scale.to(torch.bfloat16))
+            else:
+                self._set_layout(cpu=True)  # once: ATen's op wants its own nibble order
+                y = torch.ops.aten._weight_int4pack_mm_for_cpu(
+                    xb, self.weight, self.group_size, self.scale
+                )
+            y = y.to(x.dtype)
+        else:
+            y = F.linear(x2d, self.dequantize().to(x.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.view(*shape[:-1], self.out_features)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.canonical_weight()
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        self.cpu_layout = False  # the state dict holds the canonical layout
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+
+    def extra_repr(self) -> str:
+        group = f", group_size={self.group_size}" if self.mode == "int4" else ""
+        return f"in={self.in_features}, out={self.out_features}, {self.mode}{group}"
+
+
+class QuantEmbedding(QuantLinear):
+    """An int8 embedding table (V, dim): rows looked up and scaled; `linear` is the tied head."""
+
+    def __init__(self, num_embeddings: int, dim: int, device=None):
+        super().__init__(dim, num_embeddings, "int8", device=device)
+
+    @classmethod
+    def from_embedding(cls, embed: nn.Embedding) -> QuantEmbedding:
+        layer = cls(*embed.weight.shape, device=embed.weight.device)
+        q, s = quantize_int8(embed.weight)
+        layer.weight.copy_(q)
+        layer.scale.copy_(s)
+        return layer
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.weight[ids].float() * self.scale[ids, None]  # (..., dim)
+
+    def linear(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x)
+
+
+class TiedHead(nn.Module):
+    """The output projection of a tied model: the embedding's int8 matrix, saved once (under
+    `embed.`: the embedding is held in a tuple, not as a submodule)."""
+
+    def __init__(self, embed: QuantEmbedding):
+        super().__init__()
+        self._embed = (embed,)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._embed[0].linear(x)
+
+
+def quantize_model(model: nn.Module, mode: str, group_size: int = 64, weights: bool = True):
+    """Swap the Linear layers and the embedding of a Transformer for quantized ones, in place.
+
+    weights=False builds empty quantized layers (the skeleton a quantized checkpoint loads into).
+    Returns the model."""
+    if mode not in MODES:
+        raise ValueError(f"--quantize {mode!r}: expected one of {MODES}")
+    for parent in list(model.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and name not in SKIP:
+                shape = child.in_features, child.out_features, mode, group_size
+                new = (QuantLinear.from_linear(child, mode, group_size) if weights else
+                       QuantLinear(*shape, child.weight.device, bias=child.bias is not None))  # fmt: skip
+                setattr(parent, name, new)
+    embed = model.embed
+    model.embed = (QuantEmbedding.from_embedding(embed) if weights
+                   else QuantEmbedding(*embed.weight.shape, device=embed.weight.device))  # fmt: skip
+    if model.cfg.tie_embeddings:
+        model.lm_head = TiedHead(model.embed)
+    return model
+
+
+def weight_bytes(model: nn.Module) -> int:
+    """Bytes of every parameter and persistent buffer, each tensor once (what a checkpoint of
+    the model holds; RoPE tables and caches are not weights)."""
+    total, seen = 0, set()
+    for module in model.modules():
+        persistent = [b for n, b in module._buffers.items() if n not in module._non_persistent_buffers_set]
+        for t in [*module._parameters.values(), *persistent]:
+            if t is not None and id(t) not in seen:
+                seen.add(id(t))
+                total += t.numel() * t.element_size()
+    return total
