@@ -1,0 +1,317 @@
+"""The generation engine: batched decoding over a static KV cache, with ragged prompts,
+per-sequence sampling and stops, streaming, and speculative decoding.
+
+    engine = Engine(model, tokenizer, max_batch=8)
+    seqs = engine.generate([ids_a, ids_b], SamplingParams(max_new_tokens=64, temperature=0))
+    seqs[0].generated, seqs[0].text, seqs[0].finish_reason
+
+The cache holds `max_batch` slots of `max_len` positions (model/transformer.py's KVCache: every
+row has its own positions, so prompts of any lengths share a forward with no position padding).
+A sequence takes a free slot when it is admitted (`submit` queues it; `step` admits and
+advances every running sequence by one round), which is also how the server batches requests
+that arrive while others run (continuous batching). Each forward feeds every sequence the
+tokens its cache does not hold yet: a whole prompt (prefill), one token (decode), or the last
+token and k drafts (speculative verification). Rows shorter than the longest are padded with
+writes into one extra cache entry that no query sees.
+
+Speculative decoding (draft=...): the draft model proposes k tokens one at a time, the target
+scores all of them in one forward, and inference/sampling.py's rule accepts a prefix; greedy
+decoding gives the target's greedy tokens exactly. engine.stats counts proposals and
+acceptances.
+
+torch.compile (compile=True) compiles the plain decode step for a full batch of one-token rows
+(fixed shapes: every slot, every cache entry); it pays only where per-op overhead dominates
+(bench/generate.py measures it).
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from inference.sampling import Sampler, SamplingParams
+from model.transformer import KVCache, Transformer
+
+
+class TextStream:
+    """Incremental text of a sequence's tokens: deltas safe to show (an unfinished UTF-8
+    character or the start of a stop string is held back), the text cut at a stop string."""
+
+    def __init__(self, tokenizer, stop_strings: tuple[str, ...]):
+        self.tokenizer, self.stops = tokenizer, stop_strings
+        self.ids: list[int] = []
+        self.text = ""  # the text so far (final once the sequence is done)
+        self.sent = 0  # characters of it handed out as deltas
+
+    def push(self, token: int) -> tuple[str, bool]:
+        """(new text safe to show, whether a stop string ended the sequence)."""
+        if self.tokenizer is None:
+            return "", False
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        hits = [i for i in (text.find(s, max(0, self.sent - len(s))) for s in self.stops) if i >= 0]
+        if hits:
+            self.text = text[: min(hits)]
+            return self.flush(), True
+        self.text = text
+        safe = len(text.rstrip("\ufffd"))  # the replacement char of an incomplete byte sequence
+        for s in self.stops:  # hold back a tail that could still grow into a stop string
+            for n in range(min(len(s) - 1, safe), 0, -1):
+                if text[:safe].endswith(s[:n]):
+                    safe -= n
+                    break
+        return self._take(max(safe, self.sent)), False
+
+    def flush(self) -> str:
+        return self._take(len(self.text))
+
+    def _take(self, upto: int) -> str:
+        delta, self.sent = self.text[self.sent : upto], upto
+        return delta
+
+
+@dataclass(eq=False)
+class Sequence:
+    prompt: list[int]
+    params: SamplingParams
+    on_token: Callable | None = None  # on_token(seq, token id or None at the end, text delta)
+    tokens: list[int] = field(default_factory=list)  # prompt + generated
+    generated: list[int] = field(default_factory=list)
+    finish_reason: str | None = None  # "stop" | "length"
+    slot: int = -1
+    cached: int = 0  # positions of `tokens` held by the target's cache
+    draft_cached: int = 0  # ... by the draft's
+    submitted: float = 0.0
+    first_token_at: float | None = None
+    finished_at: float | None = None
+    sampler: Sampler | None = None
+    stream: TextStream | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def text(self) -> str:
+        return self.stream.text if self.stream else ""
+
+
+class Engine:
+    def __init__(
+        self,
+        model: Transformer,
+        tokenizer=None,
+        max_batch: int = 8,
+        max_len: int | None = None,
+        draft: Transformer | None = None,
+        speculate_k: int = 4,
+        compile: bool = False,
+    ):
+        cfg = model.cfg
+        self.model, self.tokenizer, self.draft, self.k = model, tokenizer, draft, speculate_k
+        self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
+        self.trash = self.max_len  # the extra cache entry padding writes to
+        self.cache = self._allocate(model, max_batch)
+        if draft is not None:
+            if draft.cfg.vocab_size != cfg.vocab_size or draft.cfg.max_seq_len < self.max_len:
+                raise ValueError(
+                    f"draft model: vocab_size {draft.cfg.vocab_size} / max_seq_len "
+                    f"{draft.cfg.max_seq_len}, expected vocab_size {cfg.vocab_size} and "
+                    f"max_seq_len >= {self.max_len} (the same tokenizer, as long a context)"
+                )
+            if speculate_k < 1:
+                raise ValueError(f"speculate_k = {speculate_k}: expected >= 1")
+            self.draft_cache = self._allocate(draft, max_batch)
+        self.slots: list[Sequence | None] = [None] * max_batch
+        self.waiting: deque[Sequence] = deque()
+        self.stats: Counter = Counter()
+        self._decode_compiled = torch.compile(self._decode_full, dynamic=False) if compile else None
+
+    def _allocate(self, model: Transformer, batch: int) -> KVCache:
+        p = model.norm.weight  # activations' dtype and device, in a quantized model too
+        return KVCache.allocate(model.cfg, batch, self.max_len + 1, p.dtype, p.device)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.norm.weight.device
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def submit(self, prompt: list[int], params: SamplingParams, on_token: Callable | None = None) -> Sequence:
+        """Queue a sequence; `step` admits it when a slot is free."""
+        vocab = self.model.cfg.vocab_size
+        if not prompt:
+            raise ValueError("the prompt must hold at least one token")
+        if len(prompt) >= self.max_len:
+            raise ValueError(
+                f"a prompt of {len(prompt)} tokens leaves no room to generate (the context holds {self.max_len})"
+            )
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise ValueError(f"prompt token ids must be in [0, {vocab})")
+        seq = Sequence(list(prompt), params, on_token, tokens=list(prompt), submitted=time.perf_counter())
+        seq.sampler = Sampler(params, vocab)
+        seq.stream = TextStream(self.tokenizer, params.stop_strings) if self.tokenizer else None
+        if params.stop_strings and self.tokenizer is None:
+            raise ValueError("stop strings need the engine's tokenizer")
+        self.waiting.append(seq)
+        return seq
+
+    def generate(
+        self, prompts: list[list[int]], params: SamplingParams | list[SamplingParams],
+        on_token: Callable | None = None,
+    ) -> list[Sequence]:  # fmt: skip
+        """Run the prompts to completion (more than max_batch queue for free slots)."""
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        seqs = [self.submit(p, sp, on_token) for p, sp in zip(prompts, params)]
+        while not all(s.done for s in seqs):
+            self.step()
+        return seqs
+
+    def has_work(self) -> bool:
+        return bool(self.waiting) or any(s is not None for s in self.slots)
+
+    def step(self) -> None:
+        """Admit waiting sequences into free slots (prefill: their first token), then advance
+        every running sequence by one decode round."""
+        admitted = []
+        for i, owner in enumerate(self.slots):
+            if owner is None and self.waiting:
+                seq = self.waiting.popleft()
+                seq.slot, self.slots[i] = i, seq
+                admitted.append(seq)
+        if admitted:
+            self._sample_next(admitted, self._feed(self.model, self.cache, admitted, "cached"))
+        running = [s for s in self.slots if s is not None and not s.done]
+        if running:
+            self._speculate(running) if self.draft is not None else self._decode(running)
+        for i, s in enumerate(self.slots):
+            if s is not None and s.done:
+                self.slots[i] = None
+
+    # --- forwards ---------------------------------------------------------------------------
+
+    def _feed(self, model, cache, seqs, attr: str, extra=None, every_position=False):
+        """Feed each sequence the tokens at positions getattr(seq, attr) onward (its tokens,
+        plus extra[i] not yet appended); that many positions become cached. Returns per
+        sequence the logits (V,) after its last token, or (n, V) at every fed position."""
+        extra = extra or [[] for _ in seqs]
+        pending = [(s.tokens + e)[getattr(s, attr) :] for s, e in zip(seqs, extra)]
+        lo, hi = min(s.slot for s in seqs), max(s.slot for s in seqs) + 1
+        T = max(len(p) for p in pending)
+        tokens = torch.zeros(hi - lo, T, dtype=torch.long)
+        positions = torch.zeros(hi - lo, T, dtype=torch.long)
+        write = torch.full((hi - lo, T), self.trash, dtype=torch.long)
+        for s, toks in zip(seqs, pending):
+            r, start, n = s.slot - lo, getattr(s, attr), len(toks)
+            tokens[r, :n] = torch.tensor(toks)
+            positions[r, :n] = write[r, :n] = torch.arange(start, start + n)
+            setattr(s, attr, start + n)
+        kv_len = int(positions.max()) + 1
+        if self._decode_compiled is not None and model is self.model and T == 1 and not every_position:
+            logits = self._decode_padded(tokens, positions, write, lo)
+            return [logits[s.slot] for s in seqs]
+        step = cache.rows(lo, hi).step(positions.to(self.device), kv_len, write.to(self.device))
+        hidden = model(tokens.to(self.device), cache=step, return_hidden=True)  # (B, T, dim)
+        self.stats["forwards"] += 1
+        if every_position:
+            return [model.output(hidden[s.slot - lo, : len(p)]) for s, p in zip(seqs, pending)]
+        rows = torch.tensor([s.slot - lo for s in seqs])
+        last = torch.tensor([len(p) - 1 for p in pending])
+        return list(model.output(hidden[rows, last]))  # the head only where it is needed
+
+    def _decode_padded(self, tokens, positions, write, lo):
+        """The compiled decode step runs every slot: rows outside lo .. write to the trash."""
+        B = self.cache.batch
+        full = [torch.zeros(B, 1, dtype=torch.long), torch.zeros(B, 1, dtype=torch.long),
+                torch.full((B, 1), self.trash, dtype=torch.long)]  # fmt: skip
+        for t, part in zip(full, (tokens, positions, write)):
+            t[lo : lo + part.shape[0]] = part
+        self.stats["forwards"] += 1
+        logits = self._decode_compiled(*(t.to(self.device) for t in full))
+        return logits[lo:]
+
+    def _decode_full(self, tokens, positions, write):
+        step = self.cache.step(positions, None, write)
+        return self.model(tokens, cache=step)[:, -1]
+
+    # --- sampling ---------------------------------------------------------------------------
+
+    def _sample_next(self, seqs: list[Sequence], logits: list[torch.Tensor]) -> None:
+        for s, row in zip(seqs, logits):
+            probs = s.sampler.distribution(row[None], [s.tokens])[0]
+            self._append(s, [s.sampler.sample(probs)])
+
+    def _decode(self, running: list[Sequence]) -> None:
+        self._sample_next(running, self._feed(self.model, self.cache, running, "cached"))
+
+    def _speculate(self, running: list[Sequence]) -> None:
+        # verification writes positions len - 1 .. len - 1 + k: keep them inside the cache
+        k = min([self.k] + [self.max_len - len(s.tokens) for s in running])
+        if k < 1:
+            return self._decode(running)
+        drafts: list[list[int]] = [[] for _ in running]
+        qs: list[list[torch.Tensor]] = [[] for _ in running]
+        for _ in range(k):
+            logits = self._feed(self.draft, self.draft_cache, running, "draft_cached", drafts)
+            for s, d, q, row in zip(running, drafts, qs, logits):
+                probs = s.sampler.distribution(row[None], [s.tokens + d])[0]
+                q.append(probs)
+                d.append(s.sampler.sample(probs))
+        starts = [len(s.tokens) for s in running]
+        scores = self._feed(self.model, self.cache, running, "cached", drafts, every_position=True)
+        for s, d, q, p_logits, n in zip(running, drafts, qs, scores, starts):
+            p = s.sampler.distribution(p_logits, [s.tokens + d[:i] for i in range(k + 1)])
+            new = s.sampler.accept(p, torch.stack(q), d)
+            accepted = len(new) - 1
+            s.cached = n + accepted  # the target's entries after the accepted drafts are stale
+            s.draft_cached = min(s.draft_cached, n + accepted)
+            self.stats["proposed"] += k
+            self.stats["accepted"] += accepted
+            self._append(s, new)
+
+    def acceptance_rate(self) -> float:
+        return self.stats["accepted"] / max(self.stats["proposed"], 1)
+
+    def _append(self, s: Sequence, new: list[int]) -> None:
+        p = s.params
+        if s.first_token_at is None:
+            s.first_token_at = time.perf_counter()
+        for t in new:
+            s.tokens.append(t)
+            s.generated.append(t)
+            self.stats["tokens"] += 1
+            stopped_by_token = t in p.stop_tokens
+            delta, stopped = ("", False) if stopped_by_token or s.stream is None else s.stream.push(t)
+            if s.on_token is not None:
+                s.on_token(s, t, delta)
+            if stopped_by_token or stopped:
+                s.finish_reason = "stop"
+            elif len(s.generated) >= p.max_new_tokens or len(s.tokens) >= self.max_len:
+                s.finish_reason = "length"
+            if s.done:
+                s.finished_at = time.perf_counter()
+                tail = s.stream.flush() if s.stream is not None else ""
+                if s.on_token is not None:
+                    s.on_token(s, None, tail)
+                return
+
+
+# ---------------------------------------------------------------------------------------------
+# A run's tokenizer and model, for the command-line tools
+# ---------------------------------------------------------------------------------------------
+
+
+def run_tokenizer(job):
+    """The tokenizer a run names: data.tokenizer when it is a file, else its data dir's."""
+    from data.manifest import manifest_tokenizer
+    from data.tokenizer import load_tokenizer
+
+    spec = job.data.tokenizer
+    if spec and Path(str(spec)).exists():
+        return load_tokenizer(spec)
+    return manifest_tokenizer(job.data.path)
