@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from inference.sampling import Sampler, SamplingParams
+from inference.sampling import Sampler, SamplingParams, accept, distributions, inverse_cdf
 from model.transformer import KVCache, Transformer
 
 
@@ -185,7 +185,7 @@ class Engine:
                 seq.slot, self.slots[i] = i, seq
                 admitted.append(seq)
         if admitted:
-            self._sample_next(admitted, self._feed(self.model, self.cache, admitted, "cached"))
+            self._decode(admitted)  # prefill: each gets its first token
         running = [s for s in self.slots if s is not None and not s.done]
         if running:
             self._speculate(running) if self.draft is not None else self._decode(running)
@@ -203,14 +203,15 @@ class Engine:
         pending = [(s.tokens + e)[getattr(s, attr) :] for s, e in zip(seqs, extra)]
         lo, hi = min(s.slot for s in seqs), max(s.slot for s in seqs) + 1
         T = max(len(p) for p in pending)
-        tokens = torch.zeros(hi - lo, T, dtype=torch.long)
-        positions = torch.zeros(hi - lo, T, dtype=torch.long)
-        write = torch.full((hi - lo, T), self.trash, dtype=torch.long)
+        tokens = [[0] * T for _ in range(hi - lo)]
+        positions = [[0] * T for _ in range(hi - lo)]
+        write = [[self.trash] * T for _ in range(hi - lo)]
         for s, toks in zip(seqs, pending):
             r, start, n = s.slot - lo, getattr(s, attr), len(toks)
-            tokens[r, :n] = torch.tensor(toks)
-            positions[r, :n] = write[r, :n] = torch.arange(start, start + n)
+            tokens[r][:n] = toks
+            positions[r][:n] = write[r][:n] = range(start, start + n)
             setattr(s, attr, start + n)
+        tokens, positions, write = (torch.tensor(x) for x in (tokens, positions, write))
         kv_len = int(positions.max()) + 1
         if self._decode_compiled is not None and model is self.model and T == 1 and not every_position:
             logits = self._decode_padded(tokens, positions, write, lo)
@@ -241,13 +242,32 @@ class Engine:
 
     # --- sampling ---------------------------------------------------------------------------
 
-    def _sample_next(self, seqs: list[Sequence], logits: list[torch.Tensor]) -> None:
-        for s, row in zip(seqs, logits):
-            probs = s.sampler.distribution(row[None], [s.tokens])[0]
-            self._append(s, [s.sampler.sample(probs)])
+    def _probs(self, seqs, logits: list[torch.Tensor], contexts: list[list[list[int]]]):
+        """logits[i] (P_i, V) of sequence i at P_i positions, contexts[i][j] the tokens before
+        its position j -> their probabilities, one batched call per kind of sampling."""
+        groups: dict = {}
+        for i, s in enumerate(seqs):
+            groups.setdefault(s.sampler.key, []).append(i)
+        out: list = [None] * len(seqs)
+        for idx in groups.values():
+            rows = torch.cat([logits[i] for i in idx])
+            ctx = [c for i in idx for c in contexts[i]]
+            probs = distributions(seqs[idx[0]].sampler, rows, ctx)
+            for i, chunk in zip(idx, probs.split([logits[i].shape[0] for i in idx])):
+                out[i] = chunk
+        return out
 
-    def _decode(self, running: list[Sequence]) -> None:
-        self._sample_next(running, self._feed(self.model, self.cache, running, "cached"))
+    def _draw(self, seqs, logits: list[torch.Tensor], extra=None) -> tuple[list, list[int]]:
+        """(probabilities (V,), one sampled id) per sequence after its tokens (+ extra[i])."""
+        extra = extra or [[] for _ in seqs]
+        probs = self._probs(seqs, [x[None] for x in logits], [[s.tokens + e] for s, e in zip(seqs, extra)])
+        probs = torch.cat(probs)
+        return list(probs), inverse_cdf(probs, [s.sampler.uniform() for s in seqs])
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        _, ids = self._draw(seqs, self._feed(self.model, self.cache, seqs, "cached"))
+        for s, t in zip(seqs, ids):
+            self._append(s, [t])
 
     def _speculate(self, running: list[Sequence]) -> None:
         # verification writes positions len - 1 .. len - 1 + k: keep them inside the cache
@@ -258,15 +278,17 @@ class Engine:
         qs: list[list[torch.Tensor]] = [[] for _ in running]
         for _ in range(k):
             logits = self._feed(self.draft, self.draft_cache, running, "draft_cached", drafts)
-            for s, d, q, row in zip(running, drafts, qs, logits):
-                probs = s.sampler.distribution(row[None], [s.tokens + d])[0]
-                q.append(probs)
-                d.append(s.sampler.sample(probs))
+            probs, ids = self._draw(running, logits, drafts)
+            for d, q, pr, t in zip(drafts, qs, probs, ids):
+                q.append(pr)
+                d.append(t)
         starts = [len(s.tokens) for s in running]
         scores = self._feed(self.model, self.cache, running, "cached", drafts, every_position=True)
-        for s, d, q, p_logits, n in zip(running, drafts, qs, scores, starts):
-            p = s.sampler.distribution(p_logits, [s.tokens + d[:i] for i in range(k + 1)])
-            new = s.sampler.accept(p, torch.stack(q), d)
+        contexts = [[s.tokens + d[:i] for i in range(k + 1)] for s, d in zip(running, drafts)]
+        p = torch.stack(self._probs(running, scores, contexts))  # (N, k + 1, V)
+        q = torch.stack([torch.stack(x) for x in qs])  # (N, k, V)
+        news = accept([s.sampler for s in running], p, q, torch.tensor(drafts))
+        for s, new, n in zip(running, news, starts):
             accepted = len(new) - 1
             s.cached = n + accepted  # the target's entries after the accepted drafts are stale
             s.draft_cached = min(s.draft_cached, n + accepted)

@@ -60,42 +60,64 @@ class Sampler:
         wm = self.params.watermark
         self.green = None if wm is None else _green_lists(wm, self.vocab_size)
 
-    def distribution(self, logits: torch.Tensor, contexts: list[list[int]]) -> torch.Tensor:
-        """logits (P, V) at P positions, contexts[i] the tokens before position i -> (P, V)
-        fp32 probabilities (one-hot when greedy)."""
+    @property
+    def key(self) -> tuple:
+        """Sequences with equal keys share one batched `distributions` call."""
         p = self.params
-        logits = logits.float()
-        if p.temperature > 0:
-            logits = filter_logits(logits / p.temperature, p.top_k, p.top_p)
-        if self.green is not None:
-            logits = torch.stack([self.green.bias(row, ctx) for row, ctx in zip(logits, contexts)])
-        if p.temperature == 0:
-            return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
-        return logits.softmax(-1)
+        return (p.temperature, p.top_k, p.top_p, p.watermark)
 
-    def sample(self, probs: torch.Tensor) -> int:
-        """One id from probs (V,)."""
-        return int(torch.multinomial(probs.cpu(), 1, generator=self.generator))
+    def uniform(self) -> float:
+        return float(torch.rand((), dtype=torch.float64, generator=self.generator))
 
-    def accept(self, p: torch.Tensor, q: torch.Tensor, drafts: list[int]) -> list[int]:
-        """Speculative sampling (Leviathan et al. 2023, Chen et al. 2023): the draft proposed
-        `drafts` (k ids) from q (k, V); the target's p (k + 1, V) at the same positions. Draft i
-        is kept with probability min(1, p_i / q_i); the first rejected one is replaced by a draw
-        from norm(max(0, p - q)) and ends the round; if all k are kept, one more comes from
-        p_k. The tokens returned are distributed exactly as sampling from p one by one."""
-        p, q = p.cpu(), q.cpu()
-        out: list[int] = []
-        for i, d in enumerate(drafts):
-            u = float(torch.rand((), generator=self.generator))
-            if u < float(p[i, d]) / float(q[i, d]):  # q[i, d] > 0: d was drawn from q
-                out.append(d)
-                continue
-            residual = (p[i] - q[i]).clamp(min=0)
-            total = float(residual.sum())
-            out.append(self.sample(residual / total if total > 0 else p[i]))
-            return out
-        out.append(self.sample(p[len(drafts)]))
-        return out
+
+def distributions(sampler: Sampler, logits: torch.Tensor, contexts: list[list[int]]) -> torch.Tensor:
+    """logits (N, V) of rows sharing `sampler.key`, contexts[i] the tokens before row i ->
+    (N, V) fp32 probabilities (one-hot rows when greedy)."""
+    p = sampler.params
+    logits = logits.float()
+    if p.temperature > 0:
+        logits = filter_logits(logits / p.temperature, p.top_k, p.top_p)
+    if sampler.green is not None:
+        logits = torch.stack([sampler.green.bias(row, ctx) for row, ctx in zip(logits, contexts)])
+    if p.temperature == 0:
+        return torch.zeros_like(logits).scatter_(-1, logits.argmax(-1, keepdim=True), 1.0)
+    return logits.softmax(-1)
+
+
+def inverse_cdf(probs: torch.Tensor, u: list[float]) -> list[int]:
+    """One id per row of probs (N, V) at uniforms u (N,): the first id whose cumulative mass
+    exceeds u * total (ids of zero mass are never drawn; torch.multinomial costs ~1 ms per
+    call on the CPU, this is one batched search)."""
+    cdf = probs.double().cumsum(-1)
+    target = torch.tensor(u, dtype=torch.float64, device=cdf.device)[:, None] * cdf[:, -1:]
+    ids = torch.searchsorted(cdf, target, right=True)[:, 0]
+    return ids.clamp(max=probs.shape[-1] - 1).tolist()
+
+
+def accept(samplers: list[Sampler], p: torch.Tensor, q: torch.Tensor, drafts: torch.Tensor) -> list[list[int]]:
+    """Speculative sampling (Leviathan et al. 2023, Chen et al. 2023) for N sequences: their
+    draft proposed drafts (N, k) from q (N, k, V); the target's p (N, k + 1, V) at the same
+    positions. Draft i is kept with probability min(1, p_i / q_i); the first rejected one is
+    replaced by a draw from norm(max(0, p_i - q_i)) and ends the round; if all k are kept, one
+    more comes from p_k. The tokens are distributed exactly as sampling from p one at a time."""
+    N, k = drafts.shape
+    rows, cols = torch.arange(N)[:, None], torch.arange(k)[None, :]
+    ratio = (p[rows, cols, drafts] / q[rows, cols, drafts]).tolist()  # q > 0: drawn from q
+    out, redraw, uniforms = [], [], []
+    for n, sampler in enumerate(samplers):
+        kept = 0
+        while kept < k and sampler.uniform() < ratio[n][kept]:
+            kept += 1
+        out.append(drafts[n, :kept].tolist())
+        if kept < k:
+            residual = (p[n, kept] - q[n, kept]).clamp(min=0)
+            redraw.append(residual if float(residual.sum()) > 0 else p[n, kept])
+        else:
+            redraw.append(p[n, k])
+        uniforms.append(sampler.uniform())
+    for tokens, t in zip(out, inverse_cdf(torch.stack(redraw), uniforms)):
+        tokens.append(t)
+    return out
 
 
 _GREEN_CACHE: dict = {}

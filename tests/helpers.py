@@ -83,10 +83,8 @@ def small_tokenizer() -> Tokenizer:
 
 
 def tiny_model(vocab_size: int, seed: int = 0, max_seq_len: int = 512, **overrides):
-    cfg = model_config(
-        vocab_size=vocab_size, dim=32, n_layers=2, n_heads=4, n_kv_heads=2,
-        max_seq_len=max_seq_len, multiple_of=16, **overrides,
-    )
+    shape = dict(dim=32, n_layers=2, n_heads=4, n_kv_heads=2, multiple_of=16)
+    cfg = model_config(vocab_size=vocab_size, max_seq_len=max_seq_len, **{**shape, **overrides})
     return build_model(cfg, "cpu", seed).eval()
 
 

@@ -1,0 +1,56 @@
+"""Write a weight-only quantized copy of a run's checkpoint (model/quant.py), which
+`--quantize`-free loading (model.load.load_model) reads back as the quantized model.
+
+    python -m inference.quantize --run runs/smollm2 --mode int8 --out runs/smollm2-int8
+    python -m inference.quantize --run runs/smollm2 --mode int4 --group-size 64 --out runs/smollm2-int4
+
+The output is a run directory with one checkpoint (same step, same config) holding the packed
+weights and quantization.json; generate / eval / serve take it with --run like any other.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from model.checkpoint import load_config_dict, save_checkpoint
+from model.load import load_model
+from model.quant import GROUP_SIZES, MODES, QUANT_FILE, quantize_model, weight_bytes
+
+
+def quantize_run(run: str | Path, out: str | Path, mode: str, group_size: int = 64,
+                 step: int | None = None, device: str = "cpu") -> Path:  # fmt: skip
+    """Quantize checkpoint `step` (default: newest) of `run` into run directory `out`."""
+    model, cfg, ckpt = load_model(run, device, step=step)
+    fp_bytes = weight_bytes(model)
+    quantize_model(model, mode, group_size)
+    info = {"mode": mode, "group_size": group_size if mode == "int4" else None,
+            "source": str(ckpt), "weight_bytes": weight_bytes(model), "float_weight_bytes": fp_bytes}  # fmt: skip
+    n = int(ckpt.name.removeprefix("step_")) if ckpt.name.startswith("step_") else 0
+    path = save_checkpoint(
+        out, n, model.state_dict(), {"step": n}, load_config_dict(ckpt),
+        extra_files={QUANT_FILE: json.dumps(info, indent=1) + "\n"},
+    )
+    print(f"wrote {path}: {mode} weights {info['weight_bytes'] / 1e6:.1f} MB "
+          f"(float {fp_bytes / 1e6:.1f} MB, / {fp_bytes / info['weight_bytes']:.2f})")  # fmt: skip
+    return path
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m inference.quantize", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", required=True, help="run (or checkpoint) directory")
+    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    parser.add_argument("--mode", required=True, choices=MODES)
+    parser.add_argument("--group-size", type=int, default=64, choices=GROUP_SIZES, help="int4 only")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--out", required=True, help="output run directory")
+    args = parser.parse_args(argv)
+    try:
+        quantize_run(args.run, args.out, args.mode, args.group_size, args.step, args.device)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"python -m inference.quantize: {e}") from None
+
+
+if __name__ == "__main__":
+    main()
