@@ -105,8 +105,10 @@ def bench_one(size: str, compile_: bool, ac: str, args, device: torch.device, wo
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.throughput_gpu", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--sizes", nargs="+", default=["gpt2-124m", "llama-1b"], choices=list(SHAPES))
     parser.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--ac", nargs="+", default=["none", "selective", "full"],
@@ -117,10 +119,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=0, help="micro-batch per GPU (0: default)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput_gpu.jsonl"))
+    parser.add_argument(
+        "--out", metavar="FILE", default=str(Path(__file__).parent / "results" / "throughput_gpu.jsonl"),
+        help="JSON lines file each result is appended to (default: bench/results/throughput_gpu.jsonl)",
+    )
     parser.add_argument("--smoke", action="store_true",
                         help="check the script on the CPU: tiny model, 2 steps, nothing recorded")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.smoke:
         args.sizes, args.compile, args.steps, args.warmup = ["tiny"], ["off"], 2, 1
         args.out = os.devnull
