@@ -6,9 +6,10 @@ from any `LogLikelihoodModel` (eval/models.py) -> per-item metrics (`item_scores
 all, clean and dirty items (`aggregate`). `run_tasks` loads and scores several tasks with the
 contamination check; `summary_line`, `flat_metrics` and `format_table` report the results.
 
-Seams for more task types: a new kind of item gets its requests in `item_requests` and its
-metrics in `item_scores` (both dispatch on the task's `kind`); an aggregate over tasks (a
-CORE-style score) reads `run_tasks`' results.
+Seams for more task types: a new kind of task builds its requests in `item_requests` (today
+one (context, continuation) pair per choice) and its metrics in `item_scores` (which switches on
+the task's `kind`); a task that generates needs a model protocol beside `LogLikelihoodModel` in
+eval/models.py; an aggregate over tasks (a CORE-style score) reads `run_tasks`' results.
 """
 
 from __future__ import annotations

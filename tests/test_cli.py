@@ -14,7 +14,7 @@ import pytest
 ENTRY_POINTS = [
     "train", "data.prepare", "bench.throughput", "bench.throughput_gpu", "bench.kernels",
     "bench.data", "eval.__main__", "eval.moe_load", "eval.contamination", "model.generate",
-    "model.hf",
+    "model.hf", "model.hf_gguf",
 ]
 OVERRIDES = {"train", "data.prepare", "bench.throughput"}  # --section.key=value
 RUN_READERS = {"eval.__main__", "eval.moe_load", "model.generate"}  # run the model on --device
@@ -25,6 +25,7 @@ MINIMAL_ARGS = {
     "eval.contamination": ["--data", "nope"],
     "model.generate": ["--run", "nope"],
     "model.hf": ["export", "--run", "nope", "--out-dir", "nope"],
+    "model.hf_gguf": ["--gguf", "nope", "--out-dir", "nope"],
 }
 KEBAB = re.compile(r"--[a-z0-9]+(-[a-z0-9]+)*")
 
