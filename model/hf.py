@@ -30,6 +30,7 @@ else. Import is the inverse, into a run directory that training can start from.
     model/hf_config.py   the class for a model, and config.json, both ways (one row per family)
     model/hf_names.py    tensor names and the exact adaptations above, both ways
     model/hf.py          the files: safetensors shards, tokenizer, export / import, this CLI
+    model/hf_gguf.py     a GGUF file -> a plain Hugging Face directory (to import from)
 
 Export reads the checkpoint's consolidated model.safetensors (every checkpoint our training
 writes has one). A folder holding only a sharded torch.distributed.checkpoint is consolidated
