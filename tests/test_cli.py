@@ -14,7 +14,7 @@ import pytest
 ENTRY_POINTS = [
     "train", "data.prepare", "bench.throughput", "bench.throughput_gpu", "bench.kernels",
     "bench.data", "eval.__main__", "eval.moe_load", "eval.contamination", "model.generate",
-    "model.hf", "model.hf_gguf",
+    "model.hf", "model.hf_gguf", "parallel.checkpoint_dcp",
 ]
 OVERRIDES = {"train", "data.prepare", "bench.throughput"}  # --section.key=value
 RUN_READERS = {"eval.__main__", "eval.moe_load", "model.generate"}  # run the model on --device
@@ -26,6 +26,7 @@ MINIMAL_ARGS = {
     "model.generate": ["--run", "nope"],
     "model.hf": ["export", "--run", "nope", "--out-dir", "nope"],
     "model.hf_gguf": ["--gguf", "nope", "--out-dir", "nope"],
+    "parallel.checkpoint_dcp": ["--run", "nope"],
 }
 KEBAB = re.compile(r"--[a-z0-9]+(-[a-z0-9]+)*")
 
