@@ -11,13 +11,12 @@ full global batch (all micro-batches), forward + backward + clip + AdamW, on ran
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import time
-from pathlib import Path
 
 import torch
 
+from bench.tables import write_table
 from data.loader import Batch
 from job_config import load_config
 from model.transformer import build_model
@@ -122,13 +121,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     print(table)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
-    path = out / f"throughput-{slug}.md"
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(table)
-    os.replace(tmp, path)
+    path = write_table(args.out, "throughput", name, table)
     print(f"wrote {path}")
 
 
