@@ -54,7 +54,9 @@ def bench_ms(fn: Callable[[], object], grad_to_none=None, smoke: bool = False) -
         return 1e3 * (time.perf_counter() - t0)
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none)
+    return triton.testing.do_bench(
+        fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"
+    )
 
 
 def peak_mib(fn: Callable[[], object], device: torch.device) -> float:
