@@ -16,7 +16,6 @@ The corpus is read into memory first, so reading files is not timed. Tokenizatio
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -24,6 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from common.atomic import write_json
 from data.pipeline import DEFAULT_STAGES, Pipeline, build_pipeline
 from data.sources import SourceErrors, iter_documents
 from data.tokenizer import load_tokenizer, train_bpe
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
         "tokens": tokenized.stats[0].counts.get("tokens", 0),
     }
     if args.json:
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        write_json(args.json, result)
     tmp.cleanup()
     return result
 

@@ -20,7 +20,8 @@ from bench.tables import write_table
 from data.loader import Batch
 from job_config import load_config
 from model.transformer import build_model
-from train import autocast_context, build_optimizer, compute_loss
+from parallel.parallelize import build_loss_fn
+from training.optim import build_optimizer
 
 
 def device_name(device: torch.device) -> str:
@@ -66,12 +67,11 @@ def train_throughput(config: str, device: torch.device, steps: int, warmup: int,
         return Batch(tokens[:, :-1].contiguous(), tokens[:, 1:].contiguous())
 
     batches = [random_batch() for _ in range(accum)]
+    loss_fn = build_loss_fn(model, raw, cfg, device)  # train.py's loss for this config
 
     def step() -> None:
         for batch in batches:
-            with autocast_context(cfg, device):
-                loss = compute_loss(model, raw, batch, cfg, device)
-            (loss / accum).backward()
+            (loss_fn(batch) / accum).backward()
         torch.nn.utils.clip_grad_norm_(raw.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

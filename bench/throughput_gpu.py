@@ -38,7 +38,8 @@ from parallel.parallelize import (
     clip_grad_norm,
     fsdp_mixed_precision,
 )
-from train import GPU_PEAK_FLOPS, build_optimizer
+from training.metrics import GPU_PEAK_FLOPS
+from training.optim import build_optimizer
 
 # Per-GPU micro-batch (sequences) and sequence length of each size (fits an 80 GB H100 without
 # activation checkpointing).

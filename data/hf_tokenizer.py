@@ -21,12 +21,12 @@ the special id, while `Tokenizer.encode` encodes them as ordinary text.
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
 import tiktoken
 
+from common.atomic import write_json, write_text
 from data.tokenizer import EOT, bytes_to_unicode
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -159,8 +159,8 @@ def save_hf_tokenizer(
             for t, i in sorted(specials.items(), key=lambda kv: kv[1])
         },
     }
-    _atomic_write(out_dir / TOKENIZER_FILE, tok.to_str())
-    _atomic_write(out_dir / TOKENIZER_CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    write_text(out_dir / TOKENIZER_FILE, tok.to_str())
+    write_json(out_dir / TOKENIZER_CONFIG_FILE, config, indent=2)
 
 
 def from_hf_tokenizer(path: str | Path, name: str = "hf") -> tiktoken.Encoding:
@@ -217,9 +217,3 @@ def _split_regex(pre: dict | None) -> str | None:
         return None
     pattern = steps[0].get("pattern", {})
     return pattern.get("Regex")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)

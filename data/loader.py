@@ -135,6 +135,15 @@ class DataLoader:
             micro.append(make_batch(self.stream, window_ids, self.seq_len, self.eot_id))
         return micro
 
+    @property
+    def num_tokens(self) -> int:
+        """Training tokens this loader draws from."""
+        return self.stream.num_tokens
+
+    def metrics(self) -> dict[str, float]:
+        """What the training log reports about the data (nothing for one dataset)."""
+        return {}
+
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "position": self.position, "seed": self.seed}
 
@@ -198,7 +207,6 @@ class MixtureLoader:
         self.seq_len, self.batch_size, self.micro = seq_len, batch_size, micro_batch_size
         self.rank, self.world, self.seed, self.eot_id = rank, world_size, seed, eot_id
         self.accum_steps = self.loaders[0].accum_steps
-        self.stream = self.loaders[0].stream  # for logging token counts, like DataLoader
         self.step = 0
         self.seen = np.zeros(len(self.names), np.int64)  # windows drawn per domain
 
@@ -227,10 +235,19 @@ class MixtureLoader:
                                doc_ids))
         return micro
 
+    @property
+    def num_tokens(self) -> int:
+        """Training tokens of all domains together."""
+        return sum(loader.num_tokens for loader in self.loaders)
+
     def mixture_seen(self) -> dict[str, float]:
-        """Fraction of training sequences drawn from each domain so far (for the logs)."""
+        """Fraction of training sequences drawn from each domain so far."""
         total = max(int(self.seen.sum()), 1)
         return {n: int(c) / total for n, c in zip(self.names, self.seen)}
+
+    def metrics(self) -> dict[str, float]:
+        """mixture/<domain>: the fraction of training sequences drawn from it so far."""
+        return {f"mixture/{k}": v for k, v in self.mixture_seen().items()}
 
     def state_dict(self) -> dict:
         return {
@@ -282,7 +299,7 @@ def build_train_loader(
     if not data_cfg.mixture:
         return DataLoader(TokenStream(data_cfg.path, "train", manifest), seq_len, batch_size,
                           micro_batch_size, rank, world_size, seed, eot_id)
-    from data.prepare import load_manifest
+    from data.manifest import load_manifest
 
     weights = parse_mixture(data_cfg.mixture)
     streams = {}

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import multiprocessing as mp
-import os
 import sys
 import time
 from collections.abc import Iterator
@@ -26,6 +25,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from common.atomic import write_json
+from data.manifest import MANIFEST_FILE, load_manifest
 from data.pipeline import build_pipeline
 from data.shards import read_header, token_dtype, write_shard
 from data.sources import Document, SourceErrors, iter_documents
@@ -132,10 +133,10 @@ def _tokenize_unit(job: tuple[str, list[str]]) -> int:
 def prepare(cfg: DataConfig, dry_run: bool = False) -> dict:
     """Prepare `cfg.path`; returns the manifest."""
     out = Path(cfg.path)
-    manifest_path = out / "manifest.json"
+    manifest_path = out / MANIFEST_FILE
     settings = asdict(cfg)
     if manifest_path.exists():
-        manifest = json.loads(manifest_path.read_text())
+        manifest = load_manifest(out)
         if manifest.get("settings") == settings:
             print(f"{out} is already prepared ({manifest['train']['tokens']:,} train tokens)")
             return manifest
@@ -219,33 +220,8 @@ def prepare(cfg: DataConfig, dry_run: bool = False) -> dict:
     if dry_run:
         print(json.dumps({k: manifest[k] for k in ("train", "val", "stages")}, indent=1))
         return manifest
-    tmp = manifest_path.with_name("manifest.json.tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, manifest_path)
+    write_json(manifest_path, manifest)
     return manifest
-
-
-def load_manifest(path: str | Path) -> dict:
-    manifest_path = Path(path) / "manifest.json"
-    if not manifest_path.exists():
-        raise FileNotFoundError(
-            f"{manifest_path} not found: prepare the data first (python -m data.prepare --config ...)"
-        )
-    return json.loads(manifest_path.read_text())
-
-
-def manifest_tokenizer(data_path: str | Path, manifest: dict | None = None) -> Tokenizer:
-    """The tokenizer a prepared data dir was made with, checked against the manifest."""
-    manifest = manifest or load_manifest(data_path)
-    info = manifest["tokenizer"]
-    local = Path(data_path) / info["spec"]
-    tok = load_tokenizer(local if local.exists() else info["spec"])
-    if tok.identity()["sha256"] != info["sha256"]:
-        raise ValueError(
-            f"{data_path}/manifest.json: tokenizer {info['spec']!r} differs from the one the "
-            f"shards were made with (sha256 {info['sha256'][:12]}...)"
-        )
-    return tok
 
 
 def main(argv: list[str] | None = None) -> None:

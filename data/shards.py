@@ -15,10 +15,11 @@ wrong or truncated file is rejected with its name instead of being read as garba
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
+
+from common.atomic import atomic_path
 
 MAGIC = 20241123
 VERSION = 1
@@ -45,13 +46,9 @@ def write_shard(path: str | Path, tokens: np.ndarray, vocab_size: int) -> None:
         )
     header = np.zeros(HEADER_INTS, dtype="<i4")
     header[:5] = [MAGIC, VERSION, tokens.size, dtype.itemsize, vocab_size]
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(header.tobytes())
         f.write(tokens.astype(dtype.newbyteorder("<"), copy=False).tobytes())
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def read_header(path: str | Path) -> dict:

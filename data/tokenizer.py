@@ -12,12 +12,13 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
 import tiktoken
 import tiktoken.load
+
+from common.atomic import write_json, write_text
 
 EOT = "<|endoftext|>"
 
@@ -94,18 +95,12 @@ class Tokenizer:
             for token, rank in sorted(self.mergeable_ranks.items(), key=lambda kv: kv[1])
         ]
         meta = {"name": self.name, "pat_str": self.pat_str, "special_tokens": self.special_tokens}
-        _atomic_write(path, "".join(lines))
-        _atomic_write(_meta_path(path), json.dumps(meta, indent=1) + "\n")
+        write_text(path, "".join(lines))
+        write_json(_meta_path(path), meta)
 
 
 def _meta_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def load_tokenizer(spec: str | Path) -> Tokenizer:

@@ -13,12 +13,11 @@ training shards.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from pathlib import Path
 
 import torch
 
+from common.atomic import write_json
 from data.shards import ShardError
 from eval.harness import (
     TokenizerMismatchError,
@@ -31,7 +30,8 @@ from eval.harness import (
 )
 from eval.perplexity import evaluate_perplexity
 from eval.tasks import TaskDataError
-from model.checkpoint import find_checkpoint, load_model, resolve_checkpoint
+from model.checkpoint import find_checkpoint, resolve_checkpoint
+from model.load import load_model
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -89,10 +89,7 @@ def evaluate(args: argparse.Namespace) -> None:
         results.update(run_benchmarks(lm, tokenizer, tasks, args, ckpt))
     if args.out:
         out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        tmp.write_text(json.dumps(results, indent=1) + "\n")
-        os.replace(tmp, out)
+        write_json(out, results)
         print(f"wrote {out}")
 
 

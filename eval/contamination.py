@@ -23,14 +23,13 @@ a billion-n-gram index and ten thousand items.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from common.atomic import atomic_path, write_json
 from data.normalize import combine_ngrams, match_bytes, ngram_hashes, word_hashes, word_spans
 from eval.tasks import TASKS
 
@@ -126,16 +125,10 @@ class NgramIndex:
         return int(self.contains(h).sum()), len(h)
 
     def save(self, path: str | Path) -> None:
-        """Write the array atomically (temp file in the same folder, then rename)."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, self.hashes)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        """Write the array atomically (common/atomic.py)."""
+        # A file object, not a path: np.save would append ".npy" to the temporary's name.
+        with atomic_path(path) as tmp, open(tmp, "wb") as f:
+            np.save(f, self.hashes)
 
     @classmethod
     def load(cls, path: str | Path, n: int) -> NgramIndex:
@@ -240,7 +233,7 @@ def build_indexes(
         index = NgramIndex(unions[n].result(), n)
         index.save(data_dir / f"ngrams_{n}.npy")
         meta = {"n": n, "count": len(index), "shards": signature, "hash": HASH_NAME}
-        _write_json_atomic(data_dir / f"ngrams_{n}.json", meta)
+        write_json(data_dir / f"ngrams_{n}.json", meta)
         indexes[n] = index
     return indexes
 
@@ -262,22 +255,11 @@ def load_or_build_index(
             if len(index) == meta.get("count"):
                 return index
     if tokenizer is None:
-        from data.prepare import manifest_tokenizer
+        from data.manifest import manifest_tokenizer
 
         tokenizer = manifest_tokenizer(data_dir)
     # Build every task's n in the same pass: decoding the shards is the expensive part.
     return build_indexes(data_dir, tokenizer, set(TASK_NGRAM_N.values()) | {n}, progress)[n]
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -285,7 +267,7 @@ def main(argv: list[str] | None = None) -> None:
     import argparse
     import time
 
-    from data.prepare import manifest_tokenizer
+    from data.manifest import manifest_tokenizer
 
     parser = argparse.ArgumentParser(description=main.__doc__)
     parser.add_argument("data_dir", help="prepared data dir (train_*.bin + manifest.json)")

@@ -431,7 +431,7 @@ def check_checkpoint_tokenizer(ckpt: Path, tokenizer, model_vocab_size: int) -> 
 def native_tokenizer(ckpt: Path, cfg, tokenizer_spec: str | None = None):
     """The tokenizer to score a checkpoint with: `tokenizer_spec` (tiktoken name or .tiktoken
     file) or its data dir's; checked to be the one the run was trained with."""
-    from data.prepare import manifest_tokenizer
+    from data.manifest import manifest_tokenizer
     from data.tokenizer import load_tokenizer
 
     if tokenizer_spec is not None:
@@ -450,7 +450,7 @@ def load_native(
 ) -> tuple[TransformerLogLikelihood, object, Path]:
     """(scorer, tokenizer, checkpoint dir) for a checkpoint dir or a run dir (its newest
     checkpoint); see `native_tokenizer` for the tokenizer."""
-    from model.checkpoint import load_model
+    from model.load import load_model
 
     model, cfg, ckpt = load_model(checkpoint, device)
     tokenizer = native_tokenizer(ckpt, cfg, tokenizer_spec)

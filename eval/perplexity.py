@@ -15,7 +15,7 @@ import torch
 from tqdm import tqdm
 
 from data.loader import TokenStream, make_batch
-from data.prepare import load_manifest, manifest_tokenizer
+from data.manifest import load_manifest, manifest_tokenizer
 from model.transformer import Transformer
 
 

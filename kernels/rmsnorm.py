@@ -1,4 +1,4 @@
-"""Fused RMSNorm in Triton, with the semantics of model.transformer.RMSNorm (Hugging Face Llama):
+"""Fused RMSNorm in Triton, with the semantics of model.layers.RMSNorm (Hugging Face Llama):
 
     y = weight * (x.float() * rsqrt(mean(x.float()^2) + eps)).to(x.dtype)
 
@@ -163,7 +163,7 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 def reference_rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """The PyTorch module's computation (model.transformer.RMSNorm.forward)."""
+    """The PyTorch module's computation (model.layers.RMSNorm.forward)."""
     dtype = x.dtype
     xf = x.float() if dtype != torch.float64 else x
     xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)

@@ -1,5 +1,5 @@
 """Rotary position embedding in Triton, Hugging Face "rotate halves" convention
-(model.transformer.apply_rope): with x = [x1, x2] split at D/2,
+(model.layers.apply_rope): with x = [x1, x2] split at D/2,
 
     out = x * cos + rotate_half(x) * sin,   rotate_half(x) = [-x2, x1]
     out1 = x1 * cos1 - x2 * sin1,           out2 = x2 * cos2 + x1 * sin2
@@ -122,7 +122,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def reference_apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """model.transformer.apply_rope's PyTorch path (computed in x's dtype when it is float64)."""
+    """model.layers.apply_rope's PyTorch path (computed in x's dtype when it is float64)."""
     if cos.dim() == 3:
         cos, sin = cos[:, None], sin[:, None]  # broadcast over heads
     xf = x if x.dtype == torch.float64 else x.float()

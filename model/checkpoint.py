@@ -1,4 +1,4 @@
-"""Checkpoints of a run, and loading a trained model back from one.
+"""The files of a run's checkpoints: writing them atomically, finding them, reading them back.
 
     runs/NAME/checkpoints/step_000100/
         model.safetensors   the model's state dict (our parameter names, unsharded)
@@ -8,18 +8,22 @@
     runs/NAME/checkpoints/latest   text file naming the newest complete step directory
 
 A checkpoint is written into a temporary directory that is renamed into place only when every
-file is on disk, so a run killed mid-save never leaves a checkpoint that looks complete.
+file is on disk (common/atomic.py), so a run killed mid-save never leaves a checkpoint that looks
+complete; re-saving an existing step swaps the directories in one exchange, so `latest` never
+names a missing directory.
+Building a model from a checkpoint is model/load.py's job; this module only moves files.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from common.atomic import atomic_dir, write_text
 
 MODEL_FILE = "model.safetensors"
 STATE_FILE = "train_state.pt"
@@ -28,12 +32,6 @@ CONFIG_FILE = "config.json"
 
 def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step_{step:06d}"
-
-
-def temp_checkpoint_dir(run_dir: str | Path, step: int) -> Path:
-    """Where the checkpoint of `step` is assembled before it is renamed into place."""
-    final = checkpoint_dir(run_dir, step)
-    return final.parent / f".tmp_{final.name}"
 
 
 def save_checkpoint(
@@ -52,26 +50,13 @@ def save_checkpoint(
     """
     final = checkpoint_dir(run_dir, step)
     root = final.parent
-    root.mkdir(parents=True, exist_ok=True)
-    tmp = temp_checkpoint_dir(run_dir, step)
-    if tmp.exists() and not keep_temp_contents:
-        shutil.rmtree(tmp)
-    tmp.mkdir(exist_ok=True)
     tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
-    save_file(tensors, tmp / MODEL_FILE, metadata={"format": "pt"})
-    torch.save(train_state, tmp / STATE_FILE)
-    (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
-    for f in tmp.iterdir():
-        if not f.is_file():
-            continue
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    latest_tmp = root / "latest.tmp"
-    latest_tmp.write_text(final.name + "\n")
-    os.replace(latest_tmp, root / "latest")
+    # The temporary is common.atomic.temp_path(final); other ranks' shards may already be in it.
+    with atomic_dir(final, keep_contents=keep_temp_contents) as tmp:
+        save_file(tensors, tmp / MODEL_FILE, metadata={"format": "pt"})
+        torch.save(train_state, tmp / STATE_FILE)
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+    write_text(root / "latest", final.name + "\n")
     if keep > 0:
         steps = sorted(p for p in root.glob("step_*") if p.is_dir())
         for old in steps[:-keep]:
@@ -124,18 +109,3 @@ def load_config_dict(ckpt: Path) -> dict:
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing")
     return json.loads(path.read_text())
-
-
-def load_model(ckpt_or_run: str | Path, device: str | torch.device = "cpu"):
-    """(model, JobConfig, checkpoint dir) of a checkpoint or a run's newest checkpoint."""
-    from job_config import JobConfig
-    from model.transformer import build_model
-
-    ckpt = resolve_checkpoint(ckpt_or_run)
-    cfg = JobConfig.from_dict(load_config_dict(ckpt), str(ckpt / CONFIG_FILE))
-    model = build_model(cfg.model, device)
-    missing, unexpected = model.load_state_dict(load_model_state(ckpt), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{ckpt / MODEL_FILE}: missing {missing}, unexpected {unexpected}")
-    model.eval()
-    return model, cfg, ckpt

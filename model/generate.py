@@ -12,6 +12,8 @@ import argparse
 
 import torch
 
+from data.manifest import manifest_tokenizer
+from model.load import load_model
 from model.transformer import Transformer
 
 
@@ -64,9 +66,6 @@ def generate(
 
 
 def main(argv: list[str] | None = None) -> None:
-    from data.prepare import manifest_tokenizer
-    from model.checkpoint import load_model
-
     parser = argparse.ArgumentParser(description="Sample text from a trained run.")
     parser.add_argument("--run", required=True, help="run directory or checkpoint directory")
     parser.add_argument("--prompt", default="", help="text to continue (default: start a document)")

@@ -34,15 +34,16 @@ import argparse
 import json
 import os
 import re
-import shutil
 import sys
 import warnings
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from common.atomic import atomic_dir, write_json, write_text
 from model.config import ModelConfig
 
 LLAMA, QWEN3 = "LlamaForCausalLM", "Qwen3ForCausalLM"
@@ -509,7 +510,7 @@ def write_safetensors(
         weight_map.update({name: fname for name in shard})
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+    write_json(out_dir / INDEX_FILE, index, indent=2)
     return names + [INDEX_FILE]
 
 
@@ -588,11 +589,11 @@ def export_model(
     out_dir = Path(out_dir)
     with _staging_dir(out_dir, overwrite) as tmp:
         write_safetensors(tensors, tmp, parse_size(max_shard_size))
-        _write_json(tmp / "config.json", config)
+        write_json(tmp / "config.json", config, indent=2)
         generation = {"do_sample": False, "transformers_version": _transformers_version()}
         if eot_id is not None:
             generation.update(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
-        _write_json(tmp / "generation_config.json", generation)
+        write_json(tmp / "generation_config.json", generation, indent=2)
         if encoding is not None:
             from data.hf_tokenizer import save_hf_tokenizer
 
@@ -625,7 +626,7 @@ def export_run(
 
         tok = load_tokenizer(tokenizer)
     elif with_tokenizer:
-        from data.prepare import manifest_tokenizer
+        from data.manifest import manifest_tokenizer
 
         try:
             tok = manifest_tokenizer(job.data.path)
@@ -741,9 +742,9 @@ def import_hf(
         step_dir = tmp / "checkpoints" / "step_000000"
         step_dir.mkdir(parents=True)
         _save({n: t.contiguous() for n, t in state.items()}, step_dir / SAFETENSORS_FILE)
-        _write_json(step_dir / "config.json", job.to_dict())
-        (tmp / "checkpoints" / "latest").write_text("step_000000\n", encoding="utf-8")
-        (tmp / "config.toml").write_text(to_toml(job), encoding="utf-8")
+        write_json(step_dir / "config.json", job.to_dict(), indent=2)
+        write_text(tmp / "checkpoints" / "latest", "step_000000\n")
+        write_text(tmp / "config.toml", to_toml(job))
     return cfg
 
 
@@ -752,35 +753,12 @@ def import_hf(
 # ---------------------------------------------------------------------------------------------
 
 
-class _staging_dir:
-    """Build a directory at `<out>.partial`, rename it to `out` on success (nothing
+def _staging_dir(out: Path, overwrite: bool) -> AbstractContextManager[Path]:
+    """A temporary directory that replaces `out` on success (common.atomic.atomic_dir: nothing
     half-written is ever at `out`); an existing non-empty `out` needs overwrite=True."""
-
-    def __init__(self, out: Path, overwrite: bool):
-        self.out, self.overwrite = out, overwrite
-        self.tmp = out.with_name(out.name + ".partial")
-
-    def __enter__(self) -> Path:
-        if self.out.exists() and any(self.out.iterdir()) and not self.overwrite:
-            raise FileExistsError(f"{self.out} exists and is not empty (pass --overwrite)")
-        shutil.rmtree(self.tmp, ignore_errors=True)
-        self.tmp.mkdir(parents=True)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            shutil.rmtree(self.tmp, ignore_errors=True)
-            return
-        old = self.out.with_name(self.out.name + ".old")
-        if self.out.exists():
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(self.out, old)
-        os.replace(self.tmp, self.out)
-        shutil.rmtree(old, ignore_errors=True)
-
-
-def _write_json(path: Path, obj: dict) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty (pass --overwrite)")
+    return atomic_dir(out)
 
 
 def _transformers_version() -> str:

@@ -26,8 +26,11 @@ Shared experts (n_shared_experts > 0) are one SwiGLU `FeedForward` named `shared
 n_shared_experts * expert_hidden that sees every token (n shared experts of equal size fused into
 one: the same function, one matmul instead of n).
 
-Module-level functions for the training loop: `moe_aux_loss(model)` after each forward,
-`moe_after_step(model)` after each optimizer step, `moe_metrics(model)` when logging.
+Module-level functions for the training loop: `moe_aux_loss(model)` after each forward (zero for
+a dense model), `moe_after_step(model, reduce)` after each optimizer step (registered as a step
+hook by parallel/moe_balance.py, which sums the loads over ranks), `moe_metrics(model)` when
+logging (empty for a dense model). Nothing here knows about process groups; the load report CLI
+is `python -m eval.moe_load`.
 """
 
 from __future__ import annotations
@@ -36,12 +39,11 @@ import re
 from collections.abc import Callable
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.transformer import FeedForward
+from model.layers import FeedForward
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
@@ -95,7 +97,7 @@ class MoE(nn.Module):
         # Statistics of the training forwards (plain attributes, not buffers, so DDP's buffer
         # broadcast never overwrites them and they never enter a checkpoint).
         self.last_aux_loss: torch.Tensor | None = None  # scalar with grad, from the last forward
-        self._step_load: torch.Tensor | None = None  # (E,) slots per expert since moe_after_step
+        self.step_load: torch.Tensor | None = None  # (E,) slots per expert since update_bias
         self._log_load: torch.Tensor | None = None  # (E,) slots per expert since moe_metrics
         # Summed raw aux / z-loss since moe_metrics, kept as tensors: no GPU sync per forward.
         self._log_aux: torch.Tensor | None = None
@@ -153,12 +155,20 @@ class MoE(nn.Module):
         # Under activation checkpointing the recomputed forward records again; every statistic
         # below is used only up to scale (fractions, a sign, a mean), so double counting is moot.
         with torch.no_grad():
-            self._step_load = load if self._step_load is None else self._step_load + load
+            self.step_load = load if self.step_load is None else self.step_load + load
             self._log_load = load if self._log_load is None else self._log_load + load
             aux, z = aux.detach(), z.detach()
             self._log_aux = aux if self._log_aux is None else self._log_aux + aux
             self._log_z = z if self._log_z is None else self._log_z + z
             self._log_forwards += 1
+
+    @torch.no_grad()
+    def update_bias(self, load: torch.Tensor) -> None:
+        """Aux-loss-free balancing step: bias += rate * sign(mean_load - load_i), where `load`
+        (E,) counts the token slots each expert received since the last update (summed over the
+        data-parallel ranks by the caller). Resets this layer's count."""
+        self.expert_bias += self.bias_rate * torch.sign(load.mean() - load)
+        self.step_load = None
 
     # --- experts ------------------------------------------------------------------------------
 
@@ -263,20 +273,23 @@ def moe_aux_loss(model: nn.Module) -> torch.Tensor:
 
 
 @torch.no_grad()
-def moe_after_step(model: nn.Module, group: dist.ProcessGroup | None = None) -> None:
+def moe_after_step(
+    model: nn.Module, reduce: Callable[[torch.Tensor], torch.Tensor] | None = None
+) -> None:
     """Call after each optimizer step (on every rank). For "bias" balancing, move each expert's
     bias towards balance using the loads of all training forwards since the last call (all
-    micro-batches), summed over the ranks of `group` (default: the world) when torch.distributed
-    is initialized so every rank keeps identical biases. Resets the counts."""
-    layers = [m for _, m in moe_layers(model) if m.balance == "bias" and m._step_load is not None]
+    micro-batches). `reduce` sums the (L, E) loads over the data-parallel ranks so that every
+    rank keeps identical biases (parallel/moe_balance.py registers this with an all-reduce as
+    an optimizer step hook); None uses this process's loads. Resets the counts."""
+    layers = [m for _, m in moe_layers(model) if m.balance == "bias" and m.step_load is not None]
     if layers:
-        loads = torch.stack([m._step_load for m in layers])  # (L, E), one all-reduce for all
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(loads, group=group)
+        loads = torch.stack([m.step_load for m in layers])  # (L, E): one reduction for all
+        if reduce is not None:
+            loads = reduce(loads)
         for m, load in zip(layers, loads):
-            m.expert_bias += m.bias_rate * torch.sign(load.mean() - load)
+            m.update_bias(load)
     for _, m in moe_layers(model):
-        m._step_load = None
+        m.step_load = None
 
 
 @torch.no_grad()
@@ -306,70 +319,3 @@ def moe_metrics(model: nn.Module) -> dict[str, float]:
     if out:
         out["moe/max_min_ratio"] = worst
     return out
-
-
-# ---------------------------------------------------------------------------------------------
-# CLI: how evenly a trained model spreads held-out tokens over its experts
-# ---------------------------------------------------------------------------------------------
-
-
-@torch.no_grad()
-def load_balance_report(model: nn.Module, tokens: torch.Tensor, batch: int = 16) -> dict:
-    """Route `tokens` (n, T) through the model; moe_metrics over exactly those tokens."""
-    moe_metrics(model)  # drop anything recorded before
-    was_training = model.training
-    model.train()  # statistics are recorded in training mode (the model has no dropout)
-    for chunk in tokens.split(batch):
-        model(chunk)
-    for _, layer in moe_layers(model):
-        layer.last_aux_loss = None  # nothing here is a training step
-        layer._step_load = None
-    model.train(was_training)
-    return moe_metrics(model)
-
-
-def main(argv: list[str] | None = None) -> None:
-    import argparse
-    from pathlib import Path
-
-    from data.shards import read_shard
-    from model.checkpoint import load_model
-
-    parser = argparse.ArgumentParser(
-        description="Per-layer expert load (max/min ratio) of a trained MoE on validation data."
-    )
-    parser.add_argument("--run", required=True, help="run directory or checkpoint directory")
-    parser.add_argument("--sequences", type=int, default=128, help="random validation windows")
-    parser.add_argument("--seq-len", type=int, default=128)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
-
-    model, cfg, ckpt = load_model(args.run)
-    if not cfg.model.is_moe:
-        raise SystemExit(f"{ckpt}: model.n_experts = 0, not a Mixture-of-Experts model")
-    shards = sorted(Path(cfg.data.path).glob("val_*.bin"))
-    if not shards:
-        raise SystemExit(f"{cfg.data.path}: no val_*.bin shards (data.path of {ckpt})")
-    val = read_shard(shards[0])
-    T = min(args.seq_len, cfg.model.max_seq_len, len(val) - 1)
-    gen = torch.Generator().manual_seed(args.seed)
-    # Windows at random offsets over the whole split, so that no single file dominates.
-    starts = torch.randint(0, len(val) - T, (args.sequences,), generator=gen).tolist()
-    tokens = torch.stack([torch.from_numpy(val[s : s + T].astype("int64")) for s in starts])
-    report = load_balance_report(model, tokens)
-    print(f"{ckpt}: {tokens.numel():,} validation tokens, balancing = {cfg.model.moe_balance!r}")
-    for name, _ in moe_layers(model):
-        fracs = [v for k, v in report.items() if k.startswith(f"moe/{name}/frac_e")]
-        print(
-            f"  {name}: max/min load {report[f'moe/{name}/max_min_ratio']:.2f} | fraction per "
-            f"expert {' '.join(f'{f:.3f}' for f in fracs)}"
-        )
-    print(f"  worst layer max/min load: {report['moe/max_min_ratio']:.2f}")
-
-
-if __name__ == "__main__":
-    # Run the imported module's main: under `python -m`, this file's classes are __main__.MoE,
-    # not the model.moe.MoE the model is built from, and isinstance checks would miss them.
-    from model.moe import main as _main
-
-    _main()

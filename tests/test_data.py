@@ -4,8 +4,10 @@ import random
 import numpy as np
 import pytest
 
+from common.atomic import temp_path
 from data.loader import DataLoader, TokenStream, document_ids, validation_batches
-from data.prepare import PrepareError, load_manifest, manifest_tokenizer, prepare
+from data.manifest import load_manifest, manifest_tokenizer
+from data.prepare import PrepareError, prepare
 from data.shards import HEADER_BYTES, ShardError, read_shard, write_shard
 from data.sources import SourceErrors, iter_documents
 from data.tokenizer import load_tokenizer, train_bpe
@@ -106,7 +108,7 @@ def test_prepare_rerun_after_kill_gives_same_shards(tmp_path):
     shards = sorted((tmp_path / "b").glob("*.bin"))
     for s in shards[len(shards) // 2 :]:
         s.unlink()
-    shards[0].with_name(shards[0].name + ".tmp").write_bytes(b"half-written")
+    temp_path(shards[-1]).write_bytes(b"half-written")  # a writer killed mid-shard
     again = prepare(cfg_b)
     assert again["train"] == full["train"] and again["val"] == full["val"]
     for s in full["train"]["shards"] + full["val"]["shards"]:

@@ -5,10 +5,10 @@ import json
 import math
 
 import pytest
-from eval_testing import BENCHMARKS, to_hf_llama
 
 from eval.harness import TokenizerMismatchError, evaluate_task, load_native
 from eval.tasks import load_task
+from tests.helpers import BENCHMARKS, to_hf_llama
 
 pytestmark = [
     pytest.mark.skipif(

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from eval_testing import BENCHMARKS, small_tokenizer
 
 from data.shards import read_shard, write_shard
 from eval.contamination import (
@@ -20,6 +19,7 @@ from eval.contamination import (
     normalize_words,
 )
 from eval.tasks import load_task
+from tests.helpers import BENCHMARKS, small_tokenizer
 
 pytestmark = pytest.mark.skipif(
     not (BENCHMARKS / "hellaswag").is_dir(), reason=f"benchmark files not found in {BENCHMARKS}"

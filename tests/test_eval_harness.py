@@ -9,7 +9,6 @@ import math
 import numpy as np
 import pytest
 import torch
-from eval_testing import BENCHMARKS, small_tokenizer, tiny_model, to_hf_llama, train_briefly
 
 from eval.harness import (
     HFLogLikelihood,
@@ -22,6 +21,7 @@ from eval.harness import (
     item_requests,
 )
 from eval.tasks import load_task
+from tests.helpers import BENCHMARKS, small_tokenizer, tiny_model, to_hf_llama, train_briefly
 
 pytestmark = [
     pytest.mark.skipif(

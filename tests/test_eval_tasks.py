@@ -4,10 +4,10 @@ of ARC / PIQA / Winogrande, prompts built as lm-evaluation-harness builds them, 
 import json
 
 import pytest
-from eval_testing import BENCHMARKS
 
 import eval.tasks as eval_tasks
 from eval.tasks import TASKS, TaskDataError, find_task_files, load_task
+from tests.helpers import BENCHMARKS
 
 needs_benchmarks = pytest.mark.skipif(
     not (BENCHMARKS / "hellaswag").is_dir(), reason=f"benchmark files not found in {BENCHMARKS}"

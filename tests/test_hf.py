@@ -137,7 +137,6 @@ def test_dense_export_logits(tmp_path, name):
 
 @pytest.mark.parametrize("name", sorted(MOE))
 def test_moe_export_logits(tmp_path, name):
-    pytest.importorskip("model.moe", reason="model/moe.py (MoE issue) not merged yet")
     overrides, arch = MOE[name]
     check_export(tmp_path, overrides, arch, seed=len(name))
 
@@ -182,8 +181,6 @@ def test_log_capture_sees_missing_weights(tmp_path):
 @pytest.mark.parametrize("name,seed", [("dense", 7), ("qk_norm", 7), ("mixtral", 9),
                                        ("ernie_bias", 9)])
 def test_greedy_generation_matches(tmp_path, name, seed):
-    if name in MOE:
-        pytest.importorskip("model.moe", reason="model/moe.py (MoE issue) not merged yet")
     overrides, _ = {**DENSE, **MOE}[name]
     cfg = tiny(**overrides)
     ours = random_model(cfg, seed=seed)
@@ -204,8 +201,6 @@ def test_greedy_generation_matches(tmp_path, name, seed):
 
 @pytest.mark.parametrize("name", sorted(DENSE) + sorted(MOE))
 def test_export_import_export_is_byte_identical(tmp_path, name):
-    if name in MOE:
-        pytest.importorskip("model.moe", reason="model/moe.py (MoE issue) not merged yet")
     from safetensors.torch import load_file
 
     overrides, _ = {**DENSE, **MOE}[name]
@@ -252,7 +247,6 @@ def test_inexpressible_qk_norm_with_shared_experts():
 
 def test_inexpressible_dense_layers_in_mixtral(tmp_path):
     """Through the CLI: the run is refused with the feature named, and nothing is written."""
-    pytest.importorskip("model.moe", reason="model/moe.py (MoE issue) not merged yet")
     from job_config import JobConfig
     from model import hf
     from model.checkpoint import save_checkpoint
@@ -268,7 +262,6 @@ def test_inexpressible_dense_layers_in_mixtral(tmp_path):
 
 def test_selection_bias_changes_the_computation():
     """The Ernie export test above is meaningful: the random bias changes which experts run."""
-    pytest.importorskip("model.moe", reason="model/moe.py (MoE issue) not merged yet")
     cfg = tiny(**MOE["ernie_bias"][0])
     model = random_model(cfg, seed=3)
     ids = torch.randint(0, VOCAB, (2, 37))
@@ -317,7 +310,7 @@ def test_cli_export_generates_like_model_generate(tmp_path, capsys, tiny_data):
     """End to end: a run directory (checkpoint + prepared data's tokenizer) exported with
     `python -m model.hf export`; transformers' tokenizer + greedy generate give the same text
     as `python -m model.generate --temperature 0`."""
-    from data.prepare import manifest_tokenizer
+    from data.manifest import manifest_tokenizer
     from job_config import JobConfig
     from model import generate, hf
     from model.checkpoint import save_checkpoint
@@ -355,8 +348,6 @@ def test_cli_export_generates_like_model_generate(tmp_path, capsys, tiny_data):
 def test_import_of_transformers_saved_model(tmp_path, name):
     """Import files written by transformers' own save_pretrained (random weights from
     transformers' init): our model then computes transformers' logits."""
-    if name in MOE:
-        pytest.importorskip("model.moe", reason="model/moe.py (MoE issue) not merged yet")
     overrides, _ = {**DENSE, **MOE}[name]
     cfg = tiny(**overrides)
     export_model(random_model(cfg).state_dict(), cfg, tmp_path / "ours")
@@ -371,7 +362,7 @@ def test_import_of_transformers_saved_model(tmp_path, name):
                 p.uniform_(-0.2, 0.2)
     theirs.save_pretrained(tmp_path / "theirs")
     from model import hf
-    from model.checkpoint import load_model
+    from model.load import load_model
 
     hf.main(["import", "--hf", str(tmp_path / "theirs"), "--out", str(tmp_path / "run")])
     model, job, _ = load_model(tmp_path / "run")
@@ -384,7 +375,6 @@ def test_import_of_transformers_saved_model(tmp_path, name):
 def test_import_rejects_a_gated_shared_expert(tmp_path):
     """Qwen2-MoE's shared expert gate must be the zero our export writes: a learned gate is a
     feature our model lacks."""
-    pytest.importorskip("model.moe", reason="model/moe.py (MoE issue) not merged yet")
     from safetensors.torch import load_file, save_file
 
     overrides, _ = MOE["qwen2_moe_shared"]

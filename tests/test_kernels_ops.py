@@ -18,8 +18,8 @@ from kernels.cross_entropy import (
 from kernels.rmsnorm import reference_rms_norm, rms_norm
 from kernels.rope import apply_rope, reference_apply_rope
 from kernels.swiglu import reference_swiglu, swiglu
-from model.transformer import RMSNorm, rope_tables
-from model.transformer import apply_rope as model_apply_rope
+from model.layers import RMSNorm, rope_tables
+from model.layers import apply_rope as model_apply_rope
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.gpu

@@ -7,8 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from eval.moe_load import load_balance_report
 from model.config import model_config
-from model.moe import MoE, load_balance_report, moe_after_step, moe_aux_loss, moe_metrics
+from model.moe import MoE, moe_after_step, moe_aux_loss, moe_metrics
 from model.transformer import build_model
 
 
@@ -300,7 +301,7 @@ def test_load_balance_report_counts_exactly_the_given_tokens():
     fracs = [report[f"moe/layer0/frac_e{j}"] for j in range(cfg.n_experts)]
     torch.testing.assert_close(torch.tensor(fracs), load / load.sum())
     assert not model.training  # mode restored
-    assert all(m._step_load is None for m in (b.mlp for b in model.blocks))  # no bias update
+    assert all(m.step_load is None for m in (b.mlp for b in model.blocks))  # no bias update
 
 
 def test_moe_transformer_learns():

@@ -88,6 +88,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
         local_state_dict,
         sync_expert_grads,
     )
+    from parallel.moe_balance import update_expert_bias
 
     os.environ["MASTER_ADDR"], os.environ["MASTER_PORT"] = "127.0.0.1", str(port)
     torch.set_num_threads(1)
@@ -129,7 +130,7 @@ def _worker(rank: int, port: int, out_dir: str) -> None:
             losses, norms = train(
                 ddp, make_data()[:, :, half],
                 clip=clip,
-                after_step=moe_after_step,
+                after_step=update_expert_bias,  # loads summed over the ranks
                 loss_reduce=mean_over_ranks,
             )
             final = {k.removeprefix("module."): v for k, v in full_state_dict(ddp).items()}

@@ -1,48 +1,28 @@
 """An MoE run through train.py: it trains, logs the per-layer MoE metrics, and resumes exactly,
 balancing bias state included."""
 
-import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-REPO = Path(__file__).resolve().parent.parent
+from tests.helpers import records, run_train, step_losses, tiny_overrides
+
 STEPS = 8
 
 
 def train(data: Path, run_dir: Path, **extra) -> None:
     """A ~150k-parameter MoE (2 layers, 4 experts of hidden 32, top-2, bias balancing with a
     large rate so the bias visibly matters within a few steps)."""
-    values = {
-        "model.dim": 64, "model.n_layers": 2, "model.n_heads": 4, "model.n_kv_heads": 2,
-        "model.vocab_size": 512, "model.max_seq_len": 64, "model.n_experts": 4,
-        "model.moe_top_k": 2, "model.expert_hidden": 32, "model.moe_bias_rate": 0.01,
-        "data.path": str(data), "train.run_dir": str(run_dir), "train.seq_len": 32,
-        "train.batch_size": 8, "train.micro_batch_size": 4, "train.steps": STEPS,
-        "train.val_every": 0, "train.log_every": 4, "train.threads": 1,
-        "optim.warmup_steps": 2, "optim.lr": 1e-2,
-        "checkpoint.every": 4, "checkpoint.keep": 0, "logging.plot": "false",
+    moe = {
+        "model.n_experts": 4, "model.moe_top_k": 2, "model.expert_hidden": 32,
+        "model.moe_bias_rate": 0.01, "train.steps": STEPS, "train.val_every": 0,
     }
-    values.update(extra)
-    args = [f"--{k}={v}" for k, v in values.items()]
-    cmd = [sys.executable, "train.py", "--config", "configs/moe-tiny.toml", *args]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    run_train(tiny_overrides(data, run_dir, **{**moe, **extra}), config="configs/moe-tiny.toml")
 
 
-def records(run_dir: Path) -> list[dict]:
-    # json.loads reads the Infinity that an expert with no tokens gives max_min_ratio.
-    return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
-def losses(run_dir: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in records(run_dir) if "loss" in r}
+losses = step_losses
 
 
 def bias(ckpt: Path) -> torch.Tensor:
@@ -61,7 +41,7 @@ def test_moe_run_resumes_exactly_with_its_bias(tiny_data, tmp_path, capsys):
     assert {"moe/layer0/max_min_ratio", "moe/layer1/frac_e0", "moe/layer1/z_loss"} <= set(last)
 
     # The load report CLI reads the run and its validation data.
-    from model.moe import main as load_report
+    from eval.moe_load import main as load_report
 
     load_report(["--run", str(ref), "--sequences", "8", "--seq-len", "32"])
     out = capsys.readouterr().out

@@ -231,8 +231,9 @@ def test_deepspeed_resumes_through_checkpoint_resume(zero3_run, data_dir, refere
 
 def test_consolidated_export_equals_one_process_weights(fsdp_run, reference):
     """model.safetensors of the 2-rank FSDP run holds the full weights under our names, equal
-    to the one-process run's, and model.checkpoint.load_model reads it (eval, HF export)."""
-    from model.checkpoint import load_model, load_model_state
+    to the one-process run's, and model.load.load_model reads it (eval, HF export)."""
+    from model.checkpoint import load_model_state
+    from model.load import load_model
 
     got = load_model_state(fsdp_run / "checkpoints" / "step_000006")
     want = load_model_state(reference / "checkpoints" / "step_000006")
@@ -386,7 +387,7 @@ def test_full_checkpoint_round_trip(legacy, tmp_path):
     from model.checkpoint import STATE_FILE
     from model.transformer import build_model
     from parallel.checkpoint_dcp import load_train_checkpoint, save_train_checkpoint
-    from train import build_optimizer, lr_factor
+    from training.optim import build_optimizer, lr_factor
 
     job = JobConfig.from_dict({"model": dict(MODEL), "train": dict(TRAIN)})
 

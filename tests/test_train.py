@@ -9,10 +9,8 @@ import time
 import pytest
 import torch
 
-from model.checkpoint import find_checkpoint, load_model
-from model.config import model_config
-from model.generate import filter_logits, generate
-from model.transformer import build_model
+from model.checkpoint import find_checkpoint
+from model.load import load_model
 from tests.helpers import REPO, run_train, step_losses, tiny_overrides
 
 
@@ -103,25 +101,6 @@ def test_missing_run_directory_is_reported(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "eval", "--run", str(tmp_path / "nope")],
                           cwd=REPO, capture_output=True, text=True)
     assert proc.returncode != 0 and "does not exist" in proc.stderr
-
-
-def test_kv_cache_generation_matches_full_forward():
-    cfg = model_config(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=97, max_seq_len=40)
-    model = build_model(cfg, seed=torch.randint(0, 1000, ()).item()).eval()
-    prompt = torch.randint(0, 97, (7,)).tolist()
-    out = generate(model, prompt, 20, temperature=0)
-    # greedy without a cache: re-run the whole sequence for every token
-    seq = list(prompt)
-    for _ in range(20):
-        seq.append(int(model(torch.tensor([seq]))[0, -1].argmax()))
-    assert out == seq[len(prompt):]
-
-
-def test_top_k_top_p_filtering():
-    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
-    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
-    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
-    assert torch.isinf(filter_logits(logits, top_p=0.85)).tolist() == [[False, False, False, True]]
 
 
 def test_eval_and_generate_cli_on_a_trained_run(tiny_data, tmp_path):
