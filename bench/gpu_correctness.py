@@ -113,7 +113,7 @@ def check_rms_norm(shape):
 
 def check_rope(B, H, T, D):
     from kernels.rope import apply_rope, reference_apply_rope
-    from model.transformer import rope_tables
+    from model.layers import rope_tables
 
     def run(dtype, device):
         x = torch.randn(B, T, H, D, device=device, dtype=dtype).transpose(1, 2)  # (B, H, T, D)
