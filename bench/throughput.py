@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from bench.tables import RESULTS_DIR, write_table
 from common.atomic import write_text
 from common.cli import parse_device
 from data.loader import Batch
@@ -28,8 +29,6 @@ from job_config import load_config
 from model.transformer import build_model
 from parallel.parallelize import build_loss_fn
 from training.optim import build_optimizer
-
-RESULTS_DIR = Path(__file__).parent / "results"
 
 
 def device_name(device: torch.device) -> str:
@@ -140,10 +139,12 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     print(table)
-    slug = "".join(c if c.isalnum() else "-" for c in name).strip("-").lower()
-    path = Path(args.out) if args.out else RESULTS_DIR / f"throughput-{slug}.md"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_text(path, table)
+    if args.out:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, table)
+    else:
+        path = write_table(RESULTS_DIR, "throughput", name, table)
     print(f"wrote {path}")
 
 
