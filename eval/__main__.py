@@ -32,6 +32,7 @@ from eval.scoring import format_table, run_tasks
 from eval.tasks import TASKS, TaskDataError, get_task
 from model.checkpoint import load_config_dict
 from model.load import load_model
+from model.quant import add_quantize_arguments
 
 EVAL_DIR = "eval"  # <run>/eval/<checkpoint name>.json
 
@@ -50,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-batches", type=int, default=0, help="0: every validation window")
     parser.add_argument("--no-perplexity", action="store_true", help="benchmarks only")
+    add_quantize_arguments(parser)
     add_benchmark_arguments(parser)
     return parser
 
@@ -94,6 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("give exactly one of --run DIR or --hf DIR")
     if args.hf and args.step is not None:
         parser.error("--step picks a checkpoint of --run; a --hf directory has none")
+    if args.hf and args.quantize:
+        parser.error("--quantize applies to a run of ours (--run), not to a --hf directory")
     if (args.hf or args.no_perplexity) and not args.tasks:
         parser.error("--hf and --no-perplexity need --tasks")
     args.device = parse_device(parser, args.device)
@@ -114,8 +118,12 @@ def evaluate(args: argparse.Namespace) -> dict:
         results["hf"] = str(args.hf)
         ckpt = None
     else:
-        model, cfg, ckpt = load_model(args.run, device, step=args.step)
+        model, cfg, ckpt = load_model(
+            args.run, device, step=args.step, quantize=args.quantize, group_size=args.group_size
+        )
         results["checkpoint"] = str(ckpt)
+        if args.quantize:
+            results["quantize"] = {"mode": args.quantize, "group_size": args.group_size}
         if not args.no_perplexity:
             ppl = evaluate_perplexity(
                 model, cfg.data.path, cfg.train.seq_len, args.batch_size, args.max_batches, device

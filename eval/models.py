@@ -144,7 +144,7 @@ class TransformerLogLikelihood(_BatchedLogLikelihood):
         # Project only the scored positions: (B, T, V) logits would be 8 GB at batch 16,
         # 2048 tokens and a 128k vocabulary in bf16.
         hidden = self.model(tokens, return_hidden=True)  # (B, T, dim)
-        return F.linear(hidden[rows, cols], self.model.output_weight)  # (N, V)
+        return self.model.output(hidden[rows, cols])  # (N, V)
 
 
 class HFLogLikelihood(_BatchedLogLikelihood):

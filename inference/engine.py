@@ -30,7 +30,6 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -82,7 +81,8 @@ class Sequence:
     on_token: Callable | None = None  # on_token(seq, token id or None at the end, text delta)
     tokens: list[int] = field(default_factory=list)  # prompt + generated
     generated: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length"
+    finish_reason: str | None = None  # "stop" | "length" | "cancelled"
+    cancelled: bool = False  # set from any thread (a client went away); honoured at the next step
     slot: int = -1
     cached: int = 0  # positions of `tokens` held by the target's cache
     draft_cached: int = 0  # ... by the draft's
@@ -175,9 +175,14 @@ class Engine:
     def has_work(self) -> bool:
         return bool(self.waiting) or any(s is not None for s in self.slots)
 
+    def free_slots(self) -> int:
+        return sum(s is None for s in self.slots) - len(self.waiting)
+
+    @torch.no_grad()
     def step(self) -> None:
         """Admit waiting sequences into free slots (prefill: their first token), then advance
         every running sequence by one decode round."""
+        self._release()
         admitted = []
         for i, owner in enumerate(self.slots):
             if owner is None and self.waiting:
@@ -189,9 +194,24 @@ class Engine:
         running = [s for s in self.slots if s is not None and not s.done]
         if running:
             self._speculate(running) if self.draft is not None else self._decode(running)
-        for i, s in enumerate(self.slots):
-            if s is not None and s.done:
-                self.slots[i] = None
+        self._release()
+
+    def fail_all(self) -> None:
+        """End every sequence with finish reason "error" (after a failed step)."""
+        for s in [*self.waiting, *self.slots]:
+            if s is not None and not s.done:
+                s.finish_reason, s.finished_at = "error", time.perf_counter()
+                if s.on_token is not None:
+                    s.on_token(s, None, "")
+        self._release()
+
+    def _release(self) -> None:
+        """Free the slots of finished sequences; finish the cancelled ones."""
+        for s in [*self.waiting, *self.slots]:
+            if s is not None and s.cancelled and not s.done:
+                s.finish_reason, s.finished_at = "cancelled", time.perf_counter()
+        self.waiting = deque(s for s in self.waiting if not s.done)
+        self.slots = [None if s is None or s.done else s for s in self.slots]
 
     # --- forwards ---------------------------------------------------------------------------
 
@@ -214,11 +234,12 @@ class Engine:
         tokens, positions, write = (torch.tensor(x) for x in (tokens, positions, write))
         kv_len = int(positions.max()) + 1
         if self._decode_compiled is not None and model is self.model and T == 1 and not every_position:
+            self._count(len(seqs))
             logits = self._decode_padded(tokens, positions, write, lo)
             return [logits[s.slot] for s in seqs]
         step = cache.rows(lo, hi).step(positions.to(self.device), kv_len, write.to(self.device))
         hidden = model(tokens.to(self.device), cache=step, return_hidden=True)  # (B, T, dim)
-        self.stats["forwards"] += 1
+        self._count(len(seqs))
         if every_position:
             return [model.output(hidden[s.slot - lo, : len(p)]) for s, p in zip(seqs, pending)]
         rows = torch.tensor([s.slot - lo for s in seqs])
@@ -226,15 +247,18 @@ class Engine:
         return list(model.output(hidden[rows, last]))  # the head only where it is needed
 
     def _decode_padded(self, tokens, positions, write, lo):
-        """The compiled decode step runs every slot: rows outside lo .. write to the trash."""
+        """The compiled decode step runs every slot (fixed shapes): rows of no sequence here
+        write to the trash entry."""
         B = self.cache.batch
         full = [torch.zeros(B, 1, dtype=torch.long), torch.zeros(B, 1, dtype=torch.long),
                 torch.full((B, 1), self.trash, dtype=torch.long)]  # fmt: skip
         for t, part in zip(full, (tokens, positions, write)):
             t[lo : lo + part.shape[0]] = part
+        return self._decode_compiled(*(t.to(self.device) for t in full))  # (B, V): every slot
+
+    def _count(self, rows: int) -> None:
         self.stats["forwards"] += 1
-        logits = self._decode_compiled(*(t.to(self.device) for t in full))
-        return logits[lo:]
+        self.stats["max_rows"] = max(self.stats["max_rows"], rows)
 
     def _decode_full(self, tokens, positions, write):
         step = self.cache.step(positions, None, write)
@@ -321,19 +345,3 @@ class Engine:
                 if s.on_token is not None:
                     s.on_token(s, None, tail)
                 return
-
-
-# ---------------------------------------------------------------------------------------------
-# A run's tokenizer and model, for the command-line tools
-# ---------------------------------------------------------------------------------------------
-
-
-def run_tokenizer(job):
-    """The tokenizer a run names: data.tokenizer when it is a file, else its data dir's."""
-    from data.manifest import manifest_tokenizer
-    from data.tokenizer import load_tokenizer
-
-    spec = job.data.tokenizer
-    if spec and Path(str(spec)).exists():
-        return load_tokenizer(spec)
-    return manifest_tokenizer(job.data.path)

@@ -1,8 +1,8 @@
 """Write a weight-only quantized copy of a run's checkpoint (model/quant.py), which
 `--quantize`-free loading (model.load.load_model) reads back as the quantized model.
 
-    python -m inference.quantize --run runs/smollm2 --mode int8 --out runs/smollm2-int8
-    python -m inference.quantize --run runs/smollm2 --mode int4 --group-size 64 --out runs/smollm2-int4
+    python -m inference.quantize --run runs/smollm2 --mode int8 --out-dir runs/smollm2-int8
+    python -m inference.quantize --run runs/smollm2 --mode int4 --group-size 64 --out-dir runs/smollm2-int4
 
 The output is a run directory with one checkpoint (same step, same config) holding the packed
 weights and quantization.json; generate / eval / serve take it with --run like any other.
@@ -14,13 +14,15 @@ import argparse
 import json
 from pathlib import Path
 
+from common.atomic import write_json
+from common.cli import add_run_arguments, parse_device
 from model.checkpoint import load_config_dict, save_checkpoint
 from model.load import load_model
 from model.quant import GROUP_SIZES, MODES, QUANT_FILE, quantize_model, weight_bytes
 
 
 def quantize_run(run: str | Path, out: str | Path, mode: str, group_size: int = 64,
-                 step: int | None = None, device: str = "cpu") -> Path:  # fmt: skip
+                 step: int | None = None, device="cpu") -> Path:  # fmt: skip
     """Quantize checkpoint `step` (default: newest) of `run` into run directory `out`."""
     model, cfg, ckpt = load_model(run, device, step=step)
     fp_bytes = weight_bytes(model)
@@ -37,19 +39,25 @@ def quantize_run(run: str | Path, out: str | Path, mode: str, group_size: int = 
     return path
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m inference.quantize", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True, help="run (or checkpoint) directory")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
+    add_run_arguments(parser, out_help="also write the sizes as JSON to FILE")
     parser.add_argument("--mode", required=True, choices=MODES)
     parser.add_argument("--group-size", type=int, default=64, choices=GROUP_SIZES, help="int4 only")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--out", required=True, help="output run directory")
+    parser.add_argument("--out-dir", metavar="DIR", required=True, help="the run directory to write")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    device = parse_device(parser, args.device)
     try:
-        quantize_run(args.run, args.out, args.mode, args.group_size, args.step, args.device)
+        path = quantize_run(args.run, args.out_dir, args.mode, args.group_size, args.step, device)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"python -m inference.quantize: {e}") from None
+    if args.out:
+        write_json(Path(args.out), json.loads((path / QUANT_FILE).read_text()))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,12 @@ from pathlib import Path
 
 import torch
 
+from common.atomic import write_json
+from common.cli import add_run_arguments, parse_device
+from inference.runs import run_tokenizer
+from model.checkpoint import find_checkpoint, resolve_checkpoint
+from model.load import load_job_config
+
 SCHEMES = ("lefthash", "selfhash")
 TABLE_SIZE = 1_000_003
 SELFHASH_CANDIDATES = 40  # transformers (and the original repository) try the 40 best
@@ -180,33 +186,32 @@ def watermark_config(args: argparse.Namespace) -> WatermarkConfig:
     return WatermarkConfig(args.gamma, args.delta, args.hash_key, args.seeding_scheme, args.context_width)
 
 
-def main(argv: list[str] | None = None) -> None:
-    from common.atomic import write_json
-    from inference.engine import run_tokenizer
-    from model.checkpoint import find_checkpoint, resolve_checkpoint
-    from model.load import load_job_config
-
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m inference.watermark", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     det = sub.add_parser("detect", help="z-score and p-value of each text")
-    det.add_argument("--run", required=True, help="run (or checkpoint) directory: tokenizer, vocabulary size")
-    det.add_argument("--step", type=int, default=None)
+    add_run_arguments(det, out_help="write the scores as JSON to FILE (default: print only)")
     det.add_argument("--text", action="append", default=[], help="a text to score (repeatable)")
-    det.add_argument("--file", type=Path, help=".jsonl with a \"text\" field, or one text per line")
+    det.add_argument("--file", metavar="FILE", type=Path,
+                     help='.jsonl with a "text" field, or one text per line')
     det.add_argument("--z-threshold", type=float, default=4.0)
     det.add_argument("--ignore-repeated-ngrams", action="store_true")
-    det.add_argument("--device", default="auto", help="unused: green lists are hashed on the CPU")
-    det.add_argument("--out", type=Path, help="write the scores as JSON here")
     add_watermark_arguments(det)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
+    if not args.text and not args.file:
+        parser.error("give --text or --file")
+    parse_device(parser, args.device)  # checked; the green lists are hashed on the CPU anyway
     try:
         cfg = watermark_config(args)
         ckpt = find_checkpoint(args.run, args.step) if args.step is not None else resolve_checkpoint(args.run)
         job = load_job_config(ckpt)
         tokenizer = run_tokenizer(job)
         texts = args.text + (read_texts(args.file) if args.file else [])
-        if not texts:
-            parser.error("give --text or --file")
         lists = GreenLists(cfg, job.model.vocab_size)
         results = []
         for text in texts:
@@ -219,7 +224,7 @@ def main(argv: list[str] | None = None) -> None:
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"python -m inference.watermark: {e}") from None
     if args.out:
-        write_json(args.out, {"config": asdict(cfg), "texts": results})
+        write_json(Path(args.out), {"config": asdict(cfg), "texts": results})
         print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -18,6 +18,7 @@ from common.atomic import write_json
 from common.cli import add_run_arguments, parse_device
 from data.manifest import manifest_tokenizer
 from model.load import load_model
+from model.quant import add_quantize_arguments
 from model.transformer import Transformer
 
 
@@ -88,6 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-samples", type=int, default=1)
+    add_quantize_arguments(parser)
     return parser
 
 
@@ -96,7 +98,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = parse_device(parser, args.device)
 
-    model, cfg, ckpt = load_model(args.run, device, step=args.step)
+    model, cfg, ckpt = load_model(
+        args.run, device, step=args.step, quantize=args.quantize, group_size=args.group_size
+    )
     tokenizer = manifest_tokenizer(cfg.data.path)
     prompt = tokenizer.encode(args.prompt) if args.prompt else []
     prompt = [tokenizer.eot_id] + prompt  # every document starts right after an end-of-text

@@ -23,6 +23,8 @@ matmul); anything else dequantizes and multiplies (the reference).
 
 from __future__ import annotations
 
+import argparse
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -260,3 +262,11 @@ def weight_bytes(model: nn.Module) -> int:
                 seen.add(id(t))
                 total += t.numel() * t.element_size()
     return total
+
+
+def add_quantize_arguments(parser: argparse.ArgumentParser) -> None:
+    """--quantize int8|int4 and --group-size G, as generate, eval, serve and bench take them."""
+    parser.add_argument("--quantize", choices=MODES, default=None,
+                        help="weight-only quantization of the Linear layers and the embedding")
+    parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64,
+                        help="inputs per int4 scale and zero (default: 64)")

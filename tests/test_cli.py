@@ -16,9 +16,10 @@ ENTRY_POINTS = [
     "bench.gpu_check",
     "bench.data", "eval.__main__", "eval.moe_load", "eval.contamination", "model.generate",
     "model.hf", "model.hf_gguf", "parallel.checkpoint_dcp",
+    "inference.serve", "inference.quantize", "inference.watermark",
 ]
 OVERRIDES = {"train", "data.prepare", "bench.throughput"}  # --section.key=value
-RUN_READERS = {"eval.__main__", "eval.moe_load", "model.generate"}  # run the model on --device
+RUN_READERS = {"eval.__main__", "eval.moe_load", "model.generate", "inference.serve"}  # run the model on --device
 # The least each tool needs to get past argparse (paths need not exist: parsing comes first).
 MINIMAL_ARGS = {
     "train": ["--config", "configs/tiny.toml"],
@@ -28,6 +29,9 @@ MINIMAL_ARGS = {
     "model.hf": ["export", "--run", "nope", "--out-dir", "nope"],
     "model.hf_gguf": ["--gguf", "nope", "--out-dir", "nope"],
     "parallel.checkpoint_dcp": ["--run", "nope"],
+    "inference.serve": ["--run", "nope"],
+    "inference.quantize": ["--run", "nope", "--mode", "int8", "--out-dir", "nope"],
+    "inference.watermark": ["detect", "--run", "nope", "--text", "x"],
 }
 KEBAB = re.compile(r"--[a-z0-9]+(-[a-z0-9]+)*")
 

@@ -118,3 +118,31 @@ def test_state_dict_is_canonical_after_a_cpu_forward(seed):
     assert layer.cpu_layout  # repacked for ATen's op
     after = layer.state_dict()
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("mode", ["int8", "int4"])
+def test_quantized_checkpoint_round_trip(tmp_path, seed, mode):
+    """inference.quantize writes packed weights that load back (model.load) into a model with
+    the very logits of quantizing in memory; --quantize on the float run gives them too."""
+    import json as _json
+
+    from inference.quantize import main
+    from job_config import JobConfig
+    from model.checkpoint import save_checkpoint
+    from model.load import load_model
+
+    model = tiny_model(256, seed=seed, max_seq_len=64, tie_embeddings=True)
+    save_checkpoint(tmp_path / "run", 3, model.state_dict(), {}, JobConfig(model=model.cfg).to_dict())
+    main(["--run", str(tmp_path / "run"), "--mode", mode, "--group-size", "32",
+          "--out-dir", str(tmp_path / "q"), "--out", str(tmp_path / "q.json")])  # fmt: skip
+    tokens = torch.randint(0, 256, (2, 16))
+    with torch.no_grad():
+        expected = quantize_model(model, mode, group_size=32)(tokens)
+        loaded, _, ckpt = load_model(tmp_path / "q")
+        on_the_fly, _, _ = load_model(tmp_path / "run", quantize=mode, group_size=32)
+        assert ckpt.name == "step_000003"
+        assert torch.equal(loaded(tokens), expected) and torch.equal(on_the_fly(tokens), expected)
+    info = _json.loads((tmp_path / "q.json").read_text())
+    assert info["mode"] == mode and info["float_weight_bytes"] / info["weight_bytes"] > 3
+    with pytest.raises(ValueError, match="cannot be loaded as"):
+        load_model(tmp_path / "q", quantize="int8" if mode == "int4" else "int4")
