@@ -1,10 +1,25 @@
-"""Tokenizers: tiktoken encodings by name, or a byte-level BPE trained on your own corpus.
+"""Tokenizers: tiktoken encodings by name, a byte-level BPE trained on your own corpus, or a
+Hugging Face tokenizer directory ("hf:PATH", data/hf_tokenizer.py).
 
-Either way the result is a `tiktoken.Encoding` (fast, thread-parallel encoding). Our own BPE is
-trained with the Hugging Face `tokenizers` library (a fast, well-kept trainer) and saved in
-tiktoken's format: `<name>.tiktoken` (one "base64(token bytes) rank" per line) plus a sidecar
-`<name>.tiktoken.json` holding the split regex and the special tokens. Every document is
-followed by the end-of-text token `<|endoftext|>`.
+    tok = load_tokenizer("train-dir/tokenizer.tiktoken")    # ours (see train_bpe)
+    tok = load_tokenizer("cl100k_base")                     # tiktoken's, by name
+    tok = load_tokenizer("hf:runs/smollm2/tokenizer")       # an imported model's
+
+Every tokenizer offers the same small interface (`TokenizerLike`): `encode(text)` /
+`encode_batch(texts)` / `decode(ids)`, `eot_id` (the token after every document), `bos_ids`
+(the ids a sequence starts with: a prompt in model.generate), `special_tokens`, `n_vocab`,
+`mergeable_ranks` (every ordinary token's bytes), `chat_template` (None for ours) and
+`identity()` (compare these, not names; manifests keep it).
+
+Special-token strings inside text: our own tokenizers encode them as ordinary text (a document
+that contains "<|endoftext|>" cannot end itself early). Hugging Face tokenizers do what
+transformers does: each added token's string found in the text becomes its id (unless the
+tokenizer's config says `split_special_tokens`); chat templates rely on it.
+
+Our own BPE is trained with the Hugging Face `tokenizers` library (a fast, well-kept trainer)
+and saved in tiktoken's format: `<name>.tiktoken` (one "base64(token bytes) rank" per line)
+plus a sidecar `<name>.tiktoken.json` holding the split regex and the special tokens. Every
+document is followed by the end-of-text token `<|endoftext|>`.
 """
 
 from __future__ import annotations
@@ -14,6 +29,7 @@ import hashlib
 import json
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Protocol
 
 import tiktoken
 import tiktoken.load
@@ -21,6 +37,7 @@ import tiktoken.load
 from common.atomic import write_json, write_text
 
 EOT = "<|endoftext|>"
+HF_PREFIX = "hf:"  # load_tokenizer("hf:DIR"): a Hugging Face tokenizer directory
 
 # cl100k_base's split regex: letters, up to 3 digits, punctuation runs and whitespace runs kept
 # apart, which suits code as well as prose.
@@ -28,6 +45,23 @@ DEFAULT_PATTERN = (
     r"""'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]++[\r\n]*"""
     r"""|\s*[\r\n]|\s+(?!\S)|\s+"""
 )
+
+
+class TokenizerLike(Protocol):
+    """What every tokenizer here provides (ours: `Tokenizer`; Hugging Face's: `HFTokenizer`)."""
+
+    name: str
+    n_vocab: int  # one past the largest id
+    eot_id: int  # ends every document (data.prepare) and stops generation
+    bos_ids: list[int]  # what a prompt starts with
+    special_tokens: dict[str, int]
+    mergeable_ranks: dict[bytes, int]  # every ordinary token's bytes -> id
+    chat_template: str | None
+
+    def encode(self, text: str) -> list[int]: ...
+    def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]: ...
+    def decode(self, ids: Iterable[int]) -> str: ...
+    def identity(self) -> dict: ...
 
 
 class Tokenizer:
@@ -63,6 +97,13 @@ class Tokenizer:
     @property
     def special_tokens(self) -> dict[str, int]:
         return dict(self.encoding._special_tokens)
+
+    @property
+    def bos_ids(self) -> list[int]:
+        """A sequence starts as every document but the first does: after an end-of-text."""
+        return [self.eot_id]
+
+    chat_template = None
 
     def encode(self, text: str) -> list[int]:
         """Ordinary text to ids; special-token strings in the text are encoded as plain text."""
@@ -103,11 +144,16 @@ def _meta_path(path: Path) -> Path:
     return path.with_name(path.name + ".json")
 
 
-def load_tokenizer(spec: str | Path) -> Tokenizer:
-    """A tiktoken encoding name ("gpt2", "cl100k_base", "o200k_base") or a saved `.tiktoken` file.
+def load_tokenizer(spec: str | Path) -> TokenizerLike:
+    """"hf:DIR" (a Hugging Face tokenizer directory, data/hf_tokenizer.py), a saved `.tiktoken`
+    file, or a tiktoken encoding name ("gpt2", "cl100k_base", "o200k_base").
 
     Encodings by name come from tiktoken's cache (TIKTOKEN_CACHE_DIR) or are downloaded once.
     """
+    if str(spec).startswith(HF_PREFIX):
+        from data.hf_tokenizer import load_hf_tokenizer  # it imports this module
+
+        return load_hf_tokenizer(str(spec)[len(HF_PREFIX) :])
     path = Path(spec)
     if path.suffix == ".tiktoken" or path.exists():
         if not path.exists():
@@ -131,8 +177,8 @@ def load_tokenizer(spec: str | Path) -> Tokenizer:
         enc = tiktoken.get_encoding(str(spec))
     except ValueError as e:
         raise ValueError(
-            f"data.tokenizer = {spec!r}: neither a tokenizer file nor a tiktoken encoding "
-            f"({', '.join(tiktoken.list_encoding_names())})"
+            f"data.tokenizer = {spec!r}: neither a tokenizer file, nor hf:DIR, nor a tiktoken "
+            f"encoding ({', '.join(tiktoken.list_encoding_names())})"
         ) from e
     return Tokenizer(enc, str(spec))
 
