@@ -467,6 +467,38 @@ def _chat_template(directory: Path, config: dict) -> str | None:
     return template if isinstance(template, str) else None
 
 
+def transformers_differences(tok: HFTokenizer, reference, texts: list[str] | None = None) -> str:
+    """The first text (PROBE's lines by default) on which `tok` and a transformers tokenizer
+    disagree (ids without and with special tokens, decoding), or "" when none."""
+    for text in texts if texts is not None else PROBE.splitlines(keepends=True):
+        ours = tok.encode(text)
+        theirs = reference(text, add_special_tokens=False)["input_ids"]
+        if ours != theirs:
+            return f"{text[:40]!r}: ids {ours[:8]}... vs {theirs[:8]}..."
+        with_special = reference(text)["input_ids"]
+        if tok.bos_ids + ours + tok.eos_ids != with_special:
+            return f"{text[:40]!r} with special tokens: {with_special[:4]}... vs ours"
+        if tok.decode(ours) != reference.decode(theirs, clean_up_tokenization_spaces=False):
+            return f"{text[:40]!r}: decoded differently"
+    return ""
+
+
+def token_ids(tok) -> dict:
+    """bos_token_id / eos_token_id / pad_token_id for a model's config.json and
+    generation_config.json: an imported model's own (its generation_config.json, else its
+    tokenizer's named tokens), or our end-of-text for all three."""
+    if not isinstance(tok, HFTokenizer):
+        return {"bos_token_id": tok.eot_id, "eos_token_id": tok.eot_id, "pad_token_id": tok.eot_id}
+    named = {k: tok.added_tokens.get(v) for k, v in tok.special_token_strings.items()}
+    out = {
+        "bos_token_id": tok.bos_ids[0] if tok.bos_ids else named.get("bos_token"),
+        "eos_token_id": named.get("eos_token", tok.eot_id),
+        "pad_token_id": named.get("pad_token"),
+    }
+    out.update({k: tok.generation_config[k] for k in out if k in tok.generation_config})
+    return out
+
+
 def load_hf_tokenizer(path: str | Path) -> HFTokenizer:
     """The HFTokenizer of directory `path`, read once per process while its files stay the
     same (checking a large vocabulary for tiktoken takes seconds)."""

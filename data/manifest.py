@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from data.tokenizer import Tokenizer, load_tokenizer
+from data.tokenizer import TokenizerLike, load_tokenizer
 
 MANIFEST_FILE = "manifest.json"
 
@@ -25,7 +25,7 @@ def load_manifest(path: str | Path) -> dict:
     return json.loads(manifest_path.read_text())
 
 
-def manifest_tokenizer(data_path: str | Path, manifest: dict | None = None) -> Tokenizer:
+def manifest_tokenizer(data_path: str | Path, manifest: dict | None = None) -> TokenizerLike:
     """The tokenizer a prepared data dir was made with, checked against the manifest."""
     manifest = manifest or load_manifest(data_path)
     info = manifest["tokenizer"]
@@ -37,3 +37,12 @@ def manifest_tokenizer(data_path: str | Path, manifest: dict | None = None) -> T
             f"shards were made with (sha256 {info['sha256'][:12]}...)"
         )
     return tok
+
+
+def run_tokenizer(data_cfg) -> TokenizerLike:
+    """The tokenizer of a run (its config's [data] section): the prepared data's when data.path
+    is prepared (checked against its manifest), otherwise the one data.tokenizer names, e.g. the
+    Hugging Face tokenizer an imported run keeps (`python -m model.hf import`)."""
+    if (Path(data_cfg.path) / MANIFEST_FILE).exists() or data_cfg.tokenizer == "train":
+        return manifest_tokenizer(data_cfg.path)
+    return load_tokenizer(data_cfg.tokenizer)

@@ -4,7 +4,8 @@ Raw text -> documents -> (cleaning stages) -> tokens (end-of-text after every do
 train / validation shards + manifest.json, in `data.path`.
 
 - Tokenizer: `data.tokenizer = "train"` trains a byte-level BPE on a sample of the corpus and
-  saves it beside the shards; otherwise a tiktoken encoding name or a `.tiktoken` file.
+  saves it beside the shards; otherwise a tiktoken encoding name, a `.tiktoken` file, or
+  "hf:DIR", a Hugging Face tokenizer (e.g. an imported model's, for continued pretraining).
 - Work is cut into units of about `data.shard_tokens` tokens, one shard file per unit, in a
   fixed order. Worker processes tokenize units and write their shards atomically. A rerun
   (after a crash or a kill) skips every shard already on disk, so it finishes with exactly the
@@ -30,7 +31,7 @@ from data.manifest import MANIFEST_FILE, load_manifest
 from data.pipeline import build_pipeline
 from data.shards import read_header, token_dtype, write_shard
 from data.sources import Document, SourceErrors, iter_documents
-from data.tokenizer import Tokenizer, load_tokenizer, train_bpe
+from data.tokenizer import TokenizerLike, load_tokenizer, train_bpe
 from job_config import DataConfig, load_config
 
 BYTES_PER_TOKEN_GUESS = 4  # only sizes the work units; shards hold whatever a unit produced
@@ -52,7 +53,7 @@ def iter_corpus(cfg: DataConfig, errors: SourceErrors) -> Iterator[Document]:
             yield doc
 
 
-def resolve_tokenizer(cfg: DataConfig, out: Path) -> Tokenizer:
+def resolve_tokenizer(cfg: DataConfig, out: Path) -> TokenizerLike:
     if cfg.tokenizer != "train":
         return load_tokenizer(cfg.tokenizer)
     path = out / TOKENIZER_FILE
@@ -103,7 +104,7 @@ def iter_units(
 
 
 # --- worker side ----------------------------------------------------------------------------
-_worker_tokenizer: Tokenizer | None = None
+_worker_tokenizer: TokenizerLike | None = None
 
 
 def _init_worker(tokenizer_spec: str) -> None:
@@ -112,17 +113,19 @@ def _init_worker(tokenizer_spec: str) -> None:
 
 
 def _tokenize_unit(job: tuple[str, list[str]]) -> int:
-    """Tokenize one unit's documents (each followed by end-of-text) into its shard file."""
+    """Tokenize one unit's documents into its shard file: each is the tokenizer's `bos_ids`
+    (Llama 3's <|begin_of_text|>; none for ours, whose end-of-text already precedes every
+    document but the first), its text, and end-of-text."""
     path, texts = job
     tok = _worker_tokenizer
     ids = tok.encode_batch(texts, num_threads=1)
-    dtype = token_dtype(tok.n_vocab)
-    tokens = np.empty(sum(len(d) + 1 for d in ids), dtype=dtype)
+    bos = [] if tok.bos_ids == [tok.eot_id] else list(tok.bos_ids)
+    ids = [bos + doc + [tok.eot_id] for doc in ids]
+    tokens = np.empty(sum(len(d) for d in ids), dtype=token_dtype(tok.n_vocab))
     pos = 0
     for doc in ids:
         tokens[pos : pos + len(doc)] = doc
-        tokens[pos + len(doc)] = tok.eot_id
-        pos += len(doc) + 1
+        pos += len(doc)
     write_shard(path, tokens, tok.n_vocab)
     return len(tokens)
 

@@ -8,8 +8,9 @@ Hugging Face tokenizer directory ("hf:PATH", data/hf_tokenizer.py).
 Every tokenizer offers the same small interface (`TokenizerLike`): `encode(text)` /
 `encode_batch(texts)` / `decode(ids)`, `eot_id` (the token after every document), `bos_ids`
 (the ids a sequence starts with: a prompt in model.generate), `special_tokens`, `n_vocab`,
-`mergeable_ranks` (every ordinary token's bytes), `chat_template` (None for ours) and
-`identity()` (compare these, not names; manifests keep it).
+`mergeable_ranks` (every ordinary token's bytes), `chat_template` and `generation_config`
+(an imported model's; None for ours) and `identity()` (compare these, not names; manifests
+keep it).
 
 Special-token strings inside text: our own tokenizers encode them as ordinary text (a document
 that contains "<|endoftext|>" cannot end itself early). Hugging Face tokenizers do what
@@ -57,6 +58,7 @@ class TokenizerLike(Protocol):
     special_tokens: dict[str, int]
     mergeable_ranks: dict[bytes, int]  # every ordinary token's bytes -> id
     chat_template: str | None
+    generation_config: dict | None  # generation defaults of an imported model, None for ours
 
     def encode(self, text: str) -> list[int]: ...
     def encode_batch(self, texts: list[str], num_threads: int = 8) -> list[list[int]]: ...
@@ -104,6 +106,7 @@ class Tokenizer:
         return [self.eot_id]
 
     chat_template = None
+    generation_config = None  # an imported model's generation_config.json (HFTokenizer)
 
     def encode(self, text: str) -> list[int]:
         """Ordinary text to ids; special-token strings in the text are encoded as plain text."""

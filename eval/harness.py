@@ -431,13 +431,13 @@ def check_checkpoint_tokenizer(ckpt: Path, tokenizer, model_vocab_size: int) -> 
 def native_tokenizer(ckpt: Path, cfg, tokenizer_spec: str | None = None):
     """The tokenizer to score a checkpoint with: `tokenizer_spec` (tiktoken name or .tiktoken
     file) or its data dir's; checked to be the one the run was trained with."""
-    from data.manifest import manifest_tokenizer
+    from data.manifest import run_tokenizer
     from data.tokenizer import load_tokenizer
 
     if tokenizer_spec is not None:
         tokenizer = load_tokenizer(tokenizer_spec)
-    else:
-        tokenizer = manifest_tokenizer(cfg.data.path)
+    else:  # the prepared data's, or an imported run's own (data.tokenizer = "hf:...")
+        tokenizer = run_tokenizer(cfg.data)
     check_checkpoint_tokenizer(ckpt, tokenizer, cfg.model.vocab_size)
     return tokenizer
 

@@ -40,6 +40,8 @@ first with `python -m parallel.checkpoint_dcp --run DIR [--step N]`.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import importlib.util
 import json
 import os
 import re
@@ -52,15 +54,32 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from common.atomic import atomic_dir, write_json, write_text
-from data.hf_tokenizer import EOT, from_hf_tokenizer, save_hf_tokenizer
-from data.manifest import manifest_tokenizer
-from data.tokenizer import Tokenizer, load_tokenizer
+from common.atomic import atomic_dir, write_bytes, write_json, write_text
+from data.hf_tokenizer import (
+    TOKENIZER_FILES,
+    HFTokenizer,
+    save_hf_tokenizer,
+    token_ids,
+    transformers_differences,
+)
+from data.manifest import run_tokenizer
+from data.tokenizer import HF_PREFIX, Tokenizer, load_tokenizer
 from job_config import JobConfig, to_toml
 from model.checkpoint import MODEL_FILE, find_checkpoint, load_model_state, resolve_checkpoint
 from model.config import ModelConfig
-from model.hf_config import ExportError, hf_architecture, hf_config, model_config_from_hf
-from model.hf_names import EXPERT_BIAS_SUFFIXES, from_hf_state_dict, to_hf_state_dict
+from model.hf_config import (
+    QWEN2_MOE,
+    ExportError,
+    hf_architecture,
+    hf_config,
+    model_config_from_hf,
+)
+from model.hf_names import (
+    EXPERT_BIAS_SUFFIXES,
+    from_hf_state_dict,
+    has_qkv_biases,
+    to_hf_state_dict,
+)
 from model.load import load_job_config
 
 SAFETENSORS_FILE = "model.safetensors"
@@ -68,6 +87,7 @@ INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DCP_COMMAND = "python -m parallel.checkpoint_dcp"  # consolidates a sharded checkpoint
+IMPORTED_LR = 1e-4  # optim.lr in an imported run's config.toml (continued pretraining)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -157,21 +177,23 @@ def export_model(
 ) -> str:
     """Write a Hugging Face model directory from our state dict; returns the architecture.
 
-    tokenizer: our `data.tokenizer.Tokenizer` (or a tiktoken Encoding), written as
-    tokenizer.json; None writes no tokenizer. dtype: 'float32' | 'bfloat16' | 'float16' or None
-    to keep the checkpoint's. The directory is built beside `out_dir` and renamed into place.
+    tokenizer: ours (`data.tokenizer.Tokenizer`, or a tiktoken Encoding), written as
+    tokenizer.json; or an imported model's (`HFTokenizer`), whose files are copied as they are
+    (chat template included) with its generation_config.json and bos / eos / pad ids; None
+    writes no tokenizer. dtype: 'float32' | 'bfloat16' | 'float16' or None to keep the
+    checkpoint's. The directory is built beside `out_dir` and renamed into place.
     """
     arch = hf_architecture(cfg)
-    encoding = getattr(tokenizer, "encoding", tokenizer)
-    eot_id = None
-    if encoding is not None:
-        n_vocab = encoding.max_token_value + 1
-        if n_vocab > cfg.vocab_size:
+    if tokenizer is not None and not hasattr(tokenizer, "eot_id"):  # a bare tiktoken Encoding
+        tokenizer = Tokenizer(tokenizer, tokenizer.name)
+    ids = {}
+    if tokenizer is not None:
+        if tokenizer.n_vocab > cfg.vocab_size:
             raise ExportError(
-                f"tokenizer {encoding.name} has ids up to {n_vocab - 1} but model.vocab_size = "
-                f"{cfg.vocab_size}: the embedding does not cover every token id"
+                f"tokenizer {tokenizer.name} has ids up to {tokenizer.n_vocab - 1} but "
+                f"model.vocab_size = {cfg.vocab_size}: the embedding does not cover every token id"
             )
-        eot_id = encoding._special_tokens.get(EOT)
+        ids = token_ids(tokenizer)
     tensors = to_hf_state_dict(state, cfg, arch)
     fp32_only = ".e_score_correction_bias"  # selection bias: fp32 whatever the dtype
     if dtype is not None:
@@ -180,18 +202,23 @@ def export_model(
     dtypes = {t.dtype for n, t in tensors.items() if not n.endswith(fp32_only)}
     if len(dtypes) != 1:
         raise ExportError(f"checkpoint mixes dtypes {sorted(map(str, dtypes))}: pass --dtype")
-    config = hf_config(cfg, arch, eot_id, dtypes.pop())
+    config = hf_config(cfg, arch, ids, dtypes.pop())
 
     out_dir = Path(out_dir)
     with _staging_dir(out_dir, overwrite) as tmp:
         write_safetensors(tensors, tmp, parse_size(max_shard_size))
         write_json(tmp / "config.json", config, indent=2)
-        generation = {"do_sample": False, "transformers_version": _transformers_version()}
-        if eot_id is not None:
-            generation.update(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
+        if isinstance(tokenizer, HFTokenizer):
+            tokenizer.save(tmp)
+            generation = dict(tokenizer.generation_config)
+        elif tokenizer is not None:
+            save_hf_tokenizer(tokenizer.encoding, tmp, model_max_length=cfg.max_seq_len)
+            generation = {"do_sample": False}
+        else:
+            generation = {"do_sample": False}
+        generation.update({k: v for k, v in ids.items() if v is not None})
+        generation["transformers_version"] = _transformers_version()
         write_json(tmp / "generation_config.json", generation, indent=2)
-        if encoding is not None:
-            save_hf_tokenizer(encoding, tmp, model_max_length=cfg.max_seq_len)
     return arch
 
 
@@ -206,8 +233,8 @@ def export_run(
     with_tokenizer: bool = True,
 ) -> str:
     """Export checkpoint `step` (default: the newest) of a run directory (or a checkpoint
-    directory). The tokenizer is the run's prepared data's (data.path/manifest.json), or
-    `tokenizer` (a spec for data.tokenizer.load_tokenizer) when given."""
+    directory). The tokenizer is the run's (data.manifest.run_tokenizer: its prepared data's,
+    or an imported run's own), or `tokenizer` (a spec for data.tokenizer.load_tokenizer)."""
     ckpt = resolve_checkpoint(run_dir) if step is None else find_checkpoint(run_dir, step)
     job = load_job_config(ckpt)
     state = checkpoint_model_state(ckpt)
@@ -216,11 +243,11 @@ def export_run(
         tok = load_tokenizer(tokenizer)
     elif with_tokenizer:
         try:
-            tok = manifest_tokenizer(job.data.path)
+            tok = run_tokenizer(job.data)
         except FileNotFoundError as e:
             raise FileNotFoundError(
                 f"{e}; the tokenizer of {ckpt} comes from its prepared data (data.path = "
-                f"{job.data.path!r}): pass --tokenizer SPEC, or --no-tokenizer"
+                f"{job.data.path!r}) or data.tokenizer: pass --tokenizer SPEC, or --no-tokenizer"
             ) from None
     return export_model(state, job.model, out_dir, tok, max_shard_size, dtype, overwrite)
 
@@ -243,19 +270,30 @@ def checkpoint_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def import_hf(
-    hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, overwrite: bool = False
+    hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, overwrite: bool = False,
+    check_tokenizer: bool = True,
 ) -> ModelConfig:
-    """A Hugging Face Llama / Qwen3 / Mixtral / Qwen3-MoE / Qwen2-MoE / Ernie-4.5-MoE dir -> a run
-    directory holding checkpoints/step_000000 (model.safetensors in our names, config.json)
-    and checkpoints/latest; the tokenizer, when it converts exactly, as tokenizer.tiktoken."""
+    """A Hugging Face Llama / Qwen2 / Qwen3 / Mixtral / Qwen3-MoE / Qwen2-MoE / Ernie-4.5-MoE dir
+    -> a run directory holding checkpoints/step_000000 (model.safetensors in our names,
+    config.json), checkpoints/latest, config.toml and the model's tokenizer in `tokenizer/`
+    (`data.tokenizer = "hf:<run>/tokenizer"`: data.prepare, generate, eval and export use it).
+
+    The tokenizer files are copied as they are, with a generation_config.json (the model's, its
+    bos / eos / pad ids filled in from config.json). check_tokenizer: compare our encoding with
+    transformers' AutoTokenizer of `hf_dir` on a probe text (when transformers is installed);
+    where they differ (a tokenizer class that rebuilds its pipeline) the directory gets the
+    tokenizer.json AutoTokenizer saves, and must then agree.
+    """
     hf_dir = Path(hf_dir)
     config_path = hf_dir / "config.json"
     if not config_path.exists():
         raise FileNotFoundError(f"{config_path} does not exist")
-    cfg, arch = model_config_from_hf(
-        json.loads(config_path.read_text(encoding="utf-8")), str(config_path)
-    )
-    state = from_hf_state_dict(read_safetensors(hf_dir), cfg, arch, str(hf_dir))
+    hf_config_dict = json.loads(config_path.read_text(encoding="utf-8"))
+    cfg, arch = model_config_from_hf(hf_config_dict, str(config_path))
+    tensors = read_safetensors(hf_dir)
+    if arch == QWEN2_MOE and has_qkv_biases(tensors, cfg):
+        cfg = dataclasses.replace(cfg, qkv_bias=True)
+    state = from_hf_state_dict(tensors, cfg, arch, str(hf_dir))
     if dtype is not None:
         to = _dtype(dtype)
         state = {  # the balancing bias buffer stays fp32 (model/moe.py)
@@ -264,15 +302,22 @@ def import_hf(
     job = JobConfig(model=cfg)
     out_dir = Path(out_dir)
     job.train.run_dir = str(out_dir)
+    job.train.seq_len = min(job.train.seq_len, cfg.max_seq_len)
+    # Continued training of a trained model: a peak learning rate far below a fresh run's.
+    job.optim.lr = IMPORTED_LR
+    # Not prepared yet: `python -m data.prepare --config <run>/config.toml` fills it with the
+    # model's own tokenizer (no other data dir's tokenizer is ever picked up by mistake).
+    job.data.path = str(out_dir.resolve() / "data")
     with _staging_dir(out_dir, overwrite) as tmp:
-        tokenizer_json = hf_dir / "tokenizer.json"
-        if tokenizer_json.exists():
+        if (hf_dir / "tokenizer.json").exists():
             try:
-                encoding = from_hf_tokenizer(tokenizer_json, name=hf_dir.name or "hf")
-                Tokenizer(encoding, str(tokenizer_json)).save(tmp / "tokenizer.tiktoken")
-                job.data.tokenizer = str(out_dir.resolve() / "tokenizer.tiktoken")
+                tok = _import_tokenizer(hf_dir, tmp / "tokenizer", hf_config_dict, check_tokenizer)
+                job.data.tokenizer = HF_PREFIX + str(out_dir.resolve() / "tokenizer")
+                if tok.n_vocab > cfg.vocab_size:
+                    raise ExportError(f"{hf_dir}: the tokenizer has {tok.n_vocab} ids, the "
+                                      f"model's vocab_size is {cfg.vocab_size}")
             except ValueError as e:
-                print(f"tokenizer not converted ({e}); prepare data with a matching tokenizer",
+                print(f"tokenizer not imported ({e}); prepare data with a matching tokenizer",
                       file=sys.stderr)
         step_dir = tmp / "checkpoints" / "step_000000"
         step_dir.mkdir(parents=True)
@@ -281,6 +326,33 @@ def import_hf(
         write_text(tmp / "checkpoints" / "latest", "step_000000\n")
         write_text(tmp / "config.toml", to_toml(job))
     return cfg
+
+
+def _import_tokenizer(hf_dir: Path, out: Path, config: dict, check: bool) -> HFTokenizer:
+    """Copy the tokenizer files of `hf_dir` to `out` (see import_hf) and load them."""
+    out.mkdir(parents=True)
+    for name in TOKENIZER_FILES:
+        if (hf_dir / name).is_file() and name != "generation_config.json":
+            write_bytes(out / name, (hf_dir / name).read_bytes())
+    generation = {}
+    if (hf_dir / "generation_config.json").is_file():
+        generation = json.loads((hf_dir / "generation_config.json").read_text(encoding="utf-8"))
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if generation.get(key) is None and config.get(key) is not None:
+            generation[key] = config[key]
+    write_json(out / "generation_config.json", generation, indent=2)
+    tok = HFTokenizer(out)
+    if not check or importlib.util.find_spec("transformers") is None:
+        return tok
+    import transformers
+
+    reference = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    if transformers_differences(tok, reference):
+        reference.save_pretrained(out)  # what AutoTokenizer built, as its tokenizer.json
+        tok = HFTokenizer(out)
+        if diff := transformers_differences(tok, reference):
+            raise ExportError(f"{hf_dir}: our tokenizer differs from AutoTokenizer's: {diff}")
+    return tok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,6 +405,8 @@ def main(argv: list[str] | None = None) -> None:
     im.add_argument("--out", required=True, help="output run directory")
     im.add_argument("--dtype", default=None, choices=dtypes, help="default: the files' dtype")
     im.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    im.add_argument("--no-tokenizer-check", action="store_true",
+                    help="skip comparing the tokenizer with transformers' AutoTokenizer")
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
@@ -342,7 +416,8 @@ def main(argv: list[str] | None = None) -> None:
             )
             print(f"wrote {arch} to {args.out}")
         else:
-            cfg = import_hf(args.hf, args.out, args.dtype, args.overwrite)
+            cfg = import_hf(args.hf, args.out, args.dtype, args.overwrite,
+                            check_tokenizer=not args.no_tokenizer_check)
             print(f"wrote {args.out}/checkpoints/step_000000 ({cfg.num_params():,} parameters)")
     except (ExportError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}") from None

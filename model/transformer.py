@@ -1,5 +1,6 @@
-"""A decoder-only Transformer: RMSNorm, RoPE (Hugging Face halves convention), grouped-query
-attention, SwiGLU MLP (or a Mixture-of-Experts layer), optional tied embeddings.
+"""A decoder-only Transformer: RMSNorm, RoPE (Hugging Face halves convention, optionally
+scaled for long contexts), grouped-query attention (optional q/k/v biases), SwiGLU MLP (or a
+Mixture-of-Experts layer), optional tied embeddings.
 
 Plain nn.Modules, no process groups: parallelism is applied from outside (parallel/). Weights
 are initialized by `init_weights(seed)`, never in `__init__`, so the model can be built on the
@@ -71,9 +72,10 @@ class Attention(nn.Module):
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.backend = cfg.attention
         self.fused = cfg.fused_kernels
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        bias = cfg.qkv_bias  # Qwen2: q, k, v have biases, the output projection none
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.fused_kernels) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.fused_kernels) if cfg.qk_norm else None
@@ -150,7 +152,9 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.fused_kernels)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device="meta")
+        cos, sin = rope_tables(
+            cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, "meta", cfg.rope_scaling
+        )
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -168,7 +172,8 @@ class Transformer(nn.Module):
         """
         cfg = self.cfg
         device = self.embed.weight.device
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device,
+                               cfg.rope_scaling)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
         gen = torch.Generator(device=device).manual_seed(seed)
@@ -180,6 +185,8 @@ class Transformer(nn.Module):
                 out_proj = name.endswith(("wo", "w_down"))
                 std = residual_std if out_proj else cfg.init_std
                 nn.init.normal_(module.weight, 0.0, std, generator=gen)
+                if getattr(module, "bias", None) is not None:  # q/k/v biases start at zero
+                    nn.init.zeros_(module.bias)
             elif hasattr(module, "init_weights") and module is not self:
                 module.init_weights(gen, cfg.init_std, residual_std)  # e.g. MoE experts
 

