@@ -194,7 +194,7 @@ class HFTokenizer:
         from tokenizers import Tokenizer as RustTokenizer
 
         path = Path(path)
-        self.path = path if path.is_dir() else path.parent
+        self.path = path.parent if path.name == TOKENIZER_FILE else path
         file = self.path / TOKENIZER_FILE
         if not file.is_file():
             raise FileNotFoundError(f"{file} not found: an hf: tokenizer is a directory holding "
@@ -503,7 +503,7 @@ def load_hf_tokenizer(path: str | Path) -> HFTokenizer:
     """The HFTokenizer of directory `path`, read once per process while its files stay the
     same (checking a large vocabulary for tiktoken takes seconds)."""
     path = Path(path).resolve()
-    directory = path if path.is_dir() else path.parent
+    directory = path.parent if path.name == TOKENIZER_FILE else path
     stamp = tuple((f.stat().st_mtime_ns, f.stat().st_size) if f.is_file() else None
                   for f in (directory / name for name in TOKENIZER_FILES))
     key = (directory, stamp)

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from data.hf_tokenizer import HFTokenizer as _HFTokenizer
 from eval.tasks import Item, get_task, load_task
 
 TokenRequest = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
@@ -457,30 +458,8 @@ def load_native(
     return TransformerLogLikelihood(model, batch_size), tokenizer, ckpt
 
 
-class HFTokenizer:
-    """A Hugging Face `tokenizer.json` behind our Tokenizer interface (encode / decode /
-    eot_id), so an exported model is scored with the tokenizer that was exported with it."""
-
-    def __init__(self, path: str | Path, eot_token: str = "<|endoftext|>"):
-        from tokenizers import Tokenizer as _HFTok
-
-        path = Path(path)
-        file = path / "tokenizer.json" if path.is_dir() else path
-        if not file.is_file():
-            raise FileNotFoundError(f"{file} not found (an exported model has a tokenizer.json)")
-        self.tok = _HFTok.from_file(str(file))
-        self.name = file.parent.name
-        self.n_vocab = self.tok.get_vocab_size(with_added_tokens=True)
-        eot = self.tok.token_to_id(eot_token)
-        if eot is None:
-            raise ValueError(f"{file}: no {eot_token} token")
-        self.eot_id = eot
-
-    def encode(self, text: str) -> list[int]:
-        return self.tok.encode(text, add_special_tokens=False).ids
-
-    def decode(self, ids) -> str:
-        return self.tok.decode(list(ids), skip_special_tokens=False)
+# A Hugging Face tokenizer directory behind our Tokenizer interface (ids as AutoTokenizer's).
+HFTokenizer = _HFTokenizer
 
 
 def load_hf(
@@ -493,7 +472,7 @@ def load_hf(
     tokenizer.json unless `tokenizer_spec` names one of ours."""
     from data.tokenizer import load_tokenizer
 
-    tokenizer = load_tokenizer(tokenizer_spec) if tokenizer_spec else HFTokenizer(path)
+    tokenizer = load_tokenizer(tokenizer_spec) if tokenizer_spec else load_tokenizer(f"hf:{path}")
     return HFLogLikelihood.from_pretrained(path, device, batch_size=batch_size), tokenizer
 
 

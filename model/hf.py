@@ -9,8 +9,14 @@ Which transformers class a model becomes (the first row that fits):
     MoE + shared experts (no qk_norm)           Qwen2MoeForCausalLM      (dense layers ok)
     MoE + qk_norm (no shared experts)           Qwen3MoeForCausalLM      (dense layers ok)
     MoE, every layer MoE                        MixtralForCausalLM
+    dense + qkv_bias (no qk_norm)               Qwen2ForCausalLM
     dense + qk_norm                             Qwen3ForCausalLM
     dense                                       LlamaForCausalLM
+
+RoPE scaling (model.rope_scaling: linear, llama3, yarn, dynamic) is written as `rope_scaling`
+and read back from `rope_scaling` / `rope_parameters`; anything else our model does not compute
+(another rope_type, sliding windows, biases on the output or MLP projections...) stops the
+import with the field named.
 
 Our parameters map one to one onto the Hugging Face names (RoPE is already the "rotate halves"
 convention Llama / Qwen / Mixtral use, so q/k need no permutation; the tests compare logits).
@@ -22,6 +28,11 @@ Aux-loss-free balancing (a per-expert bias added to the softmax scores to choose
 inference too) is computed exactly only by Ernie 4.5's MoE router
 (`moe_statics.e_score_correction_bias`); Ernie rotates interleaved pairs, so q/k rows are
 permuted per head from halves to interleaved on the way (q.k is unchanged).
+
+An imported model is a normal run: its tokenizer files are kept in <run>/tokenizer (with the
+model's generation_config.json) and its config says data.tokenizer = "hf:<run>/tokenizer", so
+data.prepare (continued pretraining on data tokenized the model's way), model.generate, eval
+and export all use it; export writes the same tokenizer files and chat template back.
 
 A model that a target class cannot express (a feature transformers has no field for) stops with
 an `ExportError` naming the feature, rather than writing files that load but compute something

@@ -35,7 +35,7 @@ def load_model(
     directory's checkpoint `step` (default: its newest)."""
     ckpt = resolve_checkpoint(ckpt_or_run) if step is None else find_checkpoint(ckpt_or_run, step)
     cfg = load_job_config(ckpt)
-    model = build_model(cfg.model, resolve_device(device))
+    model = build_model(cfg.model, resolve_device(device), seed=None)  # the checkpoint fills it
     missing, unexpected = model.load_state_dict(load_model_state(ckpt), strict=False)
     if missing or unexpected:
         raise ValueError(f"{ckpt / 'model.safetensors'}: missing {missing}, unexpected {unexpected}")

@@ -164,6 +164,15 @@ class Transformer(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     @torch.no_grad()
+    def init_rope(self) -> None:
+        """Fill the RoPE tables (the only buffers not in a checkpoint)."""
+        cfg = self.cfg
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta,
+                               self.embed.weight.device, cfg.rope_scaling)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
         """Initialize every parameter and buffer deterministically from `seed`.
 
@@ -172,10 +181,7 @@ class Transformer(nn.Module):
         """
         cfg = self.cfg
         device = self.embed.weight.device
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device,
-                               cfg.rope_scaling)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
+        self.init_rope()
         gen = torch.Generator(device=device).manual_seed(seed)
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         for name, module in self.named_modules():
@@ -227,10 +233,16 @@ class Transformer(nn.Module):
         ]
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> Transformer:
-    """Build on the meta device, materialize on `device`, initialize from `seed`."""
+def build_model(
+    cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = 0
+) -> Transformer:
+    """Build on the meta device, materialize on `device`, initialize from `seed`; seed None
+    leaves the parameters uninitialized for a checkpoint to fill (only RoPE is computed)."""
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
-    model.init_weights(seed)
+    if seed is None:
+        model.init_rope()
+    else:
+        model.init_weights(seed)
     return model

@@ -215,3 +215,82 @@ def test_continued_pretraining_of_an_imported_model(llama32_dir, tmp_path):
     ids = torch.randint(0, back.config.vocab_size, (1, 40))
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, ours(ids), atol=TOL, rtol=0)
+
+
+# --- SmolLM2-135M-Instruct, the real model (built once per session, tests/conftest.py) -------
+
+
+@pytest.fixture(scope="module")
+def smollm2_hf(smollm2_dir):
+    return load_hf_model(smollm2_dir)[0]
+
+
+def test_smollm2_logits_equal_transformers(smollm2_run, smollm2_hf, seed):
+    """Five prompts (random spans of the standard library, random lengths) give transformers'
+    fp32 logits to 1e-4."""
+    from data.manifest import run_tokenizer
+
+    ours, job, _ = load_model(smollm2_run)
+    tok = run_tokenizer(job.data)
+    text = "".join(stdlib_sample(200_000, skip=600))
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for _ in range(5):
+        start = int(torch.randint(0, len(text) - 2000, (1,), generator=gen))
+        length = int(torch.randint(20, 200, (1,), generator=gen))  # characters
+        ids = torch.tensor([tok.encode(text[start : start + length])])
+        with torch.no_grad():
+            want, got = smollm2_hf(ids).logits, ours(ids)
+        worst = max(worst, (got - want).abs().max().item())
+        torch.testing.assert_close(got, want, atol=TOL, rtol=0)
+    print(f"largest logit difference {worst:.2e}")
+
+
+def test_smollm2_generate_cli_equals_transformers_greedy(smollm2_run, smollm2_hf, smollm2_dir,
+                                                         capsys):
+    """64 greedy tokens of `python -m model.generate --temperature 0` are transformers'
+    generate(do_sample=False) tokens (SmolLM2's tokenizer: no BOS, <|im_end|> stops both)."""
+    from model.generate import main as generate
+
+    prompt = "def binary_search(items, target):\n    \"\"\"Return the index of target in"
+    capsys.readouterr()
+    generate(["--run", str(smollm2_run), "--prompt", prompt, "--temperature", "0",
+              "--max-new-tokens", "64"])
+    ours = capsys.readouterr().out.split("---\n", 1)[1].removesuffix("\n")
+    ref = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
+    inputs = ref(prompt, return_tensors="pt")
+    with torch.no_grad():
+        out = smollm2_hf.generate(**inputs, max_new_tokens=64, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert len(new) == 64 and 2 not in new  # 64 compared steps, no early stop
+    assert ours == prompt + ref.decode(new)
+
+
+def test_imported_run_generates_and_evaluates_with_its_tokenizer(llama32_dir, tmp_path, capsys):
+    """`python -m model.generate --run` on an imported Llama-3.2-style run: the prompt starts
+    with <|begin_of_text|> as transformers' tokenizer starts it, and greedy tokens equal
+    transformers' generate(do_sample=False); eval picks the same tokenizer."""
+    from data.tokenizer import load_tokenizer
+    from eval.harness import native_tokenizer
+    from model.generate import main as generate
+
+    run = tmp_path / "run"
+    hf.import_hf(llama32_dir, run)
+    prompt = "import os\nfor name in os.listdir(path):\n"
+    capsys.readouterr()
+    generate(["--run", str(run), "--prompt", prompt, "--temperature", "0",
+              "--max-new-tokens", "30"])
+    ours = capsys.readouterr().out.split("---\n", 1)[1].removesuffix("\n")
+    model, _ = load_hf_model(llama32_dir)
+    ref = transformers.AutoTokenizer.from_pretrained(llama32_dir)
+    inputs = ref(prompt, return_tensors="pt")
+    assert inputs["input_ids"][0, 0] == ref.bos_token_id
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=30, do_sample=False)
+    new = out[0, inputs["input_ids"].shape[1]:].tolist()
+    assert len(new) > 5
+    assert ours == prompt + ref.decode(new, skip_special_tokens=True,
+                                       clean_up_tokenization_spaces=False)
+    _, job, ckpt = load_model(run)
+    tok = native_tokenizer(ckpt, job)
+    assert tok.identity() == load_tokenizer(job.data.tokenizer).identity()
