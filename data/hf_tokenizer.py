@@ -1,4 +1,5 @@
-"""Convert a tiktoken encoding (ours or OpenAI's) to a Hugging Face `tokenizer.json`, and back.
+"""Convert a tiktoken encoding (ours or OpenAI's) to a Hugging Face `tokenizer.json`, and back;
+and `HFTokenizer`, any `tokenizer.json` used directly behind our Tokenizer interface.
 
 tiktoken splits text with a regex, then merges each piece's bytes pairwise, always merging the
 adjacent pair whose concatenation has the lowest rank. A Hugging Face byte-level BPE does the same

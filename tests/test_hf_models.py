@@ -116,7 +116,7 @@ def check_round_trip(hf_dir, tmp_path, texts: list[str]):
     generation defaults."""
     theirs, _ = load_hf_model(hf_dir)
     run = tmp_path / "run"
-    hf.main(["import", "--hf", str(hf_dir), "--out", str(run)])
+    hf.main(["import", "--hf", str(hf_dir), "--out-dir", str(run)])
     ours, job, _ = load_model(run)
     assert job.data.tokenizer == f"hf:{run.resolve()}/tokenizer"
     vocab = theirs.config.vocab_size
@@ -126,7 +126,7 @@ def check_round_trip(hf_dir, tmp_path, texts: list[str]):
         assert want.abs().max() > 0.5
         torch.testing.assert_close(ours(ids), want, atol=TOL, rtol=0)
 
-    hf.main(["export", "--run", str(run), "--out", str(tmp_path / "out")])
+    hf.main(["export", "--run", str(run), "--out-dir", str(tmp_path / "out")])
     back, info = load_hf_model(tmp_path / "out")
     assert not any(info.values()), info
     assert type(back) is type(theirs)
@@ -208,7 +208,7 @@ def test_continued_pretraining_of_an_imported_model(llama32_dir, tmp_path):
               config=str(run / "config.toml"))
     val = [r["val_loss"] for r in records(out) if "val_loss" in r]
     assert len(val) == 2 and val[1] < val[0] - 0.3, val
-    hf.main(["export", "--run", str(out), "--out", str(tmp_path / "out")])
+    hf.main(["export", "--run", str(out), "--out-dir", str(tmp_path / "out")])
     back, info = load_hf_model(tmp_path / "out")
     assert not any(info.values()), info
     ours = load_model(out)[0]
@@ -271,7 +271,7 @@ def test_imported_run_generates_and_evaluates_with_its_tokenizer(llama32_dir, tm
     with <|begin_of_text|> as transformers' tokenizer starts it, and greedy tokens equal
     transformers' generate(do_sample=False); eval picks the same tokenizer."""
     from data.tokenizer import load_tokenizer
-    from eval.harness import native_tokenizer
+    from eval.models import native_tokenizer
     from model.generate import main as generate
 
     run = tmp_path / "run"
