@@ -1,9 +1,10 @@
-"""Convert a tiktoken encoding (ours or OpenAI's) to a Hugging Face `tokenizer.json`, and back;
-and `HFTokenizer`, any `tokenizer.json` used directly behind our Tokenizer interface.
+"""Hugging Face tokenizers, both ways: our tiktoken encodings written as a `tokenizer.json`
+(export), and a Hugging Face tokenizer directory behind our Tokenizer interface (`HFTokenizer`,
+`load_tokenizer("hf:DIR")`: an imported model's, for data.prepare, generate, eval and export).
 
-tiktoken splits text with a regex, then merges each piece's bytes pairwise, always merging the
-adjacent pair whose concatenation has the lowest rank. A Hugging Face byte-level BPE does the same
-when it is given:
+Export. tiktoken splits text with a regex, then merges each piece's bytes pairwise, always
+merging the adjacent pair whose concatenation has the lowest rank. A Hugging Face byte-level BPE
+does the same when it is given:
 
 - vocab: every token's bytes mapped through GPT-2's bytes-to-unicode table, id = rank;
 - merges: for each token, every split into two tokens, ordered by the rank of the merged token
@@ -12,11 +13,13 @@ when it is given:
 - `ignore_merges=True`: a piece that is itself a token is emitted whole, as tiktoken does;
 - the special tokens as added tokens at their tiktoken ids.
 
-The result is checked by the tests by encoding real text both ways. The saved tokenizer puts the
-end-of-text token first (as BOS) when special tokens are added, which is how our documents and
-`python -m model.generate` prompts start; `add_special_tokens=False` gives tiktoken's ids alone.
-One known difference: Hugging Face tokenizers turn special-token strings found in the text into
-the special id, while `Tokenizer.encode` encodes them as ordinary text.
+The saved tokenizer puts the end-of-text token first (as BOS) when special tokens are added,
+which is how our documents and `python -m model.generate` prompts start.
+
+Import (`HFTokenizer`). The rule for special-token strings inside text is transformers': each
+added token's string becomes its id (our own tokenizers keep such text as text, see
+data/tokenizer.py). Ids equal AutoTokenizer's for the directory's files; data/hf_bpe.py decides
+whether tiktoken can compute them exactly (then it does, faster) or `tokenizers` runs them.
 """
 
 from __future__ import annotations

@@ -302,3 +302,15 @@ def test_chat_templates_render_as_transformers(smollm2_dir, llama32_dir, qwen2_d
     assert '"Hi <there> & \'you\'"' in text  # tojson without HTML escaping
     with pytest.raises(ChatTemplateError, match="no chat template"):
         render_chat(bpe, messages)
+
+
+def test_what_is_refused_says_why(tmp_path):
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models
+
+    with pytest.raises(FileNotFoundError, match="tokenizer.json"):
+        load_tokenizer(f"hf:{tmp_path}")
+    RustTokenizer(models.WordLevel({"a": 0, "<unk>": 1}, unk_token="<unk>")).save(
+        str(tmp_path / "tokenizer.json"))
+    with pytest.raises(ValueError, match="model.type = 'WordLevel': expected a byte-level"):
+        load_tokenizer(f"hf:{tmp_path}")
