@@ -239,7 +239,8 @@ class HFTokenizer:
         data = json.loads(self.hf.to_str())
         self.mergeable_ranks = byte_level_ranks(data["model"], set(self.added_tokens), str(file))
         self.n_vocab = 1 + max([*self.mergeable_ranks.values(), *self.added_tokens.values()])
-        self.name = self.path.resolve().name
+        where = self.path.resolve()  # an imported run's <run>/tokenizer is named by its run
+        self.name = where.parent.name if where.name == "tokenizer" else where.name
         self.eot_id = self._document_end(file)
         self.bos_ids, self.eos_ids = self._special_ids_around()
         self.chat_template = _chat_template(self.path, self.config)
