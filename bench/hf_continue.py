@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def summary(results: dict) -> dict:
-    hs = results["hellaswag"]["metrics"]["all"]
+    hs = results["tasks"]["hellaswag"]["metrics"]["all"]
     return {"hellaswag_acc": hs["acc"], "hellaswag_acc_norm": hs["acc_norm"],
             "hellaswag_n": hs.get("n")}
 
