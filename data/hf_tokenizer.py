@@ -194,7 +194,6 @@ class HFTokenizer:
     """
 
     def __init__(self, path: str | Path):
-        from tokenizers import AddedToken
         from tokenizers import Tokenizer as RustTokenizer
 
         path = Path(path)
@@ -210,26 +209,7 @@ class HFTokenizer:
         self.hf = RustTokenizer.from_str(self.file_bytes.decode("utf-8"))
         self.hf.no_truncation()  # transformers truncates / pads only when a call asks
         self.hf.no_padding()
-        # What transformers adds on loading: added_tokens_decoder entries and named special
-        # tokens missing from tokenizer.json (appended at new ids), and the BOS / EOS template
-        # when tokenizer_config.json sets add_bos_token / add_eos_token.
-        have = {t.content for t in self.hf.get_added_tokens_decoder().values()}
-        extra = []
-        for _, entry in sorted(self.config.get("added_tokens_decoder", {}).items(),
-                               key=lambda kv: int(kv[0])):
-            if entry["content"] not in have:
-                flags = {k: entry[k] for k in ("lstrip", "rstrip", "normalized", "single_word",
-                                               "special") if k in entry}
-                extra.append(AddedToken(entry["content"], **flags))
-                have.add(entry["content"])
-        for text in self.special_token_strings.values():
-            if text not in have:
-                extra.append(AddedToken(text, special=True))
-                have.add(text)
-        if extra:
-            self.hf.add_tokens(extra)
-        if "add_bos_token" in self.config or "add_eos_token" in self.config:
-            self._template(self.config.get("add_bos_token"), self.config.get("add_eos_token"))
+        self._as_transformers_loads()
         self.split_special = bool(self.config.get("split_special_tokens", False))
         self.hf.encode_special_tokens = self.split_special
 
@@ -248,17 +228,7 @@ class HFTokenizer:
         self.encoding = None
         self.backend, self.not_tiktoken = "tokenizers", ""
         try:
-            if self.split_special:
-                raise NotExact("split_special_tokens = true")
-            odd = [t.content for t in added.values() if t.lstrip or t.rstrip or t.single_word]
-            if odd:
-                raise NotExact(f"added tokens {odd[:3]} strip spaces or match single words")
-            encoding = tiktoken_encoding(data, self.name, str(file))
-            self._set_tiktoken(encoding, added)
-            for line in PROBE.splitlines(keepends=True):
-                want = self.hf.encode(line, add_special_tokens=False).ids
-                if self.encode(line) != want:
-                    raise NotExact(f"tiktoken encodes {line[:40]!r} differently")
+            self._use_tiktoken(data, added, str(file))
             self.backend = "tiktoken"
         except NotExact as e:
             self.encoding, self.not_tiktoken = None, str(e)
@@ -321,6 +291,43 @@ class HFTokenizer:
                 write_bytes(out_dir / name, (self.path / name).read_bytes())
 
     # --- internals ---------------------------------------------------------------------------
+
+    def _as_transformers_loads(self) -> None:
+        """What transformers adds on loading: added_tokens_decoder entries and named special
+        tokens missing from tokenizer.json (appended at new ids), and the BOS / EOS template
+        when tokenizer_config.json sets add_bos_token / add_eos_token."""
+        from tokenizers import AddedToken
+
+        have = {t.content for t in self.hf.get_added_tokens_decoder().values()}
+        extra = []
+        for _, entry in sorted(self.config.get("added_tokens_decoder", {}).items(),
+                               key=lambda kv: int(kv[0])):
+            if entry["content"] not in have:
+                flags = {k: entry[k] for k in ("lstrip", "rstrip", "normalized", "single_word",
+                                               "special") if k in entry}
+                extra.append(AddedToken(entry["content"], **flags))
+                have.add(entry["content"])
+        for text in self.special_token_strings.values():
+            if text not in have:
+                extra.append(AddedToken(text, special=True))
+                have.add(text)
+        if extra:
+            self.hf.add_tokens(extra)
+        if "add_bos_token" in self.config or "add_eos_token" in self.config:
+            self._template(self.config.get("add_bos_token"), self.config.get("add_eos_token"))
+
+    def _use_tiktoken(self, data: dict, added: dict, source: str) -> None:
+        """Encode with tiktoken, or NotExact: the conditions of data/hf_bpe.py, added tokens
+        that tiktoken's splitting here can match, and the probe text encoded alike."""
+        if self.split_special:
+            raise NotExact("split_special_tokens = true")
+        odd = [t.content for t in added.values() if t.lstrip or t.rstrip or t.single_word]
+        if odd:
+            raise NotExact(f"added tokens {odd[:3]} strip spaces or match single words")
+        self._set_tiktoken(tiktoken_encoding(data, self.name, source), added)
+        for line in PROBE.splitlines(keepends=True):
+            if self.encode(line) != self.hf.encode(line, add_special_tokens=False).ids:
+                raise NotExact(f"tiktoken encodes {line[:40]!r} differently")
 
     def _set_tiktoken(self, encoding: tiktoken.Encoding, added: dict) -> None:
         """Split added tokens as `tokenizers` does (AddedVocabulary): first the ones matched on
