@@ -18,6 +18,7 @@ from pathlib import Path
 
 import tomllib
 
+from common.errors import PretrainError
 from data.decontaminate import DecontamConfig
 from data.dedup import NearDedupConfig
 from data.pii import PIIConfig
@@ -36,7 +37,7 @@ class DataConfig:
     tokenizer_train_bytes: int = 40_000_000  # corpus bytes sampled to train the BPE
     val_fraction: float = 0.02  # fraction of documents (by hash) held out for validation
     shard_tokens: int = 4_000_000  # tokens per shard file
-    workers: int = 2  # tokenizer processes
+    workers: int = 2  # tokenizer (and cleaning) processes; 0: all in this process
     max_bytes: int = 0  # stop reading sources after this many bytes (0: no limit)
     document_masking: bool = False  # loader yields per-token document ids for attention
     # Domain mixture for training: "prepared_dir=weight" entries; the loader draws each
@@ -190,8 +191,8 @@ class JobConfig:
                 raise ConfigError(f"train.{name} = {getattr(t, name)}: expected a positive integer")
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(PretrainError, ValueError):
+    """A config file, section, key or value that is not what its field expects."""
 
 
 def _section_types(cls) -> dict[str, typing.Any]:
@@ -296,6 +297,24 @@ def merge(base: dict, extra: dict) -> dict:
         else:
             merged[key] = value
     return merged
+
+
+def flat_dict(tree: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}: nested tables as dotted keys."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_diff(old: dict, new: dict) -> dict[str, tuple]:
+    """{key: (old value, new value)} for the keys of two flat dicts whose values differ (a key
+    missing on one side shows as None there)."""
+    keys = sorted(set(old) | set(new))
+    return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
 
 
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:

@@ -30,8 +30,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from common.errors import PretrainError
 
-class AtomicWriteError(OSError):
+
+class AtomicWriteError(PretrainError, OSError):
     """Writing a file failed; the message names the file. Nothing was left at the final name."""
 
 

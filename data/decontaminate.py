@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import PretrainError
 from data.normalize import (
     combine_ngrams,
     match_bytes,
@@ -81,7 +82,7 @@ class DecontamConfig:
                 raise ValueError(f"decontaminate.benchmarks entry {spec!r}: expected 'name=path'")
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(PretrainError, ValueError):
     pass
 
 

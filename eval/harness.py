@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from common.errors import PretrainError
 from eval.tasks import Item, get_task, load_task
 
 TokenRequest = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
@@ -396,7 +397,7 @@ def format_table(results: dict[str, dict]) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-class TokenizerMismatchError(ValueError):
+class TokenizerMismatchError(PretrainError, ValueError):
     """The tokenizer at hand is not the one the checkpoint was trained with."""
 
 

@@ -25,10 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import PretrainError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class TaskDataError(RuntimeError):
+class TaskDataError(PretrainError, RuntimeError):
     """A task that does not exist, a data file that is missing or malformed."""
 
 
