@@ -84,6 +84,9 @@ def resolve_tokenizer(cfg: DataConfig, out: Path) -> Tokenizer:
     t0 = time.time()
     tok = train_bpe(sample(), cfg.vocab_size, path, name=out.name or "bpe")
     print(f"trained a {tok.n_vocab}-token byte-level BPE in {time.time() - t0:.1f}s -> {path}")
+    if tok.n_vocab < cfg.vocab_size:
+        print(f"note: data.vocab_size = {cfg.vocab_size}, but the sampled corpus yields only "
+              f"{tok.n_vocab} ids (every pair of tokens it holds is merged)")
     return tok
 
 

@@ -18,7 +18,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import tiktoken
-import tiktoken.load
 
 from common.atomic import write_json, write_text
 from common.errors import FileFormatError, MissingFileError, PretrainError, read_json
@@ -146,6 +145,31 @@ def _offline_message(name: str, error: Exception) -> str:
     )
 
 
+def _read_ranks(path: Path) -> dict[bytes, int]:
+    """A .tiktoken file: one "base64(token bytes) rank" per line. Parsed here, not by
+    tiktoken.load.load_tiktoken_bpe, which caches files by path in a temporary directory and
+    would hand back the old ranks of a tokenizer retrained at the same path."""
+    expected = "one 'base64-token rank' pair per line"
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise FileFormatError(path, expected, f"unreadable ({e.strerror or e})") from None
+    ranks = {}
+    for number, line in enumerate(lines, start=1):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError as e:  # binascii.Error is a ValueError
+            raise FileFormatError(f"{path}:{number}", expected, str(e)[:200]) from None
+    if not ranks:
+        raise FileFormatError(path, expected, "it is empty")
+    if min(ranks.values()) < 0 or len(set(ranks.values())) != len(ranks):
+        raise FileFormatError(path, expected, "ranks must be distinct integers >= 0")
+    return ranks
+
+
 def _load_tiktoken_file(path: Path) -> Tokenizer:
     """Our saved format: `path` (base64 token, rank per line) + `path.json` (regex, specials)."""
     if not path.exists():
@@ -161,14 +185,7 @@ def _load_tiktoken_file(path: Path) -> Tokenizer:
     specials = meta["special_tokens"]
     if not all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in specials.items()):
         raise FileFormatError(meta_path, "special_tokens mapping strings to ids >= 0")
-    try:
-        ranks = tiktoken.load.load_tiktoken_bpe(str(path))
-    except OSError as e:
-        raise FileFormatError(path, "tiktoken ranks", f"unreadable ({e.strerror or e})") from None
-    except (ValueError, IndexError) as e:  # binascii.Error is a ValueError
-        raise FileFormatError(path, "one 'base64-token rank' pair per line", str(e)[:200]) from None
-    if not ranks:
-        raise FileFormatError(path, "one 'base64-token rank' pair per line", "it is empty")
+    ranks = _read_ranks(path)
     try:
         enc = tiktoken.Encoding(
             meta["name"], pat_str=meta["pat_str"], mergeable_ranks=ranks, special_tokens=specials
