@@ -10,7 +10,6 @@ resolved config (every field, derived model fields filled in) is saved with each
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -336,6 +335,37 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     return cfg
 
 
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                 "\f": "\\f", "\r": "\\r"}
+
+
+def toml_value(value, key: str = "value") -> str:
+    """A config value as TOML that tomllib reads back to the same value (JSON is not TOML:
+    it writes inf as Infinity, and escapes characters TOML cannot take as \\u surrogates)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)  # 0.001, 1e-05, inf, -inf, nan: all TOML floats
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v, f"{key}[{i}]") for i, v in enumerate(value)) + "]"
+    if isinstance(value, str):
+        out = []
+        for ch in value:
+            code = ord(ch)
+            if 0xD800 <= code <= 0xDFFF:  # e.g. undecodable bytes of a command-line argument
+                raise ConfigError(f"{key} = {value!r}: not valid Unicode, cannot be saved")
+            if ch in _TOML_ESCAPES:
+                out.append(_TOML_ESCAPES[ch])
+            elif code < 0x20 or code == 0x7F:
+                out.append(f"\\u{code:04x}")
+            else:
+                out.append(ch)
+        return '"' + "".join(out) + '"'
+    raise ConfigError(f"{key} = {value!r}: a {type(value).__name__} cannot be saved as TOML")
+
+
 def to_toml(cfg: JobConfig) -> str:
     """The resolved config as TOML (scalars and lists of scalars only)."""
     lines: list[str] = []
@@ -345,7 +375,7 @@ def to_toml(cfg: JobConfig) -> str:
         nested = {k: v for k, v in values.items() if isinstance(v, dict)}
         for key, value in values.items():
             if key not in nested:
-                lines.append(f"{key} = {json.dumps(value)}")
+                lines.append(f"{key} = {toml_value(value, f'{name}.{key}')}")
         lines.append("")
         for key, value in nested.items():  # e.g. [data.quality], after data's own keys
             table(f"{name}.{key}", value)
