@@ -12,7 +12,7 @@ from tests.helpers import REPO
 MODEL = REPO / "model"
 # The model's tools that need a tokenizer (sampling, Hugging Face conversion) may read one, and
 # the job config; the network, its config and checkpoint I/O may not.
-TOOLS = {"generate", "hf", "hf_names", "hf_config", "load"}
+TOOLS = {"generate", "hf", "load"}
 TOKENIZER_MODULES = {"data.tokenizer", "data.hf_tokenizer", "data.manifest"}
 NEVER_FROM_MODEL = ("parallel", "eval", "bench", "train", "training", "objectives", "inference")
 
