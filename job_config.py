@@ -94,6 +94,10 @@ class CheckpointConfig:
     # Start a fresh run (step 0, new optimizer) from these weights: a checkpoint or run directory,
     # e.g. one written by `python -m model.hf import`. Ignored when resuming.
     init_from: str = ""
+    # Keys a resumed run may change although they change what a step computes (see
+    # training/resume.py), e.g. ["train.seq_len"]; ["*"] for all such keys. Model, data and
+    # tokenizer changes are refused whatever this says.
+    allow_changes: list[str] = field(default_factory=list)
 
 
 @dataclass

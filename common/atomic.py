@@ -192,3 +192,15 @@ def atomic_dir(path: str | Path, keep_contents: bool = False) -> Iterator[Path]:
         if isinstance(e, OSError) and not isinstance(e, AtomicWriteError):
             raise AtomicWriteError(e.errno, f"writing {path} failed: {e.strerror or e}") from e
         raise
+
+
+def remove_dir(path: str | Path) -> None:
+    """Delete directory `path` so that no reader ever sees it half-deleted: it is renamed to
+    a hidden name first (one rename), then removed."""
+    path = Path(path)
+    gone = path.parent / f".{path.name}.old"
+    _remove(gone)
+    os.rename(path, gone)
+    fault_point(f"removing {path}")
+    fsync_dir(path.parent)
+    shutil.rmtree(gone, ignore_errors=True)

@@ -70,7 +70,7 @@ def _world() -> int:
 
 def save_train_checkpoint(
     run_dir: Path, step: int, model: nn.Module, raw: nn.Module, optimizer, scheduler,
-    train_state: dict, config: dict, keep: int, is_main: bool,
+    train_state: dict, config: dict, keep: int, is_main: bool, tokenizer: dict | None = None,
 ) -> Path:
     """Every rank calls this. `model` is what the loop calls (a DeepSpeed engine, DDP, or raw);
     `train_state` holds loader / RNG / step; optimizer and scheduler are added here."""
@@ -95,11 +95,13 @@ def save_train_checkpoint(
             full = get_model_state_dict(raw, options=FULL)  # collective; rank 0 gets the tensors
         barrier()  # every shard is on disk before rank 0 commits
         if is_main:
-            save_checkpoint(run_dir, step, full, train_state, config, keep, keep_temp_contents=True)
+            save_checkpoint(run_dir, step, full, train_state, config, keep, keep_temp_contents=True,
+                            tokenizer=tokenizer)
     elif is_main:
         optim = get_optimizer_state_dict(raw, optimizer, options=FULL)
         train_state = dict(train_state, optimizer=optim, scheduler=scheduler.state_dict())
-        save_checkpoint(run_dir, step, raw.state_dict(), train_state, config, keep)
+        save_checkpoint(run_dir, step, raw.state_dict(), train_state, config, keep,
+                        tokenizer=tokenizer)
     barrier()
     return final
 
