@@ -12,8 +12,8 @@ import argparse
 
 import torch
 
-from data.manifest import manifest_tokenizer
-from model.load import load_model
+from common.errors import run_cli
+from model.load import checkpoint_tokenizer, load_model
 from model.transformer import Transformer
 
 
@@ -76,10 +76,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer spec (default: the one the checkpoint records)")
     args = parser.parse_args(argv)
 
     model, cfg, ckpt = load_model(args.run, args.device)
-    tokenizer = manifest_tokenizer(cfg.data.path)
+    tokenizer = checkpoint_tokenizer(ckpt, cfg, args.tokenizer)
     prompt = tokenizer.encode(args.prompt) if args.prompt else []
     prompt = [tokenizer.eot_id] + prompt  # every document starts right after an end-of-text
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
@@ -95,4 +97,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -40,7 +40,6 @@ first with `python -m parallel.checkpoint_dcp --run DIR [--step N]`.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import re
 import sys
@@ -49,19 +48,25 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common.atomic import atomic_dir, write_json, write_text
+from common.errors import MissingFileError, read_json, run_cli
 from data.hf_tokenizer import EOT, from_hf_tokenizer, save_hf_tokenizer
-from data.manifest import manifest_tokenizer
-from data.tokenizer import Tokenizer, load_tokenizer
+from data.tokenizer import Tokenizer
 from job_config import JobConfig, to_toml
-from model.checkpoint import MODEL_FILE, find_checkpoint, load_model_state, resolve_checkpoint
+from model.checkpoint import (
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    find_checkpoint,
+    load_model_state,
+    read_safetensors_file,
+    resolve_checkpoint,
+)
 from model.config import ModelConfig
 from model.hf_config import ExportError, hf_architecture, hf_config, model_config_from_hf
 from model.hf_names import EXPERT_BIAS_SUFFIXES, from_hf_state_dict, to_hf_state_dict
-from model.load import load_job_config
+from model.load import checkpoint_tokenizer, load_job_config
 
 SAFETENSORS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -127,17 +132,17 @@ def read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     if (hf_dir / SAFETENSORS_FILE).exists():
         files = [hf_dir / SAFETENSORS_FILE]
     elif index.exists():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ExportError(f"{index}: no 'weight_map' object")
+        weight_map = read_json(index, "a safetensors index (a JSON object)")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) and Path(f).name == f for f in weight_map.values()):
+            raise ExportError(f"{index}: expected a 'weight_map' of tensor -> file name in {hf_dir}")
         files = [hf_dir / f for f in sorted(set(weight_map.values()))]
     else:
         raise FileNotFoundError(f"{hf_dir}: no {SAFETENSORS_FILE} or {INDEX_FILE}")
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
+        tensors.update(read_safetensors_file(path))  # names a damaged file
     return tensors
 
 
@@ -206,19 +211,18 @@ def export_run(
     with_tokenizer: bool = True,
 ) -> str:
     """Export checkpoint `step` (default: the newest) of a run directory (or a checkpoint
-    directory). The tokenizer is the run's prepared data's (data.path/manifest.json), or
-    `tokenizer` (a spec for data.tokenizer.load_tokenizer) when given."""
+    directory). The tokenizer is the one the checkpoint records (model.load.checkpoint_tokenizer:
+    its run's prepared data), or `tokenizer` (a spec for data.tokenizer.load_tokenizer) when
+    given, which must be the same tokenizer."""
     ckpt = resolve_checkpoint(run_dir) if step is None else find_checkpoint(run_dir, step)
     job = load_job_config(ckpt)
     state = checkpoint_model_state(ckpt)
     tok = None
-    if tokenizer:
-        tok = load_tokenizer(tokenizer)
-    elif with_tokenizer:
-        try:
-            tok = manifest_tokenizer(job.data.path)
+    if with_tokenizer or tokenizer:
+        try:  # the one the checkpoint records, or `tokenizer` checked against it
+            tok = checkpoint_tokenizer(ckpt, job, tokenizer)
         except FileNotFoundError as e:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{e}; the tokenizer of {ckpt} comes from its prepared data (data.path = "
                 f"{job.data.path!r}): pass --tokenizer SPEC, or --no-tokenizer"
             ) from None
@@ -250,11 +254,10 @@ def import_hf(
     and checkpoints/latest; the tokenizer, when it converts exactly, as tokenizer.tiktoken."""
     hf_dir = Path(hf_dir)
     config_path = hf_dir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} does not exist")
-    cfg, arch = model_config_from_hf(
-        json.loads(config_path.read_text(encoding="utf-8")), str(config_path)
-    )
+    hf_cfg = read_json(config_path, "a Hugging Face model config (a JSON object)")
+    if not isinstance(hf_cfg, dict):
+        raise ExportError(f"{config_path}: expected a JSON object")
+    cfg, arch = model_config_from_hf(hf_cfg, str(config_path))
     state = from_hf_state_dict(read_safetensors(hf_dir), cfg, arch, str(hf_dir))
     if dtype is not None:
         to = _dtype(dtype)
@@ -266,18 +269,24 @@ def import_hf(
     job.train.run_dir = str(out_dir)
     with _staging_dir(out_dir, overwrite) as tmp:
         tokenizer_json = hf_dir / "tokenizer.json"
+        # Recorded in the checkpoint: sampling / evaluation use it, or refuse without one.
+        identity = {"sha256": None, "reason": f"{tokenizer_json} does not exist"}
         if tokenizer_json.exists():
             try:
                 encoding = from_hf_tokenizer(tokenizer_json, name=hf_dir.name or "hf")
                 Tokenizer(encoding, str(tokenizer_json)).save(tmp / "tokenizer.tiktoken")
                 job.data.tokenizer = str(out_dir.resolve() / "tokenizer.tiktoken")
+                identity = {**Tokenizer(encoding, str(tokenizer_json)).identity(),
+                            "spec": job.data.tokenizer}
             except ValueError as e:
+                identity["reason"] = f"{tokenizer_json} not converted: {e}"
                 print(f"tokenizer not converted ({e}); prepare data with a matching tokenizer",
                       file=sys.stderr)
         step_dir = tmp / "checkpoints" / "step_000000"
         step_dir.mkdir(parents=True)
         _save({n: t.contiguous() for n, t in state.items()}, step_dir / SAFETENSORS_FILE)
         write_json(step_dir / "config.json", job.to_dict(), indent=2)
+        write_json(step_dir / TOKENIZER_FILE, identity)
         write_text(tmp / "checkpoints" / "latest", "step_000000\n")
         write_text(tmp / "config.toml", to_toml(job))
     return cfg
@@ -349,4 +358,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

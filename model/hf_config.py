@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.errors import PretrainError
 from model.config import ModelConfig
 
 LLAMA, QWEN3 = "LlamaForCausalLM", "Qwen3ForCausalLM"
@@ -24,7 +25,7 @@ MIXTRAL, QWEN3_MOE, QWEN2_MOE = "MixtralForCausalLM", "Qwen3MoeForCausalLM", "Qw
 ERNIE_MOE = "Ernie4_5_MoeForCausalLM"
 
 
-class ExportError(ValueError):
+class ExportError(PretrainError, ValueError):
     """The model (or the files) cannot be expressed in the other format; the message says why."""
 
 
