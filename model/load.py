@@ -75,7 +75,7 @@ def checkpoint_tokenizer(ckpt: Path, cfg: JobConfig, spec: str | None = None) ->
     else:  # the prepared data of the run (checkpoints of older versions record nothing)
         tok = manifest_tokenizer(recorded["data_path"] if recorded else cfg.data.path)
     here = tok.identity()
-    if recorded is not None and here["sha256"] != recorded["sha256"]:
+    if recorded is not None and recorded["sha256"] and here["sha256"] != recorded["sha256"]:
         raise TokenizerError(
             f"{ckpt} was trained with tokenizer {recorded.get('name')!r} ({recorded.get('n_vocab')}"
             f" ids, sha256 {recorded['sha256'][:12]}, see {where}), but the tokenizer at hand "

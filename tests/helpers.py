@@ -9,12 +9,18 @@ from __future__ import annotations
 import functools
 import json
 import os
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from common.errors import run_cli
 from data.tokenizer import Tokenizer, train_bpe
 from model.config import model_config
 from model.transformer import build_model
@@ -55,6 +61,69 @@ def run_train(
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+@dataclass
+class Forked:
+    returncode: int  # fn's exit status; 1 after an exception; -N when killed by signal N
+    stdout: str
+    stderr: str
+
+
+def run_forked(fn, *args, env: dict[str, str] | None = None, timeout: float = 300) -> Forked:
+    """fn(*args) in a forked child process: this process's imports, so no interpreter or torch
+    start-up (a train.py run takes ~1 s instead of ~10), its own stdout / stderr and extra
+    environment, one torch thread. A real process: a SIGKILL inside fn (tests/test_faults.py) ends only the child
+    and whatever it started (its own process group, killed afterwards)."""
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.setpgid(0, 0)
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            sys.stdout = open(1, "w", buffering=1, closefd=False)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)
+            os.environ.update(env or {})
+            # One thread: an OpenMP pool the parent started does not survive fork (libgomp
+            # hangs in the child's first parallel region).
+            torch.set_num_threads(1)
+            fn(*args)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    deadline = time.time() + timeout
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.time() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            done = os.waitpid(pid, 0)
+            break
+        time.sleep(0.02)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # leftovers: worker processes of a killed child
+    except (ProcessLookupError, PermissionError):
+        pass
+    status = done[1]
+    code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    out.seek(0)
+    err.seek(0)
+    return Forked(code, out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+
+
+def train_main(args: list[str], config: str = "configs/tiny.toml") -> None:
+    """train.py's command line in this process (for run_forked), errors printed as the CLI does."""
+    import train
+
+    run_cli(lambda: train.main(["--config", str(REPO / config), *args]))
 
 
 def records(run_dir: Path) -> list[dict]:
