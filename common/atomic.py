@@ -39,6 +39,27 @@ class AtomicWriteError(PretrainError, OSError):
     """Writing a file failed; the message names the file. Nothing was left at the final name."""
 
 
+# Libraries that do their own file I/O (safetensors in Rust, torch.save in C++) report a full
+# disk as their own exception type; these words in the message mark it as an I/O failure.
+_IO_FAILURE = ("I/O error", "os error", "write failed", "failed writing")
+
+
+@contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """Re-raise an I/O failure inside the block (an OSError, or a library's own exception
+    about an I/O error) as AtomicWriteError naming `path`, the file the user knows."""
+    try:
+        yield
+    except AtomicWriteError:
+        raise
+    except OSError as e:
+        raise AtomicWriteError(e.errno, f"writing {path} failed: {e.strerror or e}") from e
+    except Exception as e:
+        if not any(word in str(e) for word in _IO_FAILURE):
+            raise
+        raise AtomicWriteError(errno.EIO, f"writing {path} failed: {e}") from e
+
+
 def fault_point(label: str) -> None:
     """Fault-injection hook (tests/test_faults.py), a no-op unless PRETRAIN_FAULT_LOG is set:
     then each call appends "pid label" to that file, and with PRETRAIN_KILL_AT=N the process

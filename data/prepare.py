@@ -185,10 +185,11 @@ def fingerprint(cfg: DataConfig) -> dict:
     return flat_dict(settings, "data.")
 
 
-def _output_files(out: Path) -> list[Path]:
-    """What prepare (and the contamination index beside the shards) writes into `out`."""
-    names = ("train_*.bin", "val_*.bin", f"{TOKENIZER_FILE}*", MANIFEST_FILE, FINGERPRINT_FILE,
-             "ngrams_*", ".*.tmp")
+def _output_files(out: Path, temporaries: bool = True) -> list[Path]:
+    """What prepare (and the contamination index beside the shards) writes into `out`, and
+    optionally the temporaries of writes that a kill interrupted."""
+    names = ["train_*.bin", "val_*.bin", f"{TOKENIZER_FILE}*", MANIFEST_FILE, FINGERPRINT_FILE,
+             "ngrams_*"] + ([".*.tmp"] if temporaries else [])
     return sorted({p for name in names for p in out.glob(name)})
 
 
@@ -210,7 +211,7 @@ def check_fingerprint(cfg: DataConfig, out: Path, overwrite: bool = False) -> No
                 f"rerun with --overwrite to start clean, or choose another data.path"
             )
         return
-    elif _output_files(out):
+    elif _output_files(out, temporaries=False):
         raise PrepareError(
             f"{out} holds prepared files but no {FINGERPRINT_FILE} (written by another version, "
             f"or by hand): rerun with --overwrite to start clean, or choose another data.path"

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from common.atomic import atomic_dir, fault_point, remove_dir, write_text
+from common.atomic import atomic_dir, fault_point, naming, remove_dir, write_text
 from common.errors import MissingFileError, PretrainError, read_json
 
 MODEL_FILE = "model.safetensors"
@@ -64,13 +64,16 @@ def save_checkpoint(
     root = final.parent
     # The temporary is common.atomic.temp_path(final); other ranks' shards may already be in it.
     with atomic_dir(final, keep_contents=keep_temp_contents) as tmp:
-        save_model_state(model_state, tmp / MODEL_FILE)
+        with naming(final / MODEL_FILE):  # a full disk names the file, not the temporary
+            save_model_state(model_state, tmp / MODEL_FILE)
         fault_point(f"wrote {tmp / MODEL_FILE}")
-        torch.save(train_state, tmp / STATE_FILE)
+        with naming(final / STATE_FILE):
+            torch.save(train_state, tmp / STATE_FILE)
         fault_point(f"wrote {tmp / STATE_FILE}")
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
-        if tokenizer is not None:
-            (tmp / TOKENIZER_FILE).write_text(json.dumps(tokenizer, indent=1) + "\n")
+        with naming(final / CONFIG_FILE):
+            (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+            if tokenizer is not None:
+                (tmp / TOKENIZER_FILE).write_text(json.dumps(tokenizer, indent=1) + "\n")
     write_text(root / "latest", final.name + "\n")
     if keep > 0:
         steps = sorted(p for p in root.glob("step_*") if p.is_dir())

@@ -50,7 +50,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from common.atomic import atomic_dir, write_json, write_text
+from common.atomic import atomic_dir, naming, write_json, write_text
 from common.errors import MissingFileError, read_json, run_cli
 from data.hf_tokenizer import EOT, from_hf_tokenizer, save_hf_tokenizer
 from data.tokenizer import Tokenizer
@@ -122,7 +122,8 @@ def write_safetensors(
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file(tensors, str(path), metadata={"format": "pt"})  # older transformers need it
+    with naming(path):  # safetensors reports a full disk as a SafetensorError
+        save_file(tensors, str(path), metadata={"format": "pt"})  # older transformers need it
     os.chmod(path, 0o644)  # safetensors creates the file private (0600); this is for sharing
 
 

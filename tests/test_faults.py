@@ -89,31 +89,39 @@ def test_killed_training_resumes_without_losing_a_checkpointed_step(tiny_data, t
     points = len(fault_labels(log))
     assert points > 40, fault_labels(log)
 
-    run = tmp_path / "run"
-    kills, resumed_from = 0, []
+    # Chains of runs in one run directory: each run is killed at a random point and the next
+    # resumes, until one finishes (then its losses are checked and a new chain starts).
+    kills, chains, latest_after, done = 0, 0, [], 0
+    run = tmp_path / "run0"
     while True:
         latest = run / "checkpoints" / "latest"
         args = {**extra, "checkpoint.resume": "latest" if latest.exists() else ""}
-        log = tmp_path / f"run{len(resumed_from)}.log"
-        kill_at = rng.randint(1, points) if kills < KILLS else None
+        log = tmp_path / f"faults{len(latest_after)}.log"
+        # a resumed run has about the writes left that its chain has not done yet
+        left = points - done
+        kill_at = rng.randint(1, left) if kills < KILLS and left > 8 else None  # else: finish
         result = run_forked(train_main, tiny_overrides(tiny_data, run, **args),
                             env=fault_env(log, kill_at))
-        start = int(find_checkpoint(run).name[5:]) if args["checkpoint.resume"] else 0
-        resumed_from.append(start)
+        latest_after.append(int(find_checkpoint(run).name[5:]) if latest.exists() else 0)
         if result.returncode == 0:
-            break
+            got = step_losses(run)
+            assert sorted(got) == list(range(1, steps + 1))
+            assert got == want  # bit-identical: nothing partial was read back
+            chains += 1
+            if kills >= KILLS:
+                break
+            run, done = tmp_path / f"run{chains}", 0
+            continue
         assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
         kills += 1
+        done += kill_at - 6  # the run's own config.toml / run_info.json writes come again
         check_checkpoints_complete(run)
         announced = [int(line.split("step_")[1][:6]) for line in result.stdout.splitlines()
                      if line.startswith("checkpoint: ")]
         if announced:  # nothing the run said it saved is lost
             assert int(find_checkpoint(run).name[5:]) >= announced[-1]
-    assert kills == KILLS
-    print(f"seed {seed}: {kills} kills, runs resumed from steps {resumed_from}")
-    got = step_losses(run)
-    assert sorted(got) == list(range(1, steps + 1))
-    assert got == want  # bit-identical: nothing partial was read back
+    print(f"seed {seed}: {kills} kills over {chains} chains of runs; newest checkpoint after "
+          f"each run: {latest_after}")
 
 
 def test_killed_prepare_reruns_to_the_same_files(tmp_path, seed):
@@ -134,40 +142,58 @@ def test_killed_prepare_reruns_to_the_same_files(tmp_path, seed):
                           shard_tokens=3000, val_fraction=0.1, workers=workers)
 
     log = tmp_path / "reference.log"
-    result = run_forked(prepare, config(tmp_path / "reference"), env=fault_env(log, None))
+    ref_dir = tmp_path / "reference" / "data"  # same name: the trained tokenizer is named after it
+    result = run_forked(prepare, config(ref_dir), env=fault_env(log, None))
     assert result.returncode == 0, result.stderr[-3000:]
-    reference = {p.name: p.read_bytes() for p in visible_files(tmp_path / "reference")}
+    reference = {p.name: p.read_bytes() for p in visible_files(ref_dir)}
     points = len(fault_labels(log))
     assert sum(name.endswith(".bin") for name in reference) >= 8 and points > 30
 
-    out = tmp_path / "out"
-    for kill in range(KILLS + 1):
-        workers = 1 if kill % 4 == 3 else 0  # a worker process writes the shards
-        kill_at = rng.randint(1, points) if kill < KILLS else None
+    def check_finished(out: Path) -> None:
+        got = {p.name: p.read_bytes() for p in visible_files(out)}
+        assert set(got) == set(reference)
+        for name in reference:
+            if name not in ("manifest.json", "prepare.json"):  # these hold the path
+                assert got[name] == reference[name], name
+        manifest, want = (json.loads(d["manifest.json"]) for d in (got, reference))
+        for key in ("train", "val", "tokenizer", "fingerprint"):
+            assert manifest[key] == want[key], key
+        assert not list(out.glob(".*"))  # a finished preparation leaves no temporary behind
+
+    # Chains of runs on one directory, each killed at a random point, until one finishes.
+    kills, runs, chains, worker_deaths, done = 0, 0, 0, 0, 0
+    out = tmp_path / "out0" / "data"
+    while True:
+        workers = 1 if runs % 4 == 3 else 0  # then a worker process writes the shards
+        # a rerun has only the writes left that its chain has not done yet
+        left = points - done
+        kill_at = rng.randint(1, left) if kills < KILLS and left > 8 else None  # else: finish
         before = {p.name: p.stat().st_ino for p in out.glob("*.bin")}
         result = run_forked(prepare, config(out, workers),
-                            env=fault_env(tmp_path / f"run{kill}.log", kill_at))
-        if kill < KILLS:
-            # killed, or its worker was (a PrepareError naming the dead worker)
-            assert result.returncode in (-signal.SIGKILL, 1, 0), result.stderr[-3000:]
-        else:
-            assert result.returncode == 0, result.stderr[-3000:]
-        for shard in out.glob("*.bin"):
-            assert np.array_equal(read_shard(shard), read_shard(tmp_path / "reference" / shard.name))
-        if (out / "manifest.json").exists():
-            assert json.loads((out / "manifest.json").read_text())["train"]
-        for name, inode in before.items():
+                            env=fault_env(tmp_path / f"faults{runs}.log", kill_at))
+        runs += 1
+        for shard in out.glob("*.bin"):  # every visible shard is whole and right
+            assert np.array_equal(read_shard(shard), read_shard(ref_dir / shard.name))
+        for name, inode in before.items():  # finished work is kept, not redone
             assert (out / name).stat().st_ino == inode, f"{name} was written again"
-    got = {p.name: p.read_bytes() for p in visible_files(out)}
-    assert set(got) == set(reference)
-    for name in reference:
-        if name not in ("manifest.json", "prepare.json"):
-            assert got[name] == reference[name], name
-    manifest, want = (json.loads(d["manifest.json"]) for d in (got, reference))
-    assert manifest["train"] == want["train"] and manifest["val"] == want["val"]
-    assert manifest["tokenizer"] == want["tokenizer"]
-    assert not list(out.glob(".*"))  # a finished preparation leaves no temporary behind
-    print(f"seed {seed}: {KILLS} kills of data.prepare")
+        if result.returncode == 0:
+            check_finished(out)
+            chains += 1
+            if kills >= KILLS:
+                break
+            out, done = tmp_path / f"out{chains}" / "data", 0
+            continue
+        if result.returncode == 1:  # a worker was killed: the run stops and says so
+            assert "tokenizer worker process died" in result.stderr, result.stderr[-3000:]
+            worker_deaths += 1
+        else:
+            assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+        if (out / "manifest.json").exists():  # written last: then everything else is done
+            check_finished(out)
+        kills += 1
+        done += kill_at
+    print(f"seed {seed}: {kills} kills of data.prepare ({worker_deaths} of a worker) over "
+          f"{chains} chains of {runs} runs")
 
 
 def test_killed_hf_export_leaves_the_old_export_or_none(tiny_data, tmp_path, seed):
