@@ -253,6 +253,8 @@ def _build_section(cls, name: str, section: dict, origin: str):
 def _model_section(section: dict, origin: str) -> ModelConfig:
     section = dict(section)
     size = section.pop("size", None)
+    if size is not None and not isinstance(size, str):
+        raise ConfigError(f"{origin}: model.size = {size!r}: expected the name of a size")
     types_ = _section_types(ModelConfig)
     checked = {}
     for key, value in section.items():
@@ -327,9 +329,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML ({e})") from e
+            raw = tomllib.loads(path.read_bytes().decode("utf-8"))
+        except OSError as e:
+            raise ConfigError(f"config file {path}: unreadable ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); expected TOML") from None
+        except (tomllib.TOMLDecodeError, RecursionError) as e:
+            raise ConfigError(f"{path}: not valid TOML ({e or 'nested too deeply'})") from None
     origin = str(path) if path is not None else "config"
     if overrides:
         raw = merge(raw, parse_overrides(overrides))
