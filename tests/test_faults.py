@@ -281,4 +281,4 @@ def run_cli_export(run: Path, out: Path) -> None:
     from common.errors import run_cli
     from model.hf import main
 
-    run_cli(lambda: main(["export", "--run", str(run), "--out", str(out), "--overwrite"]))
+    run_cli(lambda: main(["export", "--run", str(run), "--out-dir", str(out), "--overwrite"]))
