@@ -21,7 +21,6 @@ from eval.contamination import (
 from eval.tasks import load_task
 from tests.helpers import small_tokenizer
 
-
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CORPUS_FILES = ["textwrap.py", "argparse.py", "difflib.py", "calendar.py", "shutil.py",
                 "pathlib.py", "inspect.py", "typing.py", "dataclasses.py", "fractions.py"]
