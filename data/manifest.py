@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from common.errors import FileFormatError, MissingFileError, read_json
-from data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from data.tokenizer import Tokenizer, TokenizerMismatchError, load_tokenizer
 
 MANIFEST_FILE = "manifest.json"
 
@@ -83,7 +83,7 @@ def manifest_tokenizer(data_path: str | Path, manifest: dict | None = None) -> T
     local = Path(data_path) / info["spec"]
     tok = load_tokenizer(local if local.exists() else info["spec"])
     if tok.identity()["sha256"] != info["sha256"]:
-        raise TokenizerError(
+        raise TokenizerMismatchError(
             f"{data_path}/{MANIFEST_FILE}: tokenizer {info['spec']!r} differs from the one the "
             f"shards were made with (sha256 {info['sha256'][:12]}...)"
         )

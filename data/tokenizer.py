@@ -36,6 +36,10 @@ class TokenizerError(PretrainError, ValueError):
     """A tokenizer that cannot be loaded (bad file, unknown name, offline) or does not match."""
 
 
+class TokenizerMismatchError(TokenizerError):
+    """The tokenizer at hand is not the one a model or a data dir was made with."""
+
+
 class Tokenizer:
     """A tiktoken Encoding with an end-of-text token and an identity for manifests."""
 

@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from common.device import resolve_device
-from common.errors import PretrainError
 from data.hf_tokenizer import HFTokenizer
-from data.tokenizer import load_tokenizer
+from data.tokenizer import TokenizerMismatchError, load_tokenizer
 from model.load import checkpoint_tokenizer, load_model
 
 TokenRequest = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
@@ -180,10 +179,6 @@ class HFLogLikelihood(_BatchedLogLikelihood):
 # ---------------------------------------------------------------------------------------------
 # Loading a model and the tokenizer to score it with (used by `python -m eval`)
 # ---------------------------------------------------------------------------------------------
-
-
-class TokenizerMismatchError(PretrainError, ValueError):
-    """The tokenizer at hand is not the one the checkpoint was trained with."""
 
 
 def check_checkpoint_tokenizer(ckpt: Path, tokenizer, model_vocab_size: int) -> None:

@@ -13,7 +13,7 @@ import torch
 
 from common.device import resolve_device
 from data.manifest import manifest_tokenizer
-from data.tokenizer import Tokenizer, TokenizerError, load_tokenizer
+from data.tokenizer import Tokenizer, TokenizerError, TokenizerMismatchError, load_tokenizer
 from job_config import JobConfig
 from model.checkpoint import (
     CONFIG_FILE,
@@ -76,14 +76,14 @@ def checkpoint_tokenizer(ckpt: Path, cfg: JobConfig, spec: str | None = None) ->
         tok = manifest_tokenizer(recorded["data_path"] if recorded else cfg.data.path)
     here = tok.identity()
     if recorded is not None and recorded["sha256"] and here["sha256"] != recorded["sha256"]:
-        raise TokenizerError(
+        raise TokenizerMismatchError(
             f"{ckpt} was trained with tokenizer {recorded.get('name')!r} ({recorded.get('n_vocab')}"
             f" ids, sha256 {recorded['sha256'][:12]}, see {where}), but the tokenizer at hand "
             f"({tok.source}) is {here['name']!r} ({here['n_vocab']} ids, sha256 "
             f"{here['sha256'][:12]}); use the run's tokenizer"
         )
     if tok.n_vocab > cfg.model.vocab_size:
-        raise TokenizerError(
+        raise TokenizerMismatchError(
             f"{ckpt}: tokenizer {here['name']!r} ({tok.source}) has {tok.n_vocab} ids but the model "
             f"only {cfg.model.vocab_size} (model.vocab_size): not the tokenizer it was trained with"
         )

@@ -282,3 +282,36 @@ def run_cli_export(run: Path, out: Path) -> None:
     from model.hf import main
 
     run_cli(lambda: main(["export", "--run", str(run), "--out-dir", str(out), "--overwrite"]))
+
+
+def test_killed_index_build_is_never_read_half_written(tmp_path, seed):
+    """SIGKILL at 10 random write points of the contamination index build (ngrams_<n>.npy
+    and .json for every task's n): the next load_or_build_index returns exactly the index of
+    an uninterrupted build, loaded whole or rebuilt; a damaged index file is rebuilt, not read."""
+    from data.shards import write_shard
+    from eval.contamination import build_indexes, load_or_build_index
+    from tests.helpers import prose, small_tokenizer
+
+    rng = random.Random(seed)
+    tok = small_tokenizer()
+    data = tmp_path / "data"
+    docs = [prose(rng, 200) for _ in range(8)]
+    stream = np.array([t for d in docs for t in tok.encode(d) + [tok.eot_id]], dtype=np.uint16)
+    for k, part in enumerate(np.array_split(stream, 3)):
+        write_shard(data / f"train_{k:06d}.bin", part, tok.n_vocab)
+    log = tmp_path / "reference.log"
+    result = run_forked(build_indexes, data, tok, (8, 9, 10, 13), False, env=fault_env(log, None))
+    assert result.returncode == 0, result.stderr[-3000:]
+    want = {n: load_or_build_index(data, n, tok, progress=False).hashes.copy() for n in (8, 13)}
+    points = len(fault_labels(log))
+    for kill in range(10):
+        for p in data.glob("ngrams_*"):
+            p.unlink()
+        if kill % 2:  # an older, complete index of other shards is there as well
+            (data / "ngrams_13.npy").write_bytes(b"\x93NUMPY stale")
+        result = run_forked(build_indexes, data, tok, (8, 9, 10, 13), False,
+                            env=fault_env(tmp_path / f"faults{kill}.log", rng.randint(1, points)))
+        assert result.returncode == -signal.SIGKILL, result.stderr[-3000:]
+        for n in (8, 13):
+            assert np.array_equal(load_or_build_index(data, n, tok, progress=False).hashes, want[n])
+    print(f"seed {seed}: 10 kills of the n-gram index build")
