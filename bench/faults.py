@@ -91,7 +91,8 @@ def sweep(kills: int, rng: random.Random, tmp: Path, reference: list[str], make_
     row = {"kills": 0, "point": 0, "timer": 0, "runs": 0, "partial": 0, "lost": 0, "equal": True}
     state = fresh(0)
     while True:
-        code, how, out = launch(make_cmd(state), rng, duration, points, tmp / "run.log")
+        log = tmp / f"faults{row['runs']}.log"  # the hook counts the writes of this run only
+        code, how, out = launch(make_cmd(state), rng, duration, points, log)
         row["runs"] += 1
         if code == 0:
             row["equal"] &= check_done(state)
@@ -112,8 +113,8 @@ def train_part(kills: int, rng: random.Random, tmp: Path) -> dict:
     from model.checkpoint import find_checkpoint, load_model_state, load_train_state
 
     data = tmp / "data"
-    prepare(DataConfig(path=str(data), sources=["stdlib"], vocab_size=512, max_bytes=400_000,
-                       tokenizer_train_bytes=200_000, shard_tokens=40_000, val_fraction=0.05,
+    prepare(DataConfig(path=str(data), sources=["stdlib"], vocab_size=512, max_bytes=600_000,
+                       tokenizer_train_bytes=200_000, shard_tokens=40_000, val_fraction=0.2,
                        workers=0, stages=[]))
 
     def cmd(run: Path, resume: bool = False) -> list[str]:
@@ -187,8 +188,8 @@ def export_part(kills: int, rng: random.Random, tmp: Path) -> dict:
     from job_config import DataConfig
 
     data, run = tmp / "data", tmp / "train"
-    prepare(DataConfig(path=str(data), sources=["stdlib"], vocab_size=512, max_bytes=300_000,
-                       tokenizer_train_bytes=200_000, shard_tokens=40_000, val_fraction=0.05,
+    prepare(DataConfig(path=str(data), sources=["stdlib"], vocab_size=512, max_bytes=600_000,
+                       tokenizer_train_bytes=200_000, shard_tokens=40_000, val_fraction=0.2,
                        workers=0, stages=[]))
     values = {**TINY, "data.path": str(data), "train.run_dir": str(run), "train.steps": 2}
     subprocess.run([sys.executable, "train.py", "--config", "configs/tiny.toml", *flags(values)],

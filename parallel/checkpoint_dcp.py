@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 from common.atomic import atomic_path, temp_path
 from model.checkpoint import (
     MODEL_FILE,
+    CheckpointError,
     checkpoint_dir,
     find_checkpoint,
     load_model_state,
@@ -121,7 +122,12 @@ def load_train_checkpoint(ckpt: Path, model: nn.Module, raw: nn.Module, optimize
         # Targets in the current layout: DCP reads the slices each rank owns.
         sharded = {"model": get_model_state_dict(raw),
                    "optimizer": get_optimizer_state_dict(raw, optimizer)}
-        dcp.load(sharded, checkpoint_id=ckpt / DCP_DIR)
+        try:
+            dcp.load(sharded, checkpoint_id=ckpt / DCP_DIR)
+        except Exception as e:  # a damaged shard or .metadata: DCP's own errors name no file
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise CheckpointError(f"{ckpt / DCP_DIR}: not a readable sharded checkpoint "
+                                  f"({type(e).__name__}: {first})") from None
         set_model_state_dict(raw, sharded["model"])
         set_optimizer_state_dict(raw, optimizer, sharded["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
