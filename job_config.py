@@ -287,8 +287,13 @@ def parse_overrides(args: list[str]) -> dict:
         except tomllib.TOMLDecodeError:
             value = text
         node = out
-        for table in tables:
+        for i, table in enumerate(tables):
             node = node.setdefault(table, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {arg!r}: {'.'.join(tables[: i + 1])} was given a "
+                                  f"value by an earlier override, it is not a table")
+        if isinstance(node.get(name), dict):
+            raise ConfigError(f"override {arg!r}: {key} is a table ([{key}]), not a value")
         node[name] = value
     return out
 

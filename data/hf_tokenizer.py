@@ -21,13 +21,13 @@ the special id, while `Tokenizer.encode` encodes them as ordinary text.
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import tiktoken
 
 from common.atomic import write_json, write_text
+from common.errors import FileFormatError, read_json
 from data.tokenizer import EOT, bytes_to_unicode
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -171,7 +171,9 @@ def from_hf_tokenizer(path: str | Path, name: str = "hf") -> tiktoken.Encoding:
     e.g. ours or Llama 3's); otherwise a ValueError says why, since tiktoken merges by id.
     """
     path = Path(path)
-    data = json.loads(path.read_text(encoding="utf-8"))
+    data = read_json(path, "a Hugging Face tokenizer.json (a JSON object)")
+    if not isinstance(data, dict) or not isinstance(data.get("model") or {}, dict):
+        raise FileFormatError(path, "a Hugging Face tokenizer.json with a 'model' object")
     model = data.get("model") or {}
     if model.get("type") != "BPE":
         raise ValueError(f"{path}: model.type = {model.get('type')!r}: expected 'BPE'")
@@ -211,7 +213,11 @@ class HFTokenizer:
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
             raise FileNotFoundError(f"{file} not found (an exported model has a tokenizer.json)")
-        self.tok = Tokenizer.from_file(str(file))
+        try:
+            self.tok = Tokenizer.from_file(str(file))
+        except Exception as e:  # the Rust library's own error names no file
+            raise FileFormatError(file, "a tokenizer.json the tokenizers library reads",
+                                  str(e)[:200]) from None
         self.name = file.parent.name
         self.n_vocab = self.tok.get_vocab_size(with_added_tokens=True)
         eot = self.tok.token_to_id(eot_token)

@@ -203,3 +203,35 @@ def test_the_errors_of_users_are_one_type():
                          (BenchmarkError, ValueError), (TokenizerError, ValueError),
                          (CheckpointError, ValueError), (ResumeError, ValueError)]:
         assert issubclass(cls, PretrainError) and issubclass(cls, builtin), cls
+
+
+def test_damaged_hf_directory_files_are_named(base_run, tmp_path, seed):
+    """Case: a corrupt model.safetensors gave a raw SafetensorError naming no file (here in a
+    Hugging Face directory being imported): now each damaged file (weights, index, config.json,
+    tokenizer.json) raises a PretrainError naming it."""
+    from data.hf_tokenizer import HFTokenizer
+    from model.hf import export_run, import_hf
+
+    rng = random.Random(seed)
+    hf = tmp_path / "hf"
+    export_run(base_run, hf, max_shard_size="100KB")  # sharded, with an index
+    shard = sorted(hf.glob("model-*.safetensors"))[1]
+    originals = {p.name: p.read_bytes() for p in hf.iterdir()}
+
+    def damaged(name: str) -> None:
+        data = originals[name]
+        (hf / name).write_bytes(data[: rng.randrange(1, len(data) - 1)])
+
+    for name, match in [(shard.name, f"{shard.name}: not a readable safetensors file"),
+                        ("model.safetensors.index.json", "index.json: expected a safetensors"),
+                        ("config.json", "config.json: expected a Hugging Face model config")]:
+        damaged(name)
+        with pytest.raises(PretrainError, match=match):
+            import_hf(hf, tmp_path / f"imported-{name}")
+        (hf / name).write_bytes(originals[name])
+    damaged("tokenizer.json")
+    with pytest.raises(PretrainError, match="tokenizer.json: expected a tokenizer.json"):
+        HFTokenizer(hf)
+    import_hf(hf, tmp_path / "imported")  # the model imports; the tokenizer is not trusted
+    identity = json.loads(next((tmp_path / "imported").rglob(TOKENIZER_FILE)).read_text())
+    assert identity["sha256"] is None and "tokenizer.json: expected" in identity["reason"]
