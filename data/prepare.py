@@ -200,7 +200,10 @@ def check_fingerprint(cfg: DataConfig, out: Path, overwrite: bool = False) -> No
     ours = fingerprint(cfg)
     if overwrite:
         for old in _output_files(out):
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+            if old.is_dir():
+                shutil.rmtree(old)
+            else:
+                old.unlink()
     elif path.exists() or (out / MANIFEST_FILE).exists():
         recorded = _recorded_fingerprint(out)
         changed = config_diff(recorded, ours)
