@@ -314,8 +314,8 @@ def build_train_loader(
     weights = parse_mixture(data_cfg.mixture)
     streams = {}
     for path in weights:
-        domain_manifest = load_manifest(path)
-        if domain_manifest["tokenizer"]["sha256"] != manifest["tokenizer"]["sha256"]:
+        domain_manifest = load_manifest(path, splits=("train",))  # a domain trains only
+        if domain_manifest["tokenizer"].get("sha256") != manifest["tokenizer"].get("sha256"):
             raise ValueError(
                 f"data.mixture: {path} was tokenized with {domain_manifest['tokenizer']['name']!r}"
                 f", data.path {data_cfg.path} with {manifest['tokenizer']['name']!r}; a mixture "

@@ -18,20 +18,20 @@ from data.tokenizer import Tokenizer, TokenizerMismatchError, load_tokenizer
 MANIFEST_FILE = "manifest.json"
 
 
-def load_manifest(path: str | Path) -> dict:
+def load_manifest(path: str | Path, splits: tuple[str, ...] = ("train", "val")) -> dict:
     """The manifest of prepared data directory `path`; a clear error when it is not prepared
-    or its manifest is not one data.prepare wrote."""
+    or its manifest is not one data.prepare wrote. splits: those that must be listed."""
     manifest_path = Path(path) / MANIFEST_FILE
     if not manifest_path.exists():
         raise MissingFileError(
             f"{manifest_path} not found: prepare the data first (python -m data.prepare --config ...)"
         )
     manifest = read_json(manifest_path, "a data manifest (a JSON object)")
-    check_manifest(manifest, manifest_path)
+    check_manifest(manifest, manifest_path, splits)
     return manifest
 
 
-def check_manifest(manifest, where: str | Path) -> None:
+def check_manifest(manifest, where: str | Path, splits: tuple[str, ...] = ("train", "val")) -> None:
     """Raise FileFormatError naming the first field of `manifest` that readers cannot use."""
 
     def bad(field: str, expected: str, got) -> FileFormatError:
@@ -43,20 +43,25 @@ def check_manifest(manifest, where: str | Path) -> None:
 
     if not isinstance(manifest, dict):
         raise bad("the top level", "a JSON object", manifest)
+    # Required: what training reads. data.prepare also writes the tokenizer's spec and sha256
+    # (needed to load it back: manifest_tokenizer) and the counts; a hand-made manifest may not.
     tok = manifest.get("tokenizer")
     if not isinstance(tok, dict):
         raise bad("tokenizer", "an object", tok)
-    for key in ("spec", "sha256", "name"):
-        if not isinstance(tok.get(key), str):
-            raise bad(f"tokenizer.{key}", "a string", tok.get(key))
+    if not isinstance(tok.get("name"), str):
+        raise bad("tokenizer.name", "a string", tok.get("name"))
+    for key in ("spec", "sha256"):
+        if key in tok and not isinstance(tok[key], str):
+            raise bad(f"tokenizer.{key}", "a string", tok[key])
     integer("tokenizer.n_vocab", tok.get("n_vocab"), 1)
     integer("tokenizer.eot_id", tok.get("eot_id"))
-    for split in ("train", "val"):
+    for split in splits:
         part = manifest.get(split)
         if not isinstance(part, dict):
             raise bad(split, "an object", part)
         for key in ("tokens", "documents"):
-            integer(f"{split}.{key}", part.get(key))
+            if key in part:
+                integer(f"{split}.{key}", part[key])
         shards = part.get("shards")
         if not isinstance(shards, list):
             raise bad(f"{split}.shards", "a list", shards)
@@ -80,6 +85,9 @@ def manifest_tokenizer(data_path: str | Path, manifest: dict | None = None) -> T
     """The tokenizer a prepared data dir was made with, checked against the manifest."""
     manifest = manifest or load_manifest(data_path)
     info = manifest["tokenizer"]
+    if "spec" not in info or "sha256" not in info:
+        raise FileFormatError(Path(data_path) / MANIFEST_FILE,
+                              "tokenizer.spec and tokenizer.sha256 (to load the tokenizer back)")
     local = Path(data_path) / info["spec"]
     tok = load_tokenizer(local if local.exists() else info["spec"])
     if tok.identity()["sha256"] != info["sha256"]:

@@ -67,7 +67,8 @@ def checkpoint_tokenizer(ckpt: Path, cfg: JobConfig, spec: str | None = None) ->
         tok = load_tokenizer(spec)
     elif recorded is not None and recorded.get("sha256") is None:
         raise TokenizerError(
-            f"{where}: the model came without a tokenizer ({recorded.get('reason', 'none')}); "
+            f"{where}: the model came without a tokenizer "
+            f"({recorded.get('reason', 'its data manifest names none')}); "
             f"pass the one it was trained with: --tokenizer SPEC"
         )
     elif recorded is not None and not recorded.get("data_path"):
@@ -75,7 +76,7 @@ def checkpoint_tokenizer(ckpt: Path, cfg: JobConfig, spec: str | None = None) ->
     else:  # the prepared data of the run (checkpoints of older versions record nothing)
         tok = manifest_tokenizer(recorded["data_path"] if recorded else cfg.data.path)
     here = tok.identity()
-    if recorded is not None and recorded["sha256"] and here["sha256"] != recorded["sha256"]:
+    if recorded is not None and recorded.get("sha256") and here["sha256"] != recorded["sha256"]:
         raise TokenizerMismatchError(
             f"{ckpt} was trained with tokenizer {recorded.get('name')!r} ({recorded.get('n_vocab')}"
             f" ids, sha256 {recorded['sha256'][:12]}, see {where}), but the tokenizer at hand "

@@ -70,11 +70,11 @@ def check_resume(ckpt: Path, saved: JobConfig, current: JobConfig,
             guarded.append(line)
         elif k != "ignored":
             accepted.append(line)
-    if tokenizer and trained_tokenizer and trained_tokenizer.get("sha256") != tokenizer["sha256"]:
+    if tokenizer and trained_tokenizer and trained_tokenizer.get("sha256") != tokenizer.get("sha256"):
         refused.append(
             f"tokenizer: {trained_tokenizer.get('name')!r} (sha256 "
             f"{str(trained_tokenizer.get('sha256'))[:12]}) -> {tokenizer['name']!r} (sha256 "
-            f"{tokenizer['sha256'][:12]}), the data dir was prepared again"
+            f"{str(tokenizer.get('sha256'))[:12]}), the data dir was prepared again"
         )
     problems = []
     if refused:
