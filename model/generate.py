@@ -6,7 +6,7 @@
 
 Sampling: temperature, then top-k, then top-p (nucleus) filtering of the next-token distribution.
 
-The tokenizer is the run's (data.manifest.run_tokenizer): a prompt starts with its `bos_ids`
+The tokenizer is the checkpoint's (model.load.checkpoint_tokenizer): a prompt starts with its `bos_ids`
 (our end-of-text; Llama 3's <|begin_of_text|>; nothing for SmolLM2), as transformers' tokenizer
 starts it. An imported model's generation_config.json gives the defaults, as in transformers:
 greedy unless do_sample (then its temperature / top_k / top_p), max_new_tokens, and the stop
@@ -24,8 +24,8 @@ import torch
 
 from common.atomic import write_json
 from common.cli import add_run_arguments, parse_device
-from data.manifest import run_tokenizer
-from model.load import load_model
+from common.errors import run_cli
+from model.load import checkpoint_tokenizer, load_model
 from model.transformer import Transformer
 
 
@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=None, help="default: 0.95")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--tokenizer", default=None,
+                        help="tokenizer spec (default: the one the checkpoint records)")
     return parser
 
 
@@ -138,7 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     device = parse_device(parser, args.device)
 
     model, cfg, ckpt = load_model(args.run, device, step=args.step)
-    tokenizer = run_tokenizer(cfg.data)
+    tokenizer = checkpoint_tokenizer(ckpt, cfg, args.tokenizer)
     defaults, stops = generation_defaults(tokenizer)
     for key, value in defaults.items():
         if getattr(args, key) is None:
@@ -164,4 +166,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

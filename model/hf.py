@@ -53,7 +53,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib.util
-import json
 import os
 import re
 import sys
@@ -62,10 +61,10 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from common.atomic import atomic_dir, write_bytes, write_json, write_text
+from common.atomic import atomic_dir, naming, write_bytes, write_json, write_text
+from common.errors import MissingFileError, read_json, run_cli
 from data.hf_tokenizer import (
     TOKENIZER_FILES,
     HFTokenizer,
@@ -73,10 +72,16 @@ from data.hf_tokenizer import (
     token_ids,
     transformers_differences,
 )
-from data.manifest import run_tokenizer
-from data.tokenizer import HF_PREFIX, Tokenizer, load_tokenizer
+from data.tokenizer import HF_PREFIX, Tokenizer
 from job_config import JobConfig, to_toml
-from model.checkpoint import MODEL_FILE, find_checkpoint, load_model_state, resolve_checkpoint
+from model.checkpoint import (
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    find_checkpoint,
+    load_model_state,
+    read_safetensors_file,
+    resolve_checkpoint,
+)
 from model.config import ModelConfig
 from model.hf_config import (
     QWEN2_MOE,
@@ -91,7 +96,7 @@ from model.hf_names import (
     has_qkv_biases,
     to_hf_state_dict,
 )
-from model.load import load_job_config
+from model.load import checkpoint_tokenizer, load_job_config
 
 SAFETENSORS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -148,7 +153,8 @@ def write_safetensors(
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file(tensors, str(path), metadata={"format": "pt"})  # older transformers need it
+    with naming(path):  # safetensors reports a full disk as a SafetensorError
+        save_file(tensors, str(path), metadata={"format": "pt"})  # older transformers need it
     os.chmod(path, 0o644)  # safetensors creates the file private (0600); this is for sharing
 
 
@@ -158,17 +164,17 @@ def read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     if (hf_dir / SAFETENSORS_FILE).exists():
         files = [hf_dir / SAFETENSORS_FILE]
     elif index.exists():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ExportError(f"{index}: no 'weight_map' object")
+        weight_map = read_json(index, "a safetensors index (a JSON object)")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) and Path(f).name == f for f in weight_map.values()):
+            raise ExportError(f"{index}: expected a 'weight_map' of tensor -> file name in {hf_dir}")
         files = [hf_dir / f for f in sorted(set(weight_map.values()))]
     else:
         raise FileNotFoundError(f"{hf_dir}: no {SAFETENSORS_FILE} or {INDEX_FILE}")
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
+        tensors.update(read_safetensors_file(path))  # names a damaged file
     return tensors
 
 
@@ -244,19 +250,18 @@ def export_run(
     with_tokenizer: bool = True,
 ) -> str:
     """Export checkpoint `step` (default: the newest) of a run directory (or a checkpoint
-    directory). The tokenizer is the run's (data.manifest.run_tokenizer: its prepared data's,
-    or an imported run's own), or `tokenizer` (a spec for data.tokenizer.load_tokenizer)."""
+    directory). The tokenizer is the one the checkpoint records (model.load.checkpoint_tokenizer:
+    its run's prepared data, or an imported run's own), or `tokenizer` (a spec for
+    data.tokenizer.load_tokenizer) when given, which must be the same tokenizer."""
     ckpt = resolve_checkpoint(run_dir) if step is None else find_checkpoint(run_dir, step)
     job = load_job_config(ckpt)
     state = checkpoint_model_state(ckpt)
     tok = None
-    if tokenizer:
-        tok = load_tokenizer(tokenizer)
-    elif with_tokenizer:
-        try:
-            tok = run_tokenizer(job.data)
+    if with_tokenizer or tokenizer:
+        try:  # the one the checkpoint records, or `tokenizer` checked against it
+            tok = checkpoint_tokenizer(ckpt, job, tokenizer)
         except FileNotFoundError as e:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{e}; the tokenizer of {ckpt} comes from its prepared data (data.path = "
                 f"{job.data.path!r}) or data.tokenizer: pass --tokenizer SPEC, or --no-tokenizer"
             ) from None
@@ -297,9 +302,9 @@ def import_hf(
     """
     hf_dir = Path(hf_dir)
     config_path = hf_dir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} does not exist")
-    hf_config_dict = json.loads(config_path.read_text(encoding="utf-8"))
+    hf_config_dict = read_json(config_path, "a Hugging Face model config (a JSON object)")
+    if not isinstance(hf_config_dict, dict):
+        raise ExportError(f"{config_path}: expected a JSON object")
     cfg, arch = model_config_from_hf(hf_config_dict, str(config_path))
     tensors = read_safetensors(hf_dir)
     if arch == QWEN2_MOE and has_qkv_biases(tensors, cfg):
@@ -320,20 +325,27 @@ def import_hf(
     # model's own tokenizer (no other data dir's tokenizer is ever picked up by mistake).
     job.data.path = str(out_dir.resolve() / "data")
     with _staging_dir(out_dir, overwrite) as tmp:
-        if (hf_dir / "tokenizer.json").exists():
+        tokenizer_json = hf_dir / "tokenizer.json"
+        # Recorded in the checkpoint: sampling / evaluation use it, or refuse without one.
+        identity = {"sha256": None, "reason": f"{tokenizer_json} does not exist"}
+        if tokenizer_json.exists():
             try:
                 tok = _import_tokenizer(hf_dir, tmp / "tokenizer", hf_config_dict, check_tokenizer)
                 job.data.tokenizer = HF_PREFIX + str(out_dir.resolve() / "tokenizer")
                 if tok.n_vocab > cfg.vocab_size:
                     raise ExportError(f"{hf_dir}: the tokenizer has {tok.n_vocab} ids, the "
                                       f"model's vocab_size is {cfg.vocab_size}")
+                identity = {**tok.identity(), "name": out_dir.name, "spec": job.data.tokenizer}
             except ValueError as e:
+                identity["reason"] = f"{tokenizer_json} not imported: {e}"
+                job.data.tokenizer = JobConfig().data.tokenizer
                 print(f"tokenizer not imported ({e}); prepare data with a matching tokenizer",
                       file=sys.stderr)
         step_dir = tmp / "checkpoints" / "step_000000"
         step_dir.mkdir(parents=True)
         _save({n: t.contiguous() for n, t in state.items()}, step_dir / SAFETENSORS_FILE)
         write_json(step_dir / "config.json", job.to_dict(), indent=2)
+        write_json(step_dir / TOKENIZER_FILE, identity)
         write_text(tmp / "checkpoints" / "latest", "step_000000\n")
         write_text(tmp / "config.toml", to_toml(job))
     return cfg
@@ -347,7 +359,7 @@ def _import_tokenizer(hf_dir: Path, out: Path, config: dict, check: bool) -> HFT
             write_bytes(out / name, (hf_dir / name).read_bytes())
     generation = {}
     if (hf_dir / "generation_config.json").is_file():
-        generation = json.loads((hf_dir / "generation_config.json").read_text(encoding="utf-8"))
+        generation = read_json(hf_dir / "generation_config.json")
     for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
         if generation.get(key) is None and config.get(key) is not None:
             generation[key] = config[key]
@@ -443,4 +455,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

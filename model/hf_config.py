@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from common.errors import PretrainError
 from model.config import ModelConfig, RopeScaling
 
 LLAMA, QWEN2, QWEN3 = "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"
@@ -25,7 +26,7 @@ MIXTRAL, QWEN3_MOE, QWEN2_MOE = "MixtralForCausalLM", "Qwen3MoeForCausalLM", "Qw
 ERNIE_MOE = "Ernie4_5_MoeForCausalLM"
 
 
-class ExportError(ValueError):
+class ExportError(PretrainError, ValueError):
     """The model (or the files) cannot be expressed in the other format; the message says why."""
 
 

