@@ -32,6 +32,7 @@ from bench.tables import RESULTS_DIR, write_table
 from bench.throughput import device_name
 from common.atomic import write_text
 from common.cli import add_run_arguments, parse_device
+from common.errors import run_cli
 from inference.engine import Engine
 from inference.sampling import SamplingParams
 from model.load import load_model
@@ -188,4 +189,4 @@ def format_table(args, device, impls, times, ttft, ids, accept, models) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

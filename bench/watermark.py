@@ -29,14 +29,14 @@ from bench.tables import RESULTS_DIR, write_table
 from bench.throughput import device_name
 from common.atomic import write_text
 from common.cli import add_run_arguments, parse_device
+from common.errors import run_cli
 from data.chat import chat_ids
 from data.loader import TokenStream
 from data.manifest import load_manifest
 from inference.engine import Engine
-from inference.runs import run_tokenizer
 from inference.sampling import SamplingParams
 from inference.watermark import GreenLists, add_watermark_arguments, score, watermark_config
-from model.load import load_model
+from model.load import checkpoint_tokenizer, load_model
 from model.quant import add_quantize_arguments
 
 TOPICS = ["the ocean", "a lighthouse keeper", "bread baking", "the moon landing", "a lost cat",
@@ -90,7 +90,7 @@ def main(argv: list[str] | None = None) -> None:
     device = parse_device(parser, args.device)
     torch.set_grad_enabled(False)
     model, job, ckpt = load_model(args.run, device, args.step, args.quantize, args.group_size)
-    tokenizer = run_tokenizer(job)
+    tokenizer = checkpoint_tokenizer(ckpt, job)
     cfg, V = watermark_config(args), model.cfg.vocab_size
     requests = [k.format(t) for k, t in itertools.product(KINDS, TOPICS)][: args.generations]
     prompts = [chat_ids(tokenizer, [{"role": "user", "content": r}], add_generation_prompt=True) for r in requests]
@@ -162,4 +162,4 @@ def report(args, device, ckpt, seconds, tokens, rows, parity, n_human) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

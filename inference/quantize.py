@@ -16,7 +16,8 @@ from pathlib import Path
 
 from common.atomic import write_json
 from common.cli import add_run_arguments, parse_device
-from model.checkpoint import load_config_dict, save_checkpoint
+from common.errors import run_cli
+from model.checkpoint import load_config_dict, load_tokenizer_identity, save_checkpoint
 from model.load import load_model
 from model.quant import GROUP_SIZES, MODES, QUANT_FILE, quantize_model, weight_bytes
 
@@ -32,7 +33,7 @@ def quantize_run(run: str | Path, out: str | Path, mode: str, group_size: int = 
     n = int(ckpt.name.removeprefix("step_")) if ckpt.name.startswith("step_") else 0
     path = save_checkpoint(
         out, n, model.state_dict(), {"step": n}, load_config_dict(ckpt),
-        extra_files={QUANT_FILE: json.dumps(info, indent=1) + "\n"},
+        tokenizer=load_tokenizer_identity(ckpt), extra_files={QUANT_FILE: json.dumps(info, indent=1) + "\n"},
     )
     print(f"wrote {path}: {mode} weights {info['weight_bytes'] / 1e6:.1f} MB "
           f"(float {fp_bytes / 1e6:.1f} MB, / {fp_bytes / info['weight_bytes']:.2f})")  # fmt: skip
@@ -61,4 +62,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

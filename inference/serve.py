@@ -32,6 +32,7 @@ from pathlib import Path
 
 from common.atomic import write_json
 from common.cli import add_run_arguments, parse_device
+from common.errors import run_cli
 from data.chat import ChatTemplateError, chat_ids
 from inference.engine import Engine, Sequence
 from inference.openai_api import (
@@ -43,9 +44,9 @@ from inference.openai_api import (
     response,
     usage_chunk,
 )
-from inference.runs import run_tokenizer, stop_ids
 from inference.watermark import add_watermark_arguments, watermark_config
-from model.load import load_model
+from model.generate import generation_defaults
+from model.load import checkpoint_tokenizer, load_model
 from model.quant import MODES, add_quantize_arguments
 
 ROUTES = {"/v1/completions": "completion", "/v1/chat/completions": "chat"}
@@ -277,7 +278,7 @@ def main(argv: list[str] | None = None) -> None:
     device = parse_device(parser, args.device)
     try:
         model, job, ckpt = load_model(args.run, device, args.step, args.quantize, args.group_size)
-        tokenizer = run_tokenizer(job)
+        tokenizer = checkpoint_tokenizer(ckpt, job)
         draft = None
         if args.draft_run:
             draft = load_model(args.draft_run, device, quantize=args.draft_quantize, group_size=args.group_size)[0]
@@ -289,7 +290,8 @@ def main(argv: list[str] | None = None) -> None:
     limits = Limits(
         name, model.cfg.vocab_size, engine.max_len, args.max_tokens,
         watermark=watermark_config(args) if args.watermark else None,
-        stop_tokens=stop_ids(tokenizer),
+        # an imported model's generation_config eos ids (e.g. <|im_end|>), and end-of-text
+        stop_tokens=tuple(dict.fromkeys([*generation_defaults(tokenizer)[1], tokenizer.eot_id])),
     )
     server = Server(engine, tokenizer, limits, args.max_queue, args.max_request_bytes, template)
     server.start(args.host, args.port)
@@ -306,4 +308,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -36,9 +36,9 @@ import torch
 
 from common.atomic import write_json
 from common.cli import add_run_arguments, parse_device
-from inference.runs import run_tokenizer
+from common.errors import run_cli
 from model.checkpoint import find_checkpoint, resolve_checkpoint
-from model.load import load_job_config
+from model.load import checkpoint_tokenizer, load_job_config
 
 SCHEMES = ("lefthash", "selfhash")
 TABLE_SIZE = 1_000_003
@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> None:
         cfg = watermark_config(args)
         ckpt = find_checkpoint(args.run, args.step) if args.step is not None else resolve_checkpoint(args.run)
         job = load_job_config(ckpt)
-        tokenizer = run_tokenizer(job)
+        tokenizer = checkpoint_tokenizer(ckpt, job)
         texts = args.text + (read_texts(args.file) if args.file else [])
         lists = GreenLists(cfg, job.model.vocab_size)
         results = []
@@ -229,4 +229,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

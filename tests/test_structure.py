@@ -160,7 +160,8 @@ def test_readme_layout_names_every_module():
         listed.setdefault(folder, set()).update(re.findall(r"[\w]+\.py", line))
     missing = [
         f"{path.parent.name}/{path.name}"
-        for pkg in ("common", "training", "model", "data", "parallel", "eval", "kernels", "bench")
+        for pkg in ("common", "training", "model", "data", "parallel", "eval", "kernels", "bench",
+                "inference")
         for path in sorted((REPO / pkg).glob("*.py"))
         if path.name != "__init__.py" and path.name not in listed.get(pkg, set())
     ]
