@@ -9,7 +9,7 @@ WatermarkDetector on the same ids.
 Prompts are chat requests (instructions built from topics x kinds of text, rendered with the
 run's chat template); sampling at temperature 1 with the green-list bias (gamma 0.25, delta 2,
 lefthash, as transformers' defaults); every generation runs its full length (no stop token).
-Human texts: the first --new-tokens tokens of validation documents at least that long. Rates
+Human texts: windows of --new-tokens tokens of validation documents (human_texts). Rates
 are at z > --z-threshold (4, the paper's).
 """
 
@@ -51,15 +51,19 @@ KINDS = ["Write a short story about {}.", "Explain {} to a child.", "Write a poe
 
 
 def human_texts(data_path: str, eot_id: int, n: int, length: int) -> list[list[int]]:
-    """The first `length` tokens of the first n validation documents that long."""
+    """n windows of `length` tokens of validation documents: non-overlapping, none crossing a
+    document's end, taken from the documents in turn (the first window of each, then the
+    second, ...), so that a split of few long documents still gives n texts."""
     stream = TokenStream(data_path, "val", load_manifest(data_path))
     tokens = stream.read(0, stream.num_tokens)
-    ends = np.flatnonzero(tokens == eot_id)
-    starts = np.concatenate([[0], ends + 1])[:-1] if len(ends) else np.array([0])
-    docs = [tokens[s : e].tolist() for s, e in zip(starts, ends) if e - s >= length]
-    if len(docs) < n:
-        print(f"note: only {len(docs)} validation documents of {length}+ tokens", file=sys.stderr)
-    return [d[:length] for d in docs[:n]]
+    ends = np.concatenate([np.flatnonzero(tokens == eot_id), [len(tokens)]])
+    starts = np.concatenate([[0], ends[:-1] + 1])
+    per_doc = [[tokens[i : i + length].tolist() for i in range(s, e - length + 1, length)]
+               for s, e in zip(starts, ends)]  # fmt: skip
+    texts = [w for turn in itertools.zip_longest(*per_doc) for w in turn if w is not None]
+    if len(texts) < n:
+        print(f"note: only {len(texts)} validation windows of {length} tokens", file=sys.stderr)
+    return texts[:n]
 
 
 def replace_fraction(ids: list[int], fraction: float, vocab: int, rng: random.Random) -> list[int]:
@@ -140,7 +144,7 @@ def report(args, device, ckpt, seconds, tokens, rows, parity, n_human) -> None:
         f"`{ckpt}`{' ' + args.quantize if args.quantize else ''}; gamma {args.gamma}, delta {args.delta}, "
         f"{args.seeding_scheme} (width {args.context_width}); {len(rows[0][1]['marked'])} generations of "
         f"{args.new_tokens} tokens at temperature 1 ({tokens / seconds:.1f} tok/s, batch {args.batch}); "
-        f"{n_human} human texts (validation documents, first {args.new_tokens} tokens); z > {thr}.",
+        f"{n_human} human texts (windows of {args.new_tokens} tokens of validation documents); z > {thr}.",
         "",
         "| n-grams counted | TPR as generated | TPR decoded + re-encoded | "
         f"TPR {args.replace:.0%} tokens replaced | FPR human | median z generated | median z human | max z human |",
