@@ -43,20 +43,41 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def int4_scale_zero(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(..., G) weights of groups -> (scale, zero) (...,) as stored (bf16-rounded, in fp32)."""
+    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    scale = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16).float()
+    zero = (lo + 8 * scale).to(torch.bfloat16).float()
+    return scale, zero
+
+
+def int4_codes(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """w (...) with broadcastable scale, zero -> codes in [0, 15] (float); dequantized they are
+    (q - 8) * scale + zero. From the stored (rounded) scale and zero, so dequantization is as
+    close to w as it can be."""
+    return (torch.round((w - zero) / scale) + 8).clamp(0, 15)
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """codes (N, K) -> uint8 (N, K / 2): column 2j in the low nibble of byte j, 2j + 1 high."""
+    q = q.to(torch.uint8)
+    return q[:, 0::2] | (q[:, 1::2] << 4)
+
+
 def quantize_int4(w: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(N, K) float -> (packed uint8 (N, K / 2), scales and zeros bf16 (K / G, N, 2))."""
     N, K = w.shape
     if K % group_size:
         raise ValueError(f"int4 group size {group_size} does not divide the input size {K}")
     g = w.float().view(N, K // group_size, group_size)
-    lo, hi = g.amin(dim=-1), g.amax(dim=-1)  # (N, K / G)
-    scale = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16)
-    zero = (lo + 8 * scale.float()).to(torch.bfloat16)
-    # q from the stored (rounded) scale and zero, so dequantization is as close as it can be
-    q = torch.round((g - zero.float()[..., None]) / scale.float()[..., None]) + 8
-    q = q.clamp(0, 15).to(torch.uint8).view(N, K)
-    packed = q[:, 0::2] | (q[:, 1::2] << 4)
-    return packed, torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous()
+    scale, zero = int4_scale_zero(g)  # (N, K / G)
+    q = int4_codes(g, scale[..., None], zero[..., None]).view(N, K)
+    return pack_int4(q), scales_zeros(scale, zero)
+
+
+def scales_zeros(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """(N, K / G) scales and zeros -> the stored bf16 (K / G, N, 2)."""
+    return torch.stack([scale, zero], dim=-1).transpose(0, 1).to(torch.bfloat16).contiguous()
 
 
 def unpack_int4(packed: torch.Tensor) -> torch.Tensor:
@@ -118,14 +139,21 @@ class QuantLinear(nn.Module):
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, mode: str, group_size: int = 64) -> QuantLinear:
+        """Round to nearest (RTN) from the float layer."""
         weight = linear.weight.detach()
-        N, K = weight.shape
-        layer = cls(K, N, mode, group_size, weight.device, bias=linear.bias is not None)
         q, s = quantize_int8(weight) if mode == "int8" else quantize_int4(weight, group_size)
-        layer.weight.copy_(q)
-        layer.scale.copy_(s)
-        if linear.bias is not None:
-            layer.bias.copy_(linear.bias.detach())
+        return cls.from_packed(q, s, mode, group_size, linear.bias)
+
+    @classmethod
+    def from_packed(cls, weight, scale, mode: str, group_size: int = 64, bias=None) -> QuantLinear:
+        """From stored tensors (int8 weight and scale, or packed int4 and scales-and-zeros)."""
+        N = weight.shape[0]
+        K = weight.shape[1] * (2 if mode == "int4" else 1)
+        layer = cls(K, N, mode, group_size, weight.device, bias=bias is not None)
+        layer.weight.copy_(weight)
+        layer.scale.copy_(scale)
+        if bias is not None:
+            layer.bias.copy_(bias.detach())
         return layer
 
     def canonical_weight(self) -> torch.Tensor:
