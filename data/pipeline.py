@@ -20,23 +20,12 @@ Every stage has a `StageStats` (documents in / out / removed / changed, characte
 worker CPU seconds, per-type counts); `Pipeline.stats_dict()` is what data.prepare writes into
 manifest.json under "stages".
 
-Beyond one machine: `Pipeline.map(docs)` is the worker half (pure, picklable result) and
-`Pipeline.merge(mapped)` the parent half, so any engine can run the map over input files and
-feed the merge in a fixed file order; no scheduler here. With Ray, for example:
-
-    files = expand_source(spec)                                  # data.sources, sorted
-    pipe = build_pipeline(cfg.data)
-    map_file = ray.remote(lambda f: pipe.map(iter_file(f, SourceErrors())))
-    futures = [map_file.remote(f) for f in files]                # runs on the cluster
-    for f, fut in zip(files, futures):                           # merge in file order
-        for text, doc in pipe.merge(ray.get(fut)):
-            ...                                                  # tokenize / write shards
-    manifest_stages = pipe.stats_dict()
-
-Dask: `client.map(map_file, files)` then `pipe.merge(future.result())` in order; Spark:
-`sc.parallelize(files, len(files)).map(map_file).toLocalIterator()` (keeps order). The merge
-holds the dedup state: ~70 bytes per document for exact dedup and ~600 for near dedup, so one
-merge process handles ~100M documents; beyond that, shard the merge by hash prefix.
+data.prepare does not merge in one process: it runs the same stages as a sharded job of
+tasks (data/job.py) on local processes or Ray, with the dedup decisions taken by partition
+(data/dedup_sharded.py), and gets the output of `run`. For that it uses `record` (a document's
+trip through some of the stages, in a worker) and `apply` (the counters, with the global
+stages' decisions given by `admit`). `map` / `merge` below are the same two halves over whole
+lists, for a custom engine that maps files remotely and merges in one place, in file order.
 """
 
 from __future__ import annotations
@@ -109,6 +98,13 @@ class StageStats:
     def add_counts(self, counts: dict[str, int]) -> None:
         for key, value in counts.items():
             self.counts[key] = self.counts.get(key, 0) + value
+
+    def add(self, other: dict[str, Any]) -> None:
+        """Add another part's counters (`dataclasses.asdict` of a StageStats of this stage)."""
+        for key in ("docs_in", "docs_out", "removed", "changed", "chars_in", "chars_out",
+                    "seconds"):
+            setattr(self, key, getattr(self, key) + other[key])
+        self.add_counts(other["counts"])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -187,8 +183,9 @@ class Pipeline:
     def names(self) -> list[str]:
         return [s.name for s in self.stages]
 
-    def _apply(self, chars: int, record: Record) -> str | None:
-        """Walk one document's record in stage order; update counters; return the kept text."""
+    def _apply(self, chars: int, record: Record, admit: Callable | None = None) -> str | None:
+        """Walk one document's record in stage order; update counters; return the kept text.
+        `admit(stage, sig, counts)` replaces the global stages' own `admit` when given."""
         final, steps = record
         for stage, is_global, stats, step in zip(self.stages, self._global, self.stats, steps):
             stats.docs_in += 1
@@ -196,7 +193,7 @@ class Pipeline:
             if is_global:
                 sig, dt = step
                 t0 = time.process_time()
-                keep = stage.admit(sig, stats.counts)
+                keep = admit(stage, sig, stats.counts) if admit else stage.admit(sig, stats.counts)
                 stats.seconds += dt + time.process_time() - t0
                 if not keep:
                     stats.removed += 1
@@ -252,6 +249,21 @@ class Pipeline:
             if bars:
                 for bar in bars:
                     bar.close()
+
+    def is_global(self, i: int) -> bool:
+        return self._global[i]
+
+    def record(self, doc: Any, start: int = 0, stop: int | None = None) -> Record:
+        """Stages [start, stop) on one document (the worker half): (text out or None, steps);
+        a global stage's step is (signature, seconds)."""
+        stop = len(self.stages) if stop is None else stop
+        return _process_doc(list(zip(self.stages[start:stop], self._global[start:stop])), doc)
+
+    def apply(self, chars: int, record: Record, admit: Callable) -> str | None:
+        """Counters for one document of `chars` characters whose record covers every stage,
+        global stages deciding by `admit(stage, step signature, counts) -> keep`; the kept
+        text or None."""
+        return self._apply(chars, record, admit)
 
     def _emit(self, chunk: list[Any], records: list[Record], bars: list | None):
         for doc, record in zip(chunk, records):

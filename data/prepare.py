@@ -5,40 +5,41 @@ train / validation shards + manifest.json, in `data.path`.
 
 - Tokenizer: `data.tokenizer = "train"` trains a byte-level BPE on a sample of the corpus and
   saves it beside the shards; otherwise a tiktoken encoding name or a `.tiktoken` file.
-- Work is cut into units of about `data.shard_tokens` tokens, one shard file per unit, in a
-  fixed order. Worker processes tokenize units and write their shards atomically. A rerun
-  (after a crash or a kill) skips every shard already on disk, so it finishes with exactly the
-  shards of an uninterrupted run. manifest.json is written last: its presence means done.
+- The work is a job of tasks (data/job.py) on `data.executor`: "local" worker processes
+  (`data.workers` of them) or "ray" (a Ray cluster, `data.ray_address`). The output is the same
+  on both and for any number of workers: shards byte for byte, and the manifest.
+- Every finished task leaves its directory under `data.path/tasks/`; a rerun (after a crash or a
+  kill) runs only the unfinished tasks, so it finishes with exactly the files of an
+  uninterrupted run. manifest.json is written last: its presence means done; tasks/ is then
+  removed. Timings, memory and the machine go to prepare_log.json (the manifest holds only what
+  the data depends on, so that equal settings give an equal manifest).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
+import os
+import platform
+import shutil
 import sys
 import time
 from collections.abc import Iterator
-from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
 from common.atomic import write_json
+from data.executor import make_executor
+from data.job import TASKS_DIR, PrepareError, output_settings, run_job
 from data.manifest import MANIFEST_FILE, load_manifest
 from data.pipeline import build_pipeline
-from data.shards import read_header, token_dtype, write_shard
 from data.sources import Document, SourceErrors, iter_documents
+from data.tasks import peak_rss, reset_peak_rss
 from data.tokenizer import Tokenizer, load_tokenizer, train_bpe
 from job_config import DataConfig, load_config
 
-BYTES_PER_TOKEN_GUESS = 4  # only sizes the work units; shards hold whatever a unit produced
 TOKENIZER_FILE = "tokenizer.tiktoken"
-
-
-class PrepareError(RuntimeError):
-    pass
+LOG_FILE = "prepare_log.json"
+__all__ = ["PrepareError", "prepare", "iter_corpus", "resolve_tokenizer"]
 
 
 def iter_corpus(cfg: DataConfig, errors: SourceErrors) -> Iterator[Document]:
@@ -74,67 +75,11 @@ def resolve_tokenizer(cfg: DataConfig, out: Path) -> Tokenizer:
     return tok
 
 
-def iter_units(
-    docs: Iterator[Document], cfg: DataConfig, counts: dict
-) -> Iterator[tuple[str, int, list[str]]]:
-    """(split, unit index, texts): documents split train / val by position, grouped into units.
-
-    Document k goes to validation when floor((k+1) f) > floor(k f): exactly a fraction f, spread
-    evenly, and the same on every rerun.
-    """
-    unit_bytes = cfg.shard_tokens * BYTES_PER_TOKEN_GUESS
-    pending: dict[str, list[str]] = {"train": [], "val": []}
-    size = {"train": 0, "val": 0}
-    index = {"train": 0, "val": 0}
-    f = cfg.val_fraction
-    for k, doc in enumerate(docs):
-        split = "val" if int((k + 1) * f) > int(k * f) else "train"
-        pending[split].append(doc.text)
-        size[split] += len(doc.text)
-        counts[split]["documents"] += 1
-        counts[split]["chars"] += len(doc.text)
-        if size[split] >= unit_bytes:
-            yield split, index[split], pending[split]
-            index[split] += 1
-            pending[split], size[split] = [], 0
-    for split in ("train", "val"):
-        if pending[split]:
-            yield split, index[split], pending[split]
-
-
-# --- worker side ----------------------------------------------------------------------------
-_worker_tokenizer: Tokenizer | None = None
-
-
-def _init_worker(tokenizer_spec: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = load_tokenizer(tokenizer_spec)
-
-
-def _tokenize_unit(job: tuple[str, list[str]]) -> int:
-    """Tokenize one unit's documents (each followed by end-of-text) into its shard file."""
-    path, texts = job
-    tok = _worker_tokenizer
-    ids = tok.encode_batch(texts, num_threads=1)
-    dtype = token_dtype(tok.n_vocab)
-    tokens = np.empty(sum(len(d) + 1 for d in ids), dtype=dtype)
-    pos = 0
-    for doc in ids:
-        tokens[pos : pos + len(doc)] = doc
-        tokens[pos + len(doc)] = tok.eot_id
-        pos += len(doc) + 1
-    write_shard(path, tokens, tok.n_vocab)
-    return len(tokens)
-
-
-# ---------------------------------------------------------------------------------------------
-
-
-def prepare(cfg: DataConfig, dry_run: bool = False) -> dict:
+def prepare(cfg: DataConfig, dry_run: bool = False, progress: bool = True) -> dict:
     """Prepare `cfg.path`; returns the manifest."""
     out = Path(cfg.path)
     manifest_path = out / MANIFEST_FILE
-    settings = asdict(cfg)
+    settings = output_settings(cfg)
     if manifest_path.exists():
         manifest = load_manifest(out)
         if manifest.get("settings") == settings:
@@ -144,47 +89,27 @@ def prepare(cfg: DataConfig, dry_run: bool = False) -> dict:
             f"{manifest_path} was prepared with other settings; choose another data.path "
             f"or delete {out}"
         )
-    errors = SourceErrors()
     if next(iter_corpus(cfg, SourceErrors()), None) is None:
         raise PrepareError(f"no documents found in data.sources = {cfg.sources}")
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = resolve_tokenizer(cfg, out)
-    tokenizer_spec = str(out / TOKENIZER_FILE) if cfg.tokenizer == "train" else cfg.tokenizer
+    tokenizer_spec = str((out / TOKENIZER_FILE).resolve()) if cfg.tokenizer == "train" else (
+        str(Path(cfg.tokenizer).resolve()) if Path(cfg.tokenizer).is_file() else cfg.tokenizer)
     # The manifest names a trained tokenizer relative to the data dir, so the dir can move.
     manifest_spec = TOKENIZER_FILE if cfg.tokenizer == "train" else cfg.tokenizer
 
-    counts = {s: {"documents": 0, "chars": 0, "tokens": 0, "shards": []} for s in ("train", "val")}
-    docs = iter_corpus(cfg, errors)
-    # Cleaning stages (data/pipeline.py): deterministic, so a rerun yields the same shards.
-    pipeline = build_pipeline(cfg)
-    docs = pipeline.documents(docs, workers=cfg.workers, progress=sys.stdout.isatty())
-    units = iter_units(docs, cfg, counts)
     t0 = time.time()
-    bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, file=sys.stdout, mininterval=2)
-    ctx = mp.get_context("spawn")  # no fork: safe with torch / tiktoken threads in the parent
-    with ctx.Pool(max(1, cfg.workers), _init_worker, (tokenizer_spec,)) as pool:
-        while True:
-            # A bounded window of units in flight keeps memory flat on any corpus size.
-            window = [u for _, u in zip(range(4 * max(1, cfg.workers)), units)]
-            if not window:
-                break
-            jobs, names = [], []
-            for split, index, texts in window:
-                name = f"{split}_{index:06d}.bin"
-                names.append((split, name))
-                if not dry_run and not (out / name).exists():
-                    jobs.append((str(out / name), texts))
-            if dry_run:
-                for _, _, texts in window:
-                    bar.update(sum(len(t) for t in texts) // BYTES_PER_TOKEN_GUESS)
-                continue
-            for n_tokens in pool.imap(_tokenize_unit, jobs):
-                bar.update(n_tokens)
-            for split, name in names:
-                n = read_header(out / name)["num_tokens"]
-                counts[split]["tokens"] += n
-                counts[split]["shards"].append({"file": name, "tokens": n})
-    bar.close()
+    executor = make_executor(cfg.executor, cfg.workers, cfg.ray_address, cfg.task_retries)
+    startup, t0 = time.time() - t0, time.time()
+    rss = reset_peak_rss()  # this process with the executor started: the driver's baseline
+    try:
+        # Cleaning stages (data/pipeline.py): built once here (benchmark paths are relative to
+        # this working directory), shared with every worker.
+        pipeline = build_pipeline(cfg)
+        result = run_job(cfg, out, tokenizer_spec, pipeline, executor, dry_run, progress)
+    finally:
+        executor.close()
+    counts, errors = result.counts, result.errors
     if counts["train"]["documents"] == 0:
         if pipeline.stats and pipeline.stats[0].docs_in:
             raise PrepareError(
@@ -198,6 +123,7 @@ def prepare(cfg: DataConfig, dry_run: bool = False) -> dict:
             f"data.val_fraction = {cfg.val_fraction}; raise it or add data"
         )
     elapsed = time.time() - t0
+    stages = pipeline.stats_dict()
     manifest = {
         "format": "token-shards-v1",
         "settings": settings,
@@ -205,8 +131,8 @@ def prepare(cfg: DataConfig, dry_run: bool = False) -> dict:
         "train": counts["train"],
         "val": counts["val"],
         "source_errors": {"count": errors.count, "first": errors.summary()[:100]},
-        "stages": pipeline.stats_dict(),
-        "seconds": round(elapsed, 2),
+        "stages": {name: {k: v for k, v in st.items() if k != "seconds"}
+                   for name, st in stages.items()},
     }
     print(pipeline.summary())
     for line in errors.summary()[:20]:
@@ -214,14 +140,35 @@ def prepare(cfg: DataConfig, dry_run: bool = False) -> dict:
     total = counts["train"]["tokens"] + counts["val"]["tokens"]
     print(
         f"{counts['train']['documents']:,} train / {counts['val']['documents']:,} val documents, "
-        f"{total:,} tokens in {elapsed:.1f}s ({total / max(elapsed, 1e-9):,.0f} tokens/s)"
+        f"{total:,} tokens in {elapsed:.1f}s ({total / max(elapsed, 1e-9):,.0f} tokens/s) on "
+        f"{executor.name} x {executor.workers}"
         + (f"; {errors.count} source errors" if errors.count else "")
     )
+    log = {
+        "seconds": round(elapsed, 2), "executor_start_seconds": round(startup, 2),
+        "executor": executor.name, "workers": executor.workers,
+        "docs_per_task": cfg.docs_per_task, "dedup_partitions": cfg.dedup_partitions,
+        "driver": {"rss_start_mb": round(rss, 1), "peak_rss_mb": round(peak_rss(), 1)},
+        "stage_seconds": {name: st["seconds"] for name, st in stages.items()},
+        "tasks": result.log, "machine": _machine(),
+    }
     if dry_run:
         print(json.dumps({k: manifest[k] for k in ("train", "val", "stages")}, indent=1))
         return manifest
+    write_json(out / LOG_FILE, log)
     write_json(manifest_path, manifest)
+    shutil.rmtree(out / TASKS_DIR, ignore_errors=True)  # intermediate files: done with them
     return manifest
+
+
+def _machine() -> dict:
+    import numpy
+
+    info = {"python": sys.version.split()[0], "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "numpy": numpy.__version__}
+    if "ray" in sys.modules:
+        info["ray"] = sys.modules["ray"].__version__
+    return info
 
 
 def main(argv: list[str] | None = None) -> None:

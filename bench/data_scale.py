@@ -1,0 +1,239 @@
+"""Scaling of data.prepare: workers, executors and peak memory, against the single-process
+merge it replaced, on the Python standard library repeated with perturbations.
+
+    python -m bench.data_scale                         # stdlib x 4, 1 and 2 workers, local + Ray
+    python -m bench.data_scale --copies 2 --executors local --json out.json
+
+The corpus: the standard library's .py files (~31 MB), then `--copies - 1` more copies where
+each file is, at random, an exact copy, a near copy (2% of its identifiers renamed: a near
+duplicate), or a different file (50% renamed): every cleaning stage has work, dedup most of all.
+Each run is `python -m data.prepare` in its own process (all stages + tokenization, with a
+BPE trained once beforehand), read back from its prepare_log.json; the baseline is data.prepare
+as of `--baseline-commit` (the streaming merge in one process), from `git archive`.
+
+Prints one row per run: wall seconds of the job (a Ray cluster's start-up is shown apart: a
+cluster starts once for many jobs), speedup over one worker of the same executor, and peak
+resident memory of the largest process, absolute and above that process's baseline (the
+interpreter + imports + executor runtime, before any data). Then per-stage CPU seconds and
+MB/s per core, the rates the README's cost estimate uses.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import re
+import subprocess
+import sys
+import sysconfig
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+from common.atomic import write_json
+from data.sources import stdlib_files
+from data.tokenizer import train_bpe
+
+REPO = Path(__file__).resolve().parents[1]
+BASELINE_COMMIT = "7ca5b86"  # main before data.prepare became a sharded job (issue 18)
+_WORD = re.compile(r"[A-Za-z_]\w*")
+
+
+def perturb(text: str, fraction: float, rng: random.Random) -> str:
+    """Rename a `fraction` of the identifiers (each to a random new one)."""
+    return _WORD.sub(lambda m: f"w{rng.randrange(10**6)}" if rng.random() < fraction
+                     else m.group(0), text)
+
+
+def perturbed_copies(files: list[Path], root: Path, out: Path, copies: int, seed: int = 0) -> int:
+    """Write `files` (paths below `root`) to out/copy0/, and copies - 1 perturbed copies to
+    out/copy1/...: per file, an exact copy, a near copy or a different file, one third each.
+    Returns the bytes written."""
+    total = 0
+    for k in range(copies):
+        for i, f in enumerate(files):
+            text = f.read_bytes().decode("utf-8", "replace")
+            rng = random.Random(seed * 1_000_003 + k * 100_003 + i)
+            if k:
+                kind = rng.randrange(3)
+                text = text if kind == 0 else perturb(text, 0.02 if kind == 1 else 0.5, rng)
+            path = out / f"copy{k}" / f.relative_to(root)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            total += path.write_text(text)
+    return total
+
+
+def _prepare(cmd: list[str], env: dict, path: Path) -> dict:
+    t0 = time.time()
+    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
+    log = json.loads((path / "prepare_log.json").read_text()) if (
+        path / "prepare_log.json").exists() else {}
+    return {"log": log, "wall": time.time() - t0, "stderr": proc.stderr}
+
+
+_BASELINE_WRAPPER = """
+import json, sys, time
+def status(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+import data.prepare
+open("/proc/self/clear_refs", "w").write("5")
+start, t0 = status("VmRSS"), time.time()
+data.prepare.main(sys.argv[1:])
+json.dump({"seconds": time.time() - t0, "rss_start_mb": start, "peak_rss_mb": status("VmHWM")},
+          open(sys.argv[-1].split("=", 1)[1] + "/baseline_log.json", "w"))
+"""
+
+
+def run_baseline(commit: str, tmp: Path, args: list[str], path: Path) -> dict | None:
+    """Today's data.prepare before the sharded job, from git: its merge process's peak."""
+    src = tmp / "baseline_src"
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", commit], capture_output=True)
+    if archive.returncode:
+        print(f"baseline skipped: git archive {commit} failed ({archive.stderr.decode()[:200]})")
+        return None
+    src.mkdir()
+    archive_path = tmp / "baseline.tar"
+    archive_path.write_bytes(archive.stdout)
+    with tarfile.open(archive_path) as tar:
+        tar.extractall(src, filter="data")
+    wrapper = src / "baseline_wrapper.py"
+    wrapper.write_text(_BASELINE_WRAPPER)
+    env = {**os.environ, "PYTHONPATH": str(src)}
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, str(wrapper), *args, f"--data.path={path}"],
+                          env=env, cwd=REPO, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"baseline failed:\n{proc.stderr[-3000:]}")
+    result = json.loads((path / "baseline_log.json").read_text())
+    result["wall"] = time.time() - t0
+    return result
+
+
+def _same_output(a: Path, b: Path) -> bool:
+    files = sorted(p.name for p in a.glob("*.bin"))
+    return files == sorted(p.name for p in b.glob("*.bin")) and all(
+        (a / f).read_bytes() == (b / f).read_bytes() for f in files)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--copies", type=int, default=4)
+    parser.add_argument("--workers", default="1,2", help="worker counts to run")
+    parser.add_argument("--executors", default="local,ray")
+    parser.add_argument("--docs-per-task", type=int, default=250)
+    parser.add_argument("--dedup-partitions", type=int, default=8)
+    parser.add_argument("--shard-tokens", type=int, default=1_000_000)
+    parser.add_argument("--baseline-commit", default=BASELINE_COMMIT, help="'' to skip")
+    parser.add_argument("--keep", help="keep the corpus and outputs in this folder")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args(argv)
+
+    tmp_dir = tempfile.TemporaryDirectory()
+    tmp = Path(args.keep or tmp_dir.name)
+    tmp.mkdir(parents=True, exist_ok=True)
+    corpus = tmp / "corpus"
+    files = stdlib_files()
+    root = Path(sysconfig.get_paths()["stdlib"])
+    if not corpus.exists():
+        perturbed_copies(files, root, corpus, args.copies)
+    mb = sum(p.stat().st_size for p in corpus.rglob("*") if p.is_file()) / 1e6
+    tokenizer = tmp / "bpe4k.tiktoken"
+    if not tokenizer.exists():
+        sample, taken = [], 0
+        for f in files:
+            sample.append(f.read_text(errors="replace"))
+            taken += len(sample[-1])
+            if taken > 10e6:
+                break
+        train_bpe(sample, 4096, tokenizer, name="bench")
+    common = [f'--data.sources=["{corpus}"]', f"--data.tokenizer={tokenizer}",
+              f"--data.shard_tokens={args.shard_tokens}"]
+    print(f"{sum(1 for _ in corpus.rglob('*.py'))} files, {mb:.1f} MB ({args.copies} copies of "
+          f"the stdlib); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
+
+    rows = []
+    baseline_path = tmp / "out_baseline"
+    baseline = None
+    if args.baseline_commit:
+        baseline = run_baseline(args.baseline_commit, tmp, [*common, "--data.workers=2"],
+                                baseline_path)
+        if baseline:
+            rows.append({"run": f"baseline {args.baseline_commit}, 2 workers",
+                         "seconds": baseline["seconds"], "startup": 0.0,
+                         "driver": (baseline["peak_rss_mb"],
+                                    baseline["peak_rss_mb"] - baseline["rss_start_mb"]),
+                         "worker": None, "same": True})
+            print(f"  {rows[-1]['run']}: {baseline['seconds']:.1f}s", flush=True)
+    logs = {}
+    for executor in args.executors.split(","):
+        for workers in [int(w) for w in args.workers.split(",")]:
+            path = tmp / f"out_{executor}_{workers}"
+            cmd = [sys.executable, "-m", "data.prepare", *common, f"--data.path={path}",
+                   f"--data.executor={executor}", f"--data.workers={workers}",
+                   f"--data.docs_per_task={args.docs_per_task}",
+                   f"--data.dedup_partitions={args.dedup_partitions}"]
+            log = _prepare(cmd, {**os.environ, "PYTHONPATH": str(REPO)}, path)["log"]
+            logs[(executor, workers)] = log
+            ran = [s for s in log["tasks"].values() if s["ran"]]
+            # A worker's baseline: the least resident memory any task started with.
+            worker_base = min(s["rss_start_mb_min"] for s in ran)
+            worker_peak = max(s["peak_rss_mb"] for s in ran)
+            driver = log["driver"]
+            rows.append({"run": f"{executor}, {workers} worker{'s' if workers > 1 else ''}",
+                         "seconds": log["seconds"], "startup": log["executor_start_seconds"],
+                         "driver": (driver["peak_rss_mb"],
+                                    driver["peak_rss_mb"] - driver["rss_start_mb"]),
+                         "worker": (worker_peak, max(s["peak_rss_above_start_mb"] for s in ran),
+                                    worker_peak - worker_base),
+                         "same": _same_output(path, baseline_path) if baseline else None})
+            print(f"  {rows[-1]['run']}: {log['seconds']:.1f}s", flush=True)
+
+    print()
+    print("peak resident memory in MB: absolute / above the process's baseline (driver: at "
+          "start, executor running; worker: the least any task started with)")
+    print(f"| {'run':<26} | {'job s':>6} | {'start s':>7} | {'speedup':>7} | "
+          f"{'driver (merge) MB':>17} | {'largest worker MB':>17} | same output |")
+    print(f"|{'-' * 28}|{'-' * 8}|{'-' * 9}|{'-' * 9}|{'-' * 19}|{'-' * 19}|{'-' * 13}|")
+    one = {r["run"].split(",")[0]: r["seconds"] for r in rows if r["run"].endswith(" 1 worker")}
+    for r in rows:
+        base = one.get(r["run"].split(",")[0])
+        speed = f"{base / r['seconds']:7.2f}" if base else f"{'-':>7}"
+        same = {True: "yes", False: "NO", None: "-"}[r["same"]]
+        driver = f"{r['driver'][0]:.0f} / {r['driver'][1]:.0f}"
+        worker = f"{r['worker'][0]:.0f} / {r['worker'][2]:.0f}" if r["worker"] else "-"
+        print(f"| {r['run']:<26} | {r['seconds']:6.1f} | {r['startup']:7.1f} | {speed} | "
+              f"{driver:>17} | {worker:>17} | {same:>11} |")
+    print()
+    print(f"per-stage CPU (one worker, {mb:.1f} MB in):")
+    rates = {}
+    for (executor, workers), log in logs.items():
+        if workers != 1 or executor != args.executors.split(",")[0]:
+            continue
+        kinds: dict[str, float] = {}
+        for name, s in log["tasks"].items():
+            kind = name.split("_")[0] if not name.startswith("near_dedup_") else "components"
+            kinds[kind] = kinds.get(kind, 0.0) + s["cpu_seconds"]
+        for kind, cpu in kinds.items():
+            rates[kind] = mb / cpu if cpu else None
+            rate = f"{mb / cpu:8.2f} MB/s per core" if cpu else ""
+            print(f"  {kind:<12} {cpu:8.2f} CPU s  {rate}")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
+          f"load average now {os.getloadavg()[0]:.1f} (other jobs make wall times noisy)")
+    result = {"mb": mb, "copies": args.copies, "rows": rows, "rates_mb_per_core_s": rates,
+              "cpus": os.cpu_count(), "logs": {f"{e}_{w}": log for (e, w), log in logs.items()}}
+    if args.json:
+        write_json(args.json, result)
+    tmp_dir.cleanup()
+    return result
+
+
+if __name__ == "__main__":
+    main()
