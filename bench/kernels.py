@@ -5,8 +5,10 @@ cross-entropy vs the plain loss.
     python -m bench.kernels --smoke         # no GPU: tiny shapes under TRITON_INTERPRET=1, printed
     python -m bench.kernels --compile-check # no GPU: compile for sm_90, report wgmma / spills
 
-Attention: causal, bf16, head dims 64 and 128, T = 512 .. 16k, batch * T = 16k tokens and
-H * D = 2048 (FlashAttention's benchmark setting). FLOPs as in FlashAttention's benchmarks:
+Attention: causal (`--causal on off` adds non-causal), bf16, head dims 64 and 128, T = 512 ..
+16k, batch * T = 16k tokens and H * D = 2048 (FlashAttention's benchmark setting); ours next to
+SDPA pinned to its flash and cuDNN backends, and flash-attn where installed. FLOPs as in
+FlashAttention's benchmarks:
 forward 4 * B * H * T^2 * D, halved when causal; backward 2.5x the forward. Peak memory is the
 largest allocation above the inputs during one forward + backward.
 
@@ -21,14 +23,20 @@ import datetime
 import os
 import re
 import sys
+import traceback
 from collections.abc import Callable
 from pathlib import Path
 
 import torch
 
+from bench.tables import RESULTS_DIR, device_slug
 from common.atomic import write_text
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+ATTENTION_FLOPS_NOTE = (
+    "FLOPs: forward 4*B*H*T^2*D, halved when causal; backward 2.5x forward (FlashAttention's "
+    "convention). Peak: memory above the inputs during one forward + backward."
+)
+LOSS_NOTE = "Forward + backward through model.loss.lm_loss; peak above the inputs."
 
 
 def attention_flops(B: int, H: int, T: int, D: int, causal: bool, mode: str) -> float:
@@ -46,7 +54,9 @@ def bench_ms(fn: Callable[[], object], grad_to_none=None, smoke: bool = False) -
         return 1e3 * (time.perf_counter() - t0)
     import triton.testing
 
-    return triton.testing.do_bench(fn, warmup=25, rep=100, grad_to_none=grad_to_none)
+    return triton.testing.do_bench(
+        fn, warmup=25, rep=100, grad_to_none=grad_to_none, return_mode="median"
+    )
 
 
 def peak_mib(fn: Callable[[], object], device: torch.device) -> float:
@@ -61,21 +71,39 @@ def peak_mib(fn: Callable[[], object], device: torch.device) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def attention_providers() -> dict[str, Callable]:
-    """name -> fn(q, k, v) for q, k, v (B, H, T, D), causal."""
+def _sdpa_backend(backend_name: str, causal: bool) -> Callable:
+    """fn(q, k, v) running SDPA on one named backend only (torch.nn.attention.SDPBackend)."""
     import torch.nn.functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    backend = getattr(SDPBackend, backend_name)
+
+    def fn(q, k, v):
+        with sdpa_kernel(backend):
+            return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+
+    return fn
+
+
+def attention_providers(causal: bool = True, smoke: bool = False) -> dict[str, Callable]:
+    """name -> fn(q, k, v) for q, k, v (B, H, T, D) (flash-attn: (B, T, H, D)).
+
+    On a GPU: ours, SDPA pinned to its FlashAttention-2 and cuDNN backends, and flash-attn
+    where it is installed. --smoke (the CPU): ours and SDPA's CPU flash kernel; cuDNN too, so
+    the smoke run shows how a provider that cannot run is reported."""
     from kernels.attention import attention
 
     providers = {
-        "triton (ours)": lambda q, k, v: attention(q, k, v, causal=True),
-        "sdpa": lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=True),
+        "triton (ours)": lambda q, k, v: attention(q, k, v, causal=causal),
+        "sdpa flash": _sdpa_backend("FLASH_ATTENTION", causal),
+        "sdpa cudnn": _sdpa_backend("CUDNN_ATTENTION", causal),
     }
+    if smoke:
+        return providers
     try:
         from flash_attn import flash_attn_func
 
-        # flash-attn takes (B, T, H, D); give it that layout outside the timed region.
-        providers["flash-attn"] = lambda q, k, v: flash_attn_func(q, k, v, causal=True)
+        providers["flash-attn"] = lambda q, k, v: flash_attn_func(q, k, v, causal=causal)
     except ImportError:
         pass
     return providers
@@ -96,38 +124,49 @@ def _measure_attention(fn, q, k, v, device, smoke) -> tuple[float, float, float]
     return fwd_ms, bwd_ms, mem
 
 
-def bench_attention(device, dtype, seq_lens, head_dims, tokens, width, smoke) -> list[dict]:
+def attention_row(name: str, fn: Callable, D: int, T: int, causal: bool, tokens: int,
+                  width: int, device, dtype, smoke: bool) -> dict:
+    """One measurement: provider `name` at head dim D, length T, batch * T = tokens and
+    H * D = width. A provider that fails (out of memory, no kernel for this shape) gives a row
+    with NaN numbers and the error in `note`; the traceback goes to stderr."""
+    H, B = width // D, max(1, tokens // T)
+    # flash-attn takes (B, T, H, D); the FLOPs are the same.
+    shape = (B, T, H, D) if name == "flash-attn" else (B, H, T, D)
+    nan = float("nan")
+    fwd_ms = bwd_ms = mem = nan
+    err = ""
+    try:
+        qkv = [torch.randn(shape, device=device, dtype=dtype, requires_grad=True) for _ in range(3)]
+        fwd_ms, bwd_ms, mem = _measure_attention(fn, *qkv, device, smoke)
+    except torch.OutOfMemoryError:
+        err = "OOM"
+    except Exception as e:  # report the row and go on with the other providers
+        traceback.print_exc()
+        err = f"FAIL: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+    qkv = None
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    row = {
+        "provider": name, "D": D, "T": T, "B": B, "H": H, "causal": causal, "dtype": str(dtype),
+        "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
+        "fwd_tflops": attention_flops(B, H, T, D, causal, "fwd") / fwd_ms / 1e9,
+        "bwd_tflops": attention_flops(B, H, T, D, causal, "bwd") / bwd_ms / 1e9,
+        "peak_mib": mem, "note": err,
+    }  # fmt: skip
+    print(attention_line(row), flush=True)
+    return row
+
+
+def bench_attention(device, dtype, seq_lens, head_dims, tokens, width, smoke,
+                    causals=(True,)) -> list[dict]:
     rows = []
-    for D in head_dims:
-        H = width // D
-        for T in seq_lens:
-            B = max(1, tokens // T)
-            for name, fn in attention_providers().items():
-                if smoke and name != "triton (ours)":
-                    continue
-                # flash-attn takes (B, T, H, D); the FLOPs are the same.
-                shape = (B, T, H, D) if name == "flash-attn" else (B, H, T, D)
-                qkv = [
-                    torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
-                    for _ in range(3)
-                ]
-                try:
-                    fwd_ms, bwd_ms, mem = _measure_attention(fn, *qkv, device, smoke)
-                    err = ""
-                except torch.OutOfMemoryError:
-                    fwd_ms = bwd_ms = mem = float("nan")
-                    err = "OOM"
-                rows.append({
-                    "provider": name, "D": D, "T": T, "B": B, "H": H,
-                    "fwd_ms": fwd_ms, "bwd_ms": bwd_ms,
-                    "fwd_tflops": attention_flops(B, H, T, D, True, "fwd") / fwd_ms / 1e9,
-                    "bwd_tflops": attention_flops(B, H, T, D, True, "bwd") / bwd_ms / 1e9,
-                    "peak_mib": mem, "note": err,
-                })  # fmt: skip
-                print(_attention_line(rows[-1]), flush=True)
-                del qkv
-                if device.type == "cuda":
-                    torch.cuda.empty_cache()
+    for causal in causals:
+        providers = attention_providers(causal, smoke)
+        for D in head_dims:
+            for T in seq_lens:
+                for name, fn in providers.items():
+                    rows.append(attention_row(name, fn, D, T, causal, tokens, width, device,
+                                              dtype, smoke))  # fmt: skip
     return rows
 
 
@@ -145,27 +184,36 @@ def _measure_loss(hidden, weight, targets, fused, device, smoke) -> tuple[float,
     return ms, mem
 
 
-def bench_loss(device, dtype, vocabs, n_tokens, dim, smoke) -> list[dict]:
+def loss_rows(V: int, n_tokens: int, dim: int, device, dtype, smoke: bool) -> list[dict]:
+    """The plain and the fused loss at vocabulary V: one row each (ms, peak MiB; NaN and the
+    error in `note` when one fails)."""
     rows = []
-    for V in vocabs:
-        hidden = torch.randn(1, n_tokens, dim, device=device, dtype=dtype, requires_grad=True)
-        weight = (0.02 * torch.randn(V, dim, device=device, dtype=dtype)).requires_grad_()
-        targets = torch.randint(0, V, (1, n_tokens), device=device)
-        for fused in (False, True):
-            try:
-                ms, mem = _measure_loss(hidden, weight, targets, fused, device, smoke)
-                err = ""
-            except torch.OutOfMemoryError:
-                ms = mem = float("nan")
-                err = "OOM"
-            hidden.grad = weight.grad = None
-            rows.append({"V": V, "loss": "fused" if fused else "plain", "ms": ms,
-                         "peak_mib": mem, "note": err})  # fmt: skip
-            print(f"loss V={V} {rows[-1]['loss']}: {ms:.2f} ms, peak {mem:.0f} MiB {err}")
-        del hidden, weight
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    hidden = torch.randn(1, n_tokens, dim, device=device, dtype=dtype, requires_grad=True)
+    weight = (0.02 * torch.randn(V, dim, device=device, dtype=dtype)).requires_grad_()
+    targets = torch.randint(0, V, (1, n_tokens), device=device)
+    for fused in (False, True):
+        ms = mem = float("nan")
+        err = ""
+        try:
+            ms, mem = _measure_loss(hidden, weight, targets, fused, device, smoke)
+        except torch.OutOfMemoryError:
+            err = "OOM"
+        except Exception as e:  # report the row and go on
+            traceback.print_exc()
+            err = f"FAIL: {type(e).__name__}: {str(e).splitlines()[0][:120] if str(e) else ''}"
+        hidden.grad = weight.grad = None
+        rows.append({"V": V, "loss": "fused" if fused else "plain", "ms": ms,
+                     "peak_mib": mem, "note": err, "N": n_tokens, "dim": dim,
+                     "dtype": str(dtype)})  # fmt: skip
+        print(f"loss V={V} {rows[-1]['loss']}: {ms:.2f} ms, peak {mem:.0f} MiB {err}", flush=True)
+    del hidden, weight
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
     return rows
+
+
+def bench_loss(device, dtype, vocabs, n_tokens, dim, smoke) -> list[dict]:
+    return [r for V in vocabs for r in loss_rows(V, n_tokens, dim, device, dtype, smoke)]
 
 
 def _ptxas_usage(ptx: str) -> tuple[int, int]:
@@ -279,61 +327,82 @@ def _compile_other_kernels(triton, GPUTarget, ASTSource) -> list[dict]:
     return rows
 
 
-def _attention_line(r: dict) -> str:
+ATTENTION_HEADER = [
+    "| provider | causal | D | T | BxH | fwd TFLOP/s | bwd TFLOP/s | fwd ms | bwd ms | peak MiB "
+    "| note |",
+    "|---|---|---|---|---|---|---|---|---|---|---|",
+]
+LOSS_HEADER = [
+    "| V | loss | ms | peak MiB | fused / plain peak | note |",
+    "|---|---|---|---|---|---|",
+]
+
+
+def attention_line(r: dict) -> str:
     return (
-        f"| {r['provider']} | {r['D']} | {r['T']} | {r['B']}x{r['H']} | {r['fwd_tflops']:.1f} | "
-        f"{r['bwd_tflops']:.1f} | {r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | {r['peak_mib']:.0f} | "
-        f"{r['note']} |"
+        f"| {r['provider']} | {'yes' if r['causal'] else 'no'} | {r['D']} | {r['T']} | "
+        f"{r['B']}x{r['H']} | {r['fwd_tflops']:.1f} | {r['bwd_tflops']:.1f} | "
+        f"{r['fwd_ms']:.3f} | {r['bwd_ms']:.3f} | {r['peak_mib']:.0f} | {r['note']} |"
     )
+
+
+def loss_ratio(rows: list[dict], V: int) -> float:
+    """Peak memory of the fused loss over the plain loss's at vocabulary V (NaN if missing)."""
+    peak = {r["loss"]: r["peak_mib"] for r in rows if r["V"] == V}
+    plain, fused = peak.get("plain", float("nan")), peak.get("fused", float("nan"))
+    return fused / plain if plain > 0 else float("nan")
+
+
+def loss_lines(rows: list[dict]) -> list[str]:
+    lines = []
+    for r in rows:
+        ratio = f"{loss_ratio(rows, r['V']):.3f}" if r["loss"] == "fused" else ""
+        lines.append(f"| {r['V']} | {r['loss']} | {r['ms']:.2f} | {r['peak_mib']:.0f} | {ratio} | "
+                     f"{r['note']} |")  # fmt: skip
+    return lines
 
 
 def render(device_name: str, att_rows: list[dict], loss_rows: list[dict], args) -> str:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     import triton
 
+    causal = "/".join(args.causal)
     lines = [
         f"# Kernel benchmarks on {device_name}",
         "",
         f"{now}; torch {torch.__version__}, triton {triton.__version__}; "
         f"`python -m bench.kernels {' '.join(sys.argv[1:])}`".rstrip(),
         "",
-        f"## Attention (causal, {args.dtype}, B*T = {args.tokens} tokens, H*D = {args.width})",
+        f"## Attention (causal {causal}, {args.dtype}, B*T = {args.tokens} tokens, "
+        f"H*D = {args.width})",
         "",
-        "FLOPs: forward 4*B*H*T^2*D / 2 (causal), backward 2.5x forward (FlashAttention's "
-        "convention). Peak: memory above the inputs during one forward + backward.",
+        ATTENTION_FLOPS_NOTE,
         "",
-        "| provider | D | T | BxH | fwd TFLOP/s | bwd TFLOP/s | fwd ms | bwd ms | peak MiB "
-        "| note |",
-        "|---|---|---|---|---|---|---|---|---|---|",
-        *(_attention_line(r) for r in att_rows),
+        *ATTENTION_HEADER,
+        *(attention_line(r) for r in att_rows),
         "",
         f"## Fused linear + cross-entropy ({args.dtype}, N = {args.loss_tokens} tokens, "
         f"dim = {args.loss_dim})",
         "",
-        "Forward + backward through model.loss.lm_loss; peak above the inputs.",
+        LOSS_NOTE,
         "",
-        "| V | loss | ms | peak MiB | fused / plain peak | note |",
-        "|---|---|---|---|---|---|",
+        *LOSS_HEADER,
+        *loss_lines(loss_rows),
     ]
-    plain = {r["V"]: r for r in loss_rows if r["loss"] == "plain"}
-    for r in loss_rows:
-        ratio = ""
-        if r["loss"] == "fused" and r["V"] in plain and plain[r["V"]]["peak_mib"] > 0:
-            ratio = f"{r['peak_mib'] / plain[r['V']]['peak_mib']:.3f}"
-        lines.append(
-            f"| {r['V']} | {r['loss']} | {r['ms']:.2f} | {r['peak_mib']:.0f} | {ratio} | "
-            f"{r['note']} |"
-        )
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.kernels", description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--smoke", action="store_true",
                    help="no GPU needed: tiny shapes under TRITON_INTERPRET=1, nothing written")
     p.add_argument("--seq-lens", type=int, nargs="+",
                    default=[512, 1024, 2048, 4096, 8192, 16384])
     p.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    p.add_argument("--causal", nargs="+", choices=["on", "off"], default=["on"])
     p.add_argument("--tokens", type=int, default=16384, help="batch * seq_len per measurement")
     p.add_argument("--width", type=int, default=2048, help="heads * head_dim")
     p.add_argument("--vocabs", type=int, nargs="+", default=[32768, 65536, 131072])
@@ -342,12 +411,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     p.add_argument("--skip-attention", action="store_true")
     p.add_argument("--skip-loss", action="store_true")
-    p.add_argument("--out", type=Path, default=None, help="results file (default: by device)")
+    p.add_argument("--out", metavar="FILE", type=Path, default=None,
+                   help="the results table (default: bench/results/kernels-<device>.md)")
     p.add_argument("--compile-check", action="store_true",
                    help="no GPU needed: compile the attention kernels for sm_90 and report "
                    "wgmma use and register spills (add --all-configs for every autotune config)")
     p.add_argument("--all-configs", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.compile_check:
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
@@ -372,7 +446,8 @@ def main(argv: list[str] | None = None) -> int:
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
 
     att = [] if args.skip_attention else bench_attention(
-        device, dtype, args.seq_lens, args.head_dims, args.tokens, args.width, args.smoke
+        device, dtype, args.seq_lens, args.head_dims, args.tokens, args.width, args.smoke,
+        causals=[c == "on" for c in args.causal],
     )  # fmt: skip
     loss = [] if args.skip_loss else bench_loss(
         device, dtype, args.vocabs, args.loss_tokens, args.loss_dim, args.smoke
@@ -380,8 +455,7 @@ def main(argv: list[str] | None = None) -> int:
     text = render(device_name + (" (interpreter smoke run)" if args.smoke else ""), att, loss, args)
     print(text)
     if not args.smoke or args.out:
-        slug = re.sub(r"[^a-z0-9]+", "-", device_name.lower()).strip("-")
-        path = args.out or RESULTS_DIR / f"kernels-{slug}.md"
+        path = args.out or RESULTS_DIR / f"kernels-{device_slug(device_name)}.md"
         write_text(path, text)
         print(f"wrote {path}")
     return 0

@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -105,8 +106,10 @@ def bench_one(size: str, compile_: bool, ac: str, args, device: torch.device, wo
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.throughput_gpu", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--sizes", nargs="+", default=["gpt2-124m", "llama-1b"], choices=list(SHAPES))
     parser.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--ac", nargs="+", default=["none", "selective", "full"],
@@ -117,45 +120,76 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=0, help="micro-batch per GPU (0: default)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput_gpu.jsonl"))
+    parser.add_argument(
+        "--out", metavar="FILE", default=str(Path(__file__).parent / "results" / "throughput_gpu.jsonl"),
+        help="JSON lines file each result is appended to (default: bench/results/throughput_gpu.jsonl)",
+    )
     parser.add_argument("--smoke", action="store_true",
                         help="check the script on the CPU: tiny model, 2 steps, nothing recorded")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def init_device(smoke: bool) -> tuple[torch.device, int]:
+    """(device, world size), with the process group FSDP2 wants even on one device: gloo on the
+    CPU for --smoke, NCCL on GPUs (torchrun's WORLD_SIZE / LOCAL_RANK when set)."""
+    if smoke:
+        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+        return torch.device("cpu"), 1
+    if not torch.cuda.is_available():
+        sys.exit("bench/throughput_gpu.py needs a CUDA GPU (none found); --smoke runs on CPU")
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
+                                device_id=device)
+    torch.backends.cuda.matmul.allow_tf32 = True
+    return device, world
+
+
+def run_variant(size: str, compile_: bool, ac: str, args, device: torch.device, world: int) -> dict:
+    """bench_one, with a failure (out of memory, a compile error) returned as an `error` row
+    (traceback on stderr) so the other variants still run."""
+    try:
+        result = bench_one(size, compile_, ac, args, device, world)
+    except Exception as e:
+        if not isinstance(e, torch.OutOfMemoryError):
+            traceback.print_exc()
+        error = "out of memory" if isinstance(e, torch.OutOfMemoryError) else (
+            f"{type(e).__name__}: {str(e).splitlines()[0][:160] if str(e) else ''}")
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
+        result = {"size": size, "compile": compile_, "activation_checkpointing": ac,
+                  "attention": args.attention, "fused_loss": args.fused_loss,
+                  "error": error, "device": name}
+    torch._dynamo.reset()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def result_line(result: dict) -> str:
+    mfu = f"{100 * result['mfu']:.1f}%" if result.get("mfu") else "-"
+    head = (f"{result['size']:10s} compile={'on' if result['compile'] else 'off':3s} "
+            f"ac={result['activation_checkpointing']:9s} ")
+    if "error" in result:
+        return head + result["error"]
+    return head + (f"{result['tokens_per_s_per_gpu']:>10,.0f} tok/s/GPU  MFU {mfu}  "
+                   f"{result['peak_mem_gib']:.1f} GiB")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.smoke:
         args.sizes, args.compile, args.steps, args.warmup = ["tiny"], ["off"], 2, 1
         args.out = os.devnull
-        device = torch.device("cpu")
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-        world = 1
-    else:
-        if not torch.cuda.is_available():
-            sys.exit("bench/throughput_gpu.py needs a CUDA GPU (none found); --smoke runs on CPU")
-        world = int(os.environ.get("WORLD_SIZE", "1"))
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-        if world > 1:
-            dist.init_process_group("nccl", device_id=device)
-        else:  # FSDP2 wants a process group even for one GPU
-            dist.init_process_group("nccl", store=dist.HashStore(), rank=0, world_size=1,
-                                    device_id=device)
-        torch.backends.cuda.matmul.allow_tf32 = True
+    device, world = init_device(args.smoke)
     out = Path(args.out)
     for size, comp, ac in itertools.product(args.sizes, args.compile, args.ac):
-        try:
-            result = bench_one(size, comp == "on", ac, args, device, world)
-        except torch.OutOfMemoryError:
-            result = {"size": size, "compile": comp == "on", "activation_checkpointing": ac,
-                      "error": "out of memory", "device": torch.cuda.get_device_name(device)}
-            torch.cuda.empty_cache()
-        torch._dynamo.reset()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        result = run_variant(size, comp == "on", ac, args, device, world)
         if dist.get_rank() == 0:
-            mfu = f"{100 * result['mfu']:.1f}%" if result.get("mfu") else "-"
-            print(f"{size:10s} compile={comp:3s} ac={ac:9s} "
-                  + (f"{result['tokens_per_s_per_gpu']:>10,.0f} tok/s/GPU  MFU {mfu}  "
-                     f"{result['peak_mem_gib']:.1f} GiB" if "error" not in result else result["error"]),
-                  flush=True)
+            print(result_line(result), flush=True)
             out.parent.mkdir(parents=True, exist_ok=True)
             with open(out, "a") as f:
                 f.write(json.dumps(result) + "\n")

@@ -83,10 +83,30 @@ def num_programs_hint(device: torch.device) -> int:
     return 4
 
 
+AUTOTUNE_CONFIGS_ENV = "KERNELS_AUTOTUNE_CONFIGS"
+
+
+def autotune_limit() -> int | None:
+    """KERNELS_AUTOTUNE_CONFIGS=N: autotune over at most the first N configs (of those the
+    kernel's prune keeps), for runs that cannot afford to compile every config (a short GPU
+    lease: bench/gpu_check.py). Unset or 0: every config. Read when an autotuner is built."""
+    raw = os.environ.get(AUTOTUNE_CONFIGS_ENV, "").strip()
+    if not raw:
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise ValueError(f"{AUTOTUNE_CONFIGS_ENV}={raw!r}: expected a whole number >= 0")
+    return n or None
+
+
 class LazyAutotune:
     """Wrap a @triton.jit kernel in triton.autotune on first use.
 
-    On a GPU the kernel is autotuned over `gpu_configs`; under the interpreter (which runs one
+    On a GPU the kernel is autotuned over `gpu_configs` (ordered best guess first, so that
+    KERNELS_AUTOTUNE_CONFIGS=N keeps the likeliest N); under the interpreter (which runs one
     program at a time in NumPy) it is launched with the single small `interpreter_config`.
     Building the autotuner lazily keeps imports free of environment reads.
     """
@@ -111,8 +131,21 @@ class LazyAutotune:
             cfg = self.interpreter_config
             return lambda *args, **kw: self.kernel[grid](*args, **kw, **cfg)
         if self._tuned is None:
-            prune = {"early_config_prune": self.prune} if self.prune else None
+            prune_fn, limit = self.prune, autotune_limit()
+            if limit is not None:
+                prune_fn = _first_configs(self.prune, limit)
+            prune = {"early_config_prune": prune_fn} if prune_fn else None
             self._tuned = triton.autotune(self.gpu_configs, key=self.key, prune_configs_by=prune)(
                 self.kernel
             )
         return self._tuned[grid]
+
+
+def _first_configs(prune: Callable | None, limit: int) -> Callable:
+    """An early_config_prune that applies `prune` (if any), then keeps the first `limit`."""
+
+    def keep_first(configs, named_args, **kwargs):
+        kept = prune(configs, named_args, **kwargs) if prune else configs
+        return list(kept)[:limit]
+
+    return keep_first

@@ -164,13 +164,18 @@ def _attn_fwd_kernel(
     tl.store(o_ptrs, acc.to(OUT.dtype.element_ty), mask=row_ok[:, None])
 
 
-# Hopper: 128-row query tiles; the autotuner picks key tile, warps and pipeline depth.
+# Hopper: 128-row query tiles; the autotuner picks key tile, warps and pipeline depth. Best
+# guess first, since KERNELS_AUTOTUNE_CONFIGS=N (kernels/_common.py) keeps the first N: the
+# configs that ptxas compiles for sm_90a with the fewest register spills at hd 64 and 128
+# (`python -m bench.kernels --compile-check --all-configs`, Triton 3.9: 8 warps spill 0-192 B,
+# 4 warps up to 2.6 KB), until a GPU run's autotune log says which win.
 _FWD_CONFIGS = [
     triton.Config({"BLOCK_M": 128, "BLOCK_N": bn}, num_warps=w, num_stages=s)
-    for bn in (64, 128)
-    for w in (4, 8)
-    for s in (3, 4)
-] + [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)]
+    for bn, w, s in (
+        (128, 8, 3), (64, 8, 3), (64, 8, 4), (128, 8, 4), (64, 4, 3), (64, 4, 4), (128, 4, 3),
+        (128, 4, 4),
+    )
+] + [triton.Config({"BLOCK_M": 64, "BLOCK_N": 64}, num_warps=4, num_stages=3)]  # fmt: skip
 
 
 def _prune_fwd(configs, named_args, **kwargs):
@@ -439,13 +444,17 @@ def _attn_bwd_dq_kernel(
 def _bwd_configs(big: str, small: str) -> list[triton.Config]:
     # The block a program owns (`big`) is wide; the one it streams (`small`) is narrow, which
     # keeps the fp32 accumulators plus recomputed P tiles inside the register file.
-    # Seven configs (each costs a compile on the first backward): the tutorial's 128 x 32 with
-    # a deep pipeline, plus 128 x 64 and 64 x 64 tiles at 4 / 8 warps.
-    return [triton.Config({big: 128, small: 32}, num_warps=4, num_stages=5)] + [
-        triton.Config({big: b, small: s}, num_warps=w, num_stages=3)
-        for b, s in ((128, 32), (128, 64), (64, 64))
-        for w in (4, 8)
-    ]
+    # Seven configs (each costs a compile on the first backward), best guess first (see
+    # _FWD_CONFIGS): 128 x 32 and 128 x 64 at 8 warps spill least at hd 128 (0-650 B; the
+    # tutorial's 128 x 32 at 4 warps and 5 stages spills 3.4 KB in dK/dV). The last one is
+    # what hd 256 falls back to (_prune_bwd).
+    return [
+        triton.Config({big: b, small: s}, num_warps=w, num_stages=st)
+        for b, s, w, st in (
+            (128, 32, 8, 3), (128, 64, 8, 3), (128, 32, 4, 5), (128, 32, 4, 3), (128, 64, 4, 3),
+            (64, 64, 4, 3), (64, 64, 8, 3),
+        )
+    ]  # fmt: skip
 
 
 def _prune_bwd(big: str, small: str):

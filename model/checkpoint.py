@@ -50,10 +50,9 @@ def save_checkpoint(
     """
     final = checkpoint_dir(run_dir, step)
     root = final.parent
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
     # The temporary is common.atomic.temp_path(final); other ranks' shards may already be in it.
     with atomic_dir(final, keep_contents=keep_temp_contents) as tmp:
-        save_file(tensors, tmp / MODEL_FILE, metadata={"format": "pt"})
+        save_model_state(model_state, tmp / MODEL_FILE)
         torch.save(train_state, tmp / STATE_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
     write_text(root / "latest", final.name + "\n")
@@ -62,6 +61,12 @@ def save_checkpoint(
         for old in steps[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def save_model_state(model_state: dict[str, torch.Tensor], path: Path) -> None:
+    """The model's tensors as one safetensors file (detached, contiguous, on the CPU)."""
+    tensors = {k: v.detach().contiguous().cpu() for k, v in model_state.items()}
+    save_file(tensors, path, metadata={"format": "pt"})
 
 
 def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
@@ -86,9 +91,10 @@ def find_checkpoint(run_dir: str | Path, step: int | None = None) -> Path:
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """A checkpoint directory, or a run directory (its newest checkpoint)."""
+    """A checkpoint directory (it holds the model or the train state), or a run directory
+    (its newest checkpoint)."""
     path = Path(path)
-    if (path / MODEL_FILE).exists():
+    if (path / MODEL_FILE).exists() or (path / STATE_FILE).exists():
         return path
     return find_checkpoint(path)
 

@@ -1,7 +1,7 @@
 """Export to / import from the Hugging Face transformers format, with no custom code.
 
-    python -m model.hf export --run runs/tiny [--step N] --out hf/tiny [--max-shard-size 5GB]
-    python -m model.hf import --hf hf/tiny --out runs/from-hf
+    python -m model.hf export --run runs/tiny [--step N] --out-dir hf/tiny [--max-shard-size 5GB]
+    python -m model.hf import --hf hf/tiny --out-dir runs/from-hf
 
 Which transformers class a model becomes (the first row that fits):
 
@@ -26,6 +26,15 @@ permuted per head from halves to interleaved on the way (q.k is unchanged).
 A model that a target class cannot express (a feature transformers has no field for) stops with
 an `ExportError` naming the feature, rather than writing files that load but compute something
 else. Import is the inverse, into a run directory that training can start from.
+
+    model/hf_config.py   the class for a model, and config.json, both ways (one row per family)
+    model/hf_names.py    tensor names and the exact adaptations above, both ways
+    model/hf.py          the files: safetensors shards, tokenizer, export / import, this CLI
+    model/hf_gguf.py     a GGUF file -> a plain Hugging Face directory (to import from)
+
+Export reads the checkpoint's consolidated model.safetensors (every checkpoint our training
+writes has one). A folder holding only a sharded torch.distributed.checkpoint is consolidated
+first with `python -m parallel.checkpoint_dcp --run DIR [--step N]`.
 """
 
 from __future__ import annotations
@@ -35,8 +44,8 @@ import json
 import os
 import re
 import sys
-import warnings
 from contextlib import AbstractContextManager
+from importlib import metadata
 from pathlib import Path
 
 import torch
@@ -44,428 +53,21 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from common.atomic import atomic_dir, write_json, write_text
+from data.hf_tokenizer import EOT, from_hf_tokenizer, save_hf_tokenizer
+from data.manifest import manifest_tokenizer
+from data.tokenizer import Tokenizer, load_tokenizer
+from job_config import JobConfig, to_toml
+from model.checkpoint import MODEL_FILE, find_checkpoint, load_model_state, resolve_checkpoint
 from model.config import ModelConfig
+from model.hf_config import ExportError, hf_architecture, hf_config, model_config_from_hf
+from model.hf_names import EXPERT_BIAS_SUFFIXES, from_hf_state_dict, to_hf_state_dict
+from model.load import load_job_config
 
-LLAMA, QWEN3 = "LlamaForCausalLM", "Qwen3ForCausalLM"
-MIXTRAL, QWEN3_MOE, QWEN2_MOE = "MixtralForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"
-ERNIE_MOE = "Ernie4_5_MoeForCausalLM"
-MODEL_TYPES = {
-    LLAMA: "llama",
-    QWEN3: "qwen3",
-    MIXTRAL: "mixtral",
-    QWEN3_MOE: "qwen3_moe",
-    QWEN2_MOE: "qwen2_moe",
-    ERNIE_MOE: "ernie4_5_moe",
-}
 SAFETENSORS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
-
-
-class ExportError(ValueError):
-    """The model (or the files) cannot be expressed in the other format; the message says why."""
-
-
-# ---------------------------------------------------------------------------------------------
-# Choosing the target class
-# ---------------------------------------------------------------------------------------------
-
-
-def hf_architecture(cfg: ModelConfig) -> str:
-    """The transformers class that computes exactly what `cfg` computes, or ExportError."""
-    if cfg.dim % cfg.n_heads:
-        # transformers 5 rejects hidden_size % num_attention_heads != 0 even with head_dim set.
-        raise ExportError(
-            f"model.dim = {cfg.dim} is not a multiple of model.n_heads = {cfg.n_heads} "
-            f"(head_dim = {cfg.head_dim}): transformers rejects such a config"
-        )
-    if not cfg.is_moe:
-        return QWEN3 if cfg.qk_norm else LLAMA
-    if cfg.moe_balance == "bias":
-        # The selection bias decides which experts run, at inference too: only Ernie 4.5's
-        # router has one over softmax scores (DeepSeek-V3's comes with sigmoid scores and MLA).
-        if cfg.qk_norm:
-            raise ExportError(
-                "model.qk_norm with model.moe_balance = 'bias': the expert selection bias needs "
-                "Ernie4_5_MoeForCausalLM, which has no QK-norm (train with moe_balance = 'aux')"
-            )
-        return ERNIE_MOE
-    if cfg.n_shared_experts and cfg.qk_norm:
-        raise ExportError(
-            "model.qk_norm with shared experts (model.n_shared_experts = "
-            f"{cfg.n_shared_experts}): Qwen3-MoE has no shared expert and Qwen2-MoE / Mixtral "
-            "have no QK-norm; no transformers class expresses this model"
-        )
-    if cfg.n_shared_experts:
-        return QWEN2_MOE
-    if cfg.qk_norm:
-        return QWEN3_MOE
-    if cfg.moe_every != 1:
-        raise ExportError(
-            f"model.moe_every = {cfg.moe_every} (dense MLP layers between MoE layers): "
-            "MixtralForCausalLM makes every layer MoE (Qwen3-MoE could, but it needs qk_norm)"
-        )
-    return MIXTRAL
-
-
-def _check_routing(cfg: ModelConfig, arch: str, state: dict[str, torch.Tensor]) -> None:
-    """MoE routing: our router = softmax over all experts (fp32), top-k, renormalized top-k
-    weights, like Mixtral (and Qwen with norm_topk_prob). The aux-loss-free balancing bias
-    (moe_balance = "bias", DeepSeek-V3) is part of the model: it also decides which experts are
-    chosen at inference. Only Ernie 4.5 has it; for any other class refuse unless the bias is
-    exactly zero. With other balancing the buffer is never read (and stays zero)."""
-    if cfg.moe_balance != "bias" or arch == ERNIE_MOE:
-        return
-    for name, tensor in state.items():
-        if name.endswith(_EXPERT_BIAS_SUFFIXES) and torch.any(tensor != 0):
-            raise ExportError(
-                f"{name}: model.moe_balance = 'bias' learned a per-expert selection bias that "
-                f"changes which experts are picked at inference; {arch} has no field for it"
-            )
-
-
-# The buffer of our MoE layer that holds the aux-loss-free balancing bias (model/moe.py).
-_EXPERT_BIAS_SUFFIXES = (".expert_bias",)
-
-
-# ---------------------------------------------------------------------------------------------
-# Names: ours <-> Hugging Face
-# ---------------------------------------------------------------------------------------------
-
-
-def _moe_prefix(arch: str, layer: int) -> str:
-    return f"model.layers.{layer}." + ("block_sparse_moe." if arch == MIXTRAL else "mlp.")
-
-
-def _expert_names(arch: str, layer: int, expert: int) -> tuple[str, str, str]:
-    """(gate, up, down) weight names of one expert; transformers 5 fuses them in memory but
-    reads and writes these per-expert names, so the files work with 4.x and 5.x."""
-    p = f"{_moe_prefix(arch, layer)}experts.{expert}."
-    if arch == MIXTRAL:
-        return p + "w1.weight", p + "w3.weight", p + "w2.weight"
-    return p + "gate_proj.weight", p + "up_proj.weight", p + "down_proj.weight"
-
-
-ATTN_NAMES = (("wq", "q_proj"), ("wk", "k_proj"), ("wv", "v_proj"), ("wo", "o_proj"))
-MLP_NAMES = (("w_gate", "gate_proj"), ("w_up", "up_proj"), ("w_down", "down_proj"))
-
-
-def _plain_names(cfg: ModelConfig, arch: str) -> list[tuple[str, str]]:
-    """(our name, HF name) for every tensor that is copied unchanged."""
-    pairs = [("embed.weight", "model.embed_tokens.weight")]
-    for i in range(cfg.n_layers):
-        b, h = f"blocks.{i}.", f"model.layers.{i}."
-        pairs.append((b + "attn_norm.weight", h + "input_layernorm.weight"))
-        for ours, theirs in ATTN_NAMES:
-            pairs.append((f"{b}attn.{ours}.weight", f"{h}self_attn.{theirs}.weight"))
-        if cfg.qk_norm:
-            pairs.append((b + "attn.q_norm.weight", h + "self_attn.q_norm.weight"))
-            pairs.append((b + "attn.k_norm.weight", h + "self_attn.k_norm.weight"))
-        pairs.append((b + "mlp_norm.weight", h + "post_attention_layernorm.weight"))
-        if cfg.is_moe_layer(i):
-            moe = _moe_prefix(arch, i)
-            pairs.append((b + "mlp.router.weight", moe + "gate.weight"))
-            if cfg.n_shared_experts and arch == ERNIE_MOE:
-                for ours, theirs in MLP_NAMES:
-                    theirs = f"{moe}shared_experts.{theirs}.weight"
-                    pairs.append((f"{b}mlp.shared.{ours}.weight", theirs))
-            elif cfg.n_shared_experts:  # Qwen2-MoE: down is scaled, see to_hf_state_dict
-                for ours, theirs in MLP_NAMES[:2]:
-                    theirs = f"{moe}shared_expert.{theirs}.weight"
-                    pairs.append((f"{b}mlp.shared.{ours}.weight", theirs))
-        else:
-            for ours, theirs in MLP_NAMES:
-                pairs.append((f"{b}mlp.{ours}.weight", f"{h}mlp.{theirs}.weight"))
-    pairs.append(("norm.weight", "model.norm.weight"))
-    if not cfg.tie_embeddings:
-        pairs.append(("lm_head.weight", "lm_head.weight"))
-    return pairs
-
-
-def to_hf_state_dict(
-    state: dict[str, torch.Tensor], cfg: ModelConfig, arch: str
-) -> dict[str, torch.Tensor]:
-    """Our state dict (our names) -> Hugging Face tensors for `arch`, in file order."""
-    state = dict(state)
-    _check_routing(cfg, arch, state)
-    out: dict[str, torch.Tensor] = {}
-
-    def take(name: str) -> torch.Tensor:
-        if name not in state:
-            raise ExportError(f"checkpoint has no tensor {name!r} (expected for this model config)")
-        return state.pop(name)
-
-    for ours, theirs in _plain_names(cfg, arch):
-        out[theirs] = take(ours)
-    for i in range(cfg.n_layers):
-        if not cfg.is_moe_layer(i):
-            continue
-        b, moe = f"blocks.{i}.mlp.", _moe_prefix(arch, i)
-        # (E, hidden, dim), (E, hidden, dim), (E, dim, hidden) -> one (out, in) matrix per expert
-        w_gate, w_up, w_down = take(b + "w_gate"), take(b + "w_up"), take(b + "w_down")
-        for j in range(cfg.n_experts):
-            gate, up, down = _expert_names(arch, i, j)
-            out[gate], out[up], out[down] = w_gate[j], w_up[j], w_down[j]
-        if arch == ERNIE_MOE:  # (E,) -> (1, E), kept fp32 whatever the export dtype
-            out[moe + "moe_statics.e_score_correction_bias"] = take(b + "expert_bias")[None].float()
-        if arch == QWEN2_MOE:
-            down = take(b + "shared.w_down.weight")
-            out[moe + "shared_expert.down_proj.weight"] = down * 2  # exact: a power of two
-            out[moe + "shared_expert_gate.weight"] = down.new_zeros(1, cfg.dim)  # sigmoid(0) = 1/2
-    if arch == QWEN2_MOE:  # Qwen2 attention has q/k/v biases: zeros compute exactly what we do
-        for i in range(cfg.n_layers):
-            for proj in ("q_proj", "k_proj", "v_proj"):
-                weight = out[f"model.layers.{i}.self_attn.{proj}.weight"]
-                out[f"model.layers.{i}.self_attn.{proj}.bias"] = weight.new_zeros(weight.shape[0])
-    if arch == ERNIE_MOE:  # Ernie rotates interleaved pairs (2j, 2j+1); we rotate (j, j + D/2)
-        for i in range(cfg.n_layers):
-            for proj in ("q_proj", "k_proj"):
-                name = f"model.layers.{i}.self_attn.{proj}.weight"
-                out[name] = _halves_to_interleaved(out[name], cfg.head_dim)
-    for name in list(state):
-        if name.endswith(_EXPERT_BIAS_SUFFIXES):  # checked zero above: no effect at inference
-            state.pop(name)
-    if state:
-        raise ExportError(f"checkpoint tensors with no Hugging Face counterpart: {sorted(state)}")
-    return {name: t.contiguous() for name, t in out.items()}
-
-
-def from_hf_state_dict(
-    hf: dict[str, torch.Tensor], cfg: ModelConfig, arch: str, source: str = "checkpoint"
-) -> dict[str, torch.Tensor]:
-    """Hugging Face tensors -> our state dict: the exact inverse of `to_hf_state_dict`."""
-    hf = dict(hf)
-    for name in [n for n in hf if n.endswith("rotary_emb.inv_freq")]:
-        hf.pop(name)  # old transformers saved the RoPE buffer; we recompute it
-    if cfg.tie_embeddings:
-        hf.pop("lm_head.weight", None)  # some tools write the tied copy anyway
-    out: dict[str, torch.Tensor] = {}
-
-    def take(name: str) -> torch.Tensor:
-        if name not in hf:
-            raise ExportError(f"{source}: no tensor {name!r} (expected for {arch})")
-        return hf.pop(name)
-
-    for ours, theirs in _plain_names(cfg, arch):
-        out[ours] = take(theirs)
-    if arch == ERNIE_MOE:
-        for i in range(cfg.n_layers):
-            for ours in ("wq", "wk"):
-                name = f"blocks.{i}.attn.{ours}.weight"
-                out[name] = _interleaved_to_halves(out[name], cfg.head_dim)
-    for i in range(cfg.n_layers):
-        if not cfg.is_moe_layer(i):
-            continue
-        b, moe = f"blocks.{i}.mlp.", _moe_prefix(arch, i)
-        experts = [[take(n) for n in _expert_names(arch, i, j)] for j in range(cfg.n_experts)]
-        for k, ours in enumerate(("w_gate", "w_up", "w_down")):
-            out[b + ours] = torch.stack([e[k] for e in experts])
-        if arch == ERNIE_MOE:
-            bias = take(moe + "moe_statics.e_score_correction_bias")  # (1, E)
-            out[b + "expert_bias"] = bias.reshape(cfg.n_experts).float()
-        else:
-            out[b + "expert_bias"] = torch.zeros(cfg.n_experts)  # no selection bias (fp32)
-        if arch == QWEN2_MOE:
-            gate = take(moe + "shared_expert_gate.weight")
-            if torch.any(gate != 0):
-                raise ExportError(
-                    f"{source}: {moe}shared_expert_gate.weight is not zero: our shared expert has "
-                    "no sigmoid gate, so this Qwen2-MoE model cannot be imported"
-                )
-            out[b + "shared.w_down.weight"] = take(moe + "shared_expert.down_proj.weight") / 2
-    if arch == QWEN2_MOE:
-        for i in range(cfg.n_layers):
-            for proj in ("q_proj", "k_proj", "v_proj"):
-                name = f"model.layers.{i}.self_attn.{proj}.bias"
-                bias = hf.pop(name, None)  # absent when qkv_bias = false (transformers 5)
-                if bias is not None and torch.any(bias != 0):
-                    raise ExportError(f"{source}: {name} is not zero: our attention has no biases")
-    if hf:
-        raise ExportError(f"{source}: tensors we have no place for: {sorted(hf)[:10]}")
-    return out
-
-
-def _halves_to_interleaved(w: torch.Tensor, head_dim: int) -> torch.Tensor:
-    """(H*D, dim) projection rows per head: row j -> 2j, row j + D/2 -> 2j + 1. Applied to q and
-    k alike it leaves q.k unchanged and turns our RoPE pairs (j, j + D/2) into (2j, 2j + 1)."""
-    dim = w.shape[1]
-    return w.reshape(-1, 2, head_dim // 2, dim).transpose(1, 2).reshape(-1, dim).contiguous()
-
-
-def _interleaved_to_halves(w: torch.Tensor, head_dim: int) -> torch.Tensor:
-    dim = w.shape[1]
-    return w.reshape(-1, head_dim // 2, 2, dim).transpose(1, 2).reshape(-1, dim).contiguous()
-
-
-# ---------------------------------------------------------------------------------------------
-# config.json
-# ---------------------------------------------------------------------------------------------
-
-
-def hf_config(cfg: ModelConfig, arch: str, eot_id: int | None, dtype: torch.dtype) -> dict:
-    """config.json for `arch`; every number that changes the computation is written out."""
-    c = {
-        "architectures": [arch],
-        "model_type": MODEL_TYPES[arch],
-        "vocab_size": cfg.vocab_size,
-        "hidden_size": cfg.dim,
-        "intermediate_size": cfg.ffn_hidden,
-        "num_hidden_layers": cfg.n_layers,
-        "num_attention_heads": cfg.n_heads,
-        "num_key_value_heads": cfg.n_kv_heads,
-        "head_dim": cfg.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": cfg.max_seq_len,
-        "rms_norm_eps": cfg.norm_eps,
-        "rope_theta": cfg.rope_theta,  # top level: read by 4.x, moved into rope_parameters by 5.x
-        "rope_scaling": None,
-        "attention_bias": False,
-        "attention_dropout": 0.0,
-        "tie_word_embeddings": cfg.tie_embeddings,
-        "initializer_range": cfg.init_std,
-        "use_cache": True,
-        "bos_token_id": eot_id,  # documents are separated by end-of-text: it also starts them
-        "eos_token_id": eot_id,
-        "torch_dtype": str(dtype).removeprefix("torch."),
-    }
-    if arch == LLAMA:
-        c["mlp_bias"] = False
-        c["pretraining_tp"] = 1
-    if arch in (QWEN3, QWEN3_MOE, QWEN2_MOE):
-        c.update(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
-    if arch == MIXTRAL:
-        c.update(
-            num_local_experts=cfg.n_experts,
-            num_experts_per_tok=cfg.moe_top_k,
-            intermediate_size=cfg.expert_hidden,
-            router_aux_loss_coef=cfg.moe_aux_coef,
-            router_jitter_noise=0.0,
-            output_router_logits=False,
-            sliding_window=None,
-        )
-    if arch in (QWEN3_MOE, QWEN2_MOE):
-        c.update(
-            num_experts=cfg.n_experts,
-            num_experts_per_tok=cfg.moe_top_k,
-            moe_intermediate_size=cfg.expert_hidden,
-            decoder_sparse_step=cfg.moe_every,  # layer i is MoE when (i + 1) % step == 0, as ours
-            mlp_only_layers=[],
-            norm_topk_prob=True,  # we renormalize the top-k weights
-            router_aux_loss_coef=cfg.moe_aux_coef,
-            output_router_logits=False,
-        )
-    if arch == QWEN2_MOE:
-        # our n_shared_experts shared experts are one SwiGLU of the summed width (model/moe.py)
-        c["shared_expert_intermediate_size"] = cfg.n_shared_experts * cfg.expert_hidden
-        c["qkv_bias"] = True  # 4.x always has q/k/v biases; we write zeros
-    if arch == ERNIE_MOE:
-        c.update(
-            use_bias=False,
-            moe_num_experts=cfg.n_experts,
-            moe_k=cfg.moe_top_k,
-            moe_intermediate_size=cfg.expert_hidden,
-            moe_num_shared_experts=cfg.n_shared_experts,  # one SwiGLU of n * expert width, as ours
-            moe_layer_start_index=0,  # layer i is MoE when (i + 1) % interval == 0, as ours
-            moe_layer_end_index=cfg.n_layers - 1,
-            moe_layer_interval=cfg.moe_every,
-            moe_norm_min=1e-12,  # top-k weights / max(sum, 1e-12): the sum is >= k / E here
-            router_aux_loss_coef=cfg.moe_aux_coef,
-            output_router_logits=False,
-        )
-    return c
-
-
-def model_config_from_hf(c: dict, source: str = "config.json") -> tuple[ModelConfig, str]:
-    """Hugging Face config.json (as a dict) -> (ModelConfig, architecture); ExportError for
-    anything our Transformer does not compute."""
-    archs = c.get("architectures") or []
-    if len(archs) != 1 or archs[0] not in MODEL_TYPES:
-        raise ExportError(
-            f"{source}: architectures = {archs}: expected one of {list(MODEL_TYPES)}"
-        )
-    arch = archs[0]
-
-    def unsupported(field: str, why: str) -> ExportError:
-        return ExportError(f"{source}: {field} = {c.get(field)!r}: {why}")
-
-    if c.get("hidden_act", "silu") != "silu":
-        raise unsupported("hidden_act", "our MLP is SwiGLU (silu)")
-    for flag in ("attention_bias", "mlp_bias", "use_bias"):
-        if c.get(flag):
-            raise unsupported(flag, "our linear layers have no biases")
-    if c.get("use_sliding_window") or (arch == MIXTRAL and c.get("sliding_window")):
-        raise unsupported("sliding_window", "our attention is full causal attention")
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ExportError(f"{source}: RoPE type {rope_type!r}: our RoPE has no frequency scaling")
-    theta = rope.get("rope_theta", c.get("rope_theta", 10000.0))
-    if c.get("partial_rotary_factor", 1.0) != 1.0:
-        raise unsupported("partial_rotary_factor", "we rotate the whole head")
-    heads = c["num_attention_heads"]
-    values = dict(
-        vocab_size=c["vocab_size"],
-        dim=c["hidden_size"],
-        n_layers=c["num_hidden_layers"],
-        n_heads=heads,
-        n_kv_heads=c.get("num_key_value_heads") or heads,
-        head_dim=c.get("head_dim") or c["hidden_size"] // heads,
-        ffn_hidden=c["intermediate_size"],
-        norm_eps=c["rms_norm_eps"],
-        rope_theta=float(theta),
-        max_seq_len=c["max_position_embeddings"],
-        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
-        qk_norm=arch in (QWEN3, QWEN3_MOE),
-        init_std=c.get("initializer_range", 0.02),
-    )
-    if arch == MIXTRAL:
-        values.update(
-            n_experts=_n_experts(c),
-            moe_top_k=c["num_experts_per_tok"],
-            expert_hidden=c["intermediate_size"],
-        )
-    if arch in (QWEN3_MOE, QWEN2_MOE):
-        if c.get("mlp_only_layers"):
-            raise unsupported("mlp_only_layers", "our dense layers follow moe_every only")
-        if not c.get("norm_topk_prob", False):
-            raise unsupported("norm_topk_prob", "our router renormalizes the top-k weights")
-        values.update(
-            n_experts=_n_experts(c),
-            moe_top_k=c["num_experts_per_tok"],
-            expert_hidden=c["moe_intermediate_size"],
-            moe_every=c.get("decoder_sparse_step", 1),
-        )
-    if arch == QWEN2_MOE:
-        shared, expert = c["shared_expert_intermediate_size"], c["moe_intermediate_size"]
-        if shared % expert:
-            raise unsupported(
-                "shared_expert_intermediate_size",
-                f"expected a multiple of moe_intermediate_size = {expert}",
-            )
-        values["n_shared_experts"] = shared // expert
-    if arch == ERNIE_MOE:
-        every, n_layers = c.get("moe_layer_interval", 1), c["num_hidden_layers"]
-        if c.get("moe_layer_start_index", 0) > every - 1:
-            raise unsupported("moe_layer_start_index", "expected <= moe_layer_interval - 1")
-        if c.get("moe_layer_end_index", -1) not in (-1, n_layers - 1):
-            raise unsupported("moe_layer_end_index", f"expected -1 or {n_layers - 1}")
-        values.update(
-            n_experts=c["moe_num_experts"],
-            moe_top_k=c["moe_k"],
-            expert_hidden=c["moe_intermediate_size"],
-            n_shared_experts=c.get("moe_num_shared_experts", 0),
-            moe_every=every,
-            moe_balance="bias",
-        )
-    if "router_aux_loss_coef" in c:
-        values["moe_aux_coef"] = c["router_aux_loss_coef"]
-    return ModelConfig(**values), arch
-
-
-def _n_experts(c: dict) -> int:
-    # Mixtral's field; transformers 5 also saves Qwen-MoE's num_experts under this name.
-    return c["num_local_experts"] if "num_local_experts" in c else c["num_experts"]
+DCP_COMMAND = "python -m parallel.checkpoint_dcp"  # consolidates a sharded checkpoint
 
 
 # ---------------------------------------------------------------------------------------------
@@ -563,8 +165,6 @@ def export_model(
     encoding = getattr(tokenizer, "encoding", tokenizer)
     eot_id = None
     if encoding is not None:
-        from data.hf_tokenizer import EOT
-
         n_vocab = encoding.max_token_value + 1
         if n_vocab > cfg.vocab_size:
             raise ExportError(
@@ -575,12 +175,8 @@ def export_model(
     tensors = to_hf_state_dict(state, cfg, arch)
     fp32_only = ".e_score_correction_bias"  # selection bias: fp32 whatever the dtype
     if dtype is not None:
-        dtype = DTYPE_ALIASES.get(dtype, dtype)
-        if dtype not in DTYPES:
-            raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
-        tensors = {
-            n: t if n.endswith(fp32_only) else t.to(DTYPES[dtype]) for n, t in tensors.items()
-        }
+        to = _dtype(dtype)
+        tensors = {n: t if n.endswith(fp32_only) else t.to(to) for n, t in tensors.items()}
     dtypes = {t.dtype for n, t in tensors.items() if not n.endswith(fp32_only)}
     if len(dtypes) != 1:
         raise ExportError(f"checkpoint mixes dtypes {sorted(map(str, dtypes))}: pass --dtype")
@@ -595,8 +191,6 @@ def export_model(
             generation.update(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
         write_json(tmp / "generation_config.json", generation, indent=2)
         if encoding is not None:
-            from data.hf_tokenizer import save_hf_tokenizer
-
             save_hf_tokenizer(encoding, tmp, model_max_length=cfg.max_seq_len)
     return arch
 
@@ -614,20 +208,13 @@ def export_run(
     """Export checkpoint `step` (default: the newest) of a run directory (or a checkpoint
     directory). The tokenizer is the run's prepared data's (data.path/manifest.json), or
     `tokenizer` (a spec for data.tokenizer.load_tokenizer) when given."""
-    from job_config import JobConfig
-    from model.checkpoint import find_checkpoint, load_config_dict, resolve_checkpoint
-
     ckpt = resolve_checkpoint(run_dir) if step is None else find_checkpoint(run_dir, step)
-    job = JobConfig.from_dict(load_config_dict(ckpt), str(ckpt / "config.json"))
-    state = load_checkpoint_model_state(ckpt, job.model)
+    job = load_job_config(ckpt)
+    state = checkpoint_model_state(ckpt)
     tok = None
     if tokenizer:
-        from data.tokenizer import load_tokenizer
-
         tok = load_tokenizer(tokenizer)
     elif with_tokenizer:
-        from data.manifest import manifest_tokenizer
-
         try:
             tok = manifest_tokenizer(job.data.path)
         except FileNotFoundError as e:
@@ -638,60 +225,16 @@ def export_run(
     return export_model(state, job.model, out_dir, tok, max_shard_size, dtype, overwrite)
 
 
-def load_checkpoint_model_state(ckpt: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """The model state dict (our names) of a checkpoint directory: its model.safetensors, or
-    a sharded torch.distributed.checkpoint (DCP) in the directory or its `model/` folder,
-    consolidated here."""
-    from model.checkpoint import MODEL_FILE, load_model_state
-
-    if (ckpt / MODEL_FILE).exists():
-        return load_model_state(ckpt)
-    for folder in (ckpt, ckpt / "model"):
-        if (folder / ".metadata").exists():
-            return consolidate_dcp(folder, cfg)
-    raise FileNotFoundError(f"{ckpt}: no {MODEL_FILE} and no sharded (DCP) checkpoint")
-
-
-def consolidate_dcp(folder: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Full CPU tensors of the model from a DCP checkpoint saved by any number of ranks, in one
-    process: DCP reassembles each tensor from its shards by the global shapes in `.metadata`.
-
-    Stored keys may carry a prefix (e.g. "model.embed.weight" for a {"model": ...} state dict);
-    each of our parameter names must match exactly one stored key ("model."-prefixed preferred).
-    """
-    import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
-
-    from model.transformer import Transformer
-
-    reader = dcp.FileSystemReader(str(folder))
-    stored = {
-        key: meta
-        for key, meta in reader.read_metadata().state_dict_metadata.items()
-        if isinstance(meta, TensorStorageMetadata)
-    }
-    with torch.device("meta"):
-        expected = Transformer(cfg).state_dict()  # names and shapes only, no memory
-    buffers, keys = {}, {}
-    for name, t in expected.items():
-        found = [k for k in stored if k == name or k.endswith("." + name)]
-        if len(found) > 1:
-            found = [k for k in found if k in (name, "model." + name)] or found
-        if len(found) != 1:
-            raise ExportError(
-                f"{folder}: expected one stored tensor for {name!r}, found {found[:4] or 'none'}"
-            )
-        meta = stored[found[0]]
-        if tuple(meta.size) != tuple(t.shape):
-            raise ExportError(
-                f"{folder}: {found[0]} has shape {tuple(meta.size)}, the config says {tuple(t.shape)}"
-            )
-        buffers[found[0]] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
-        keys[name] = found[0]
-    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
-        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
-        dcp.load(buffers, storage_reader=reader, no_dist=True)
-    return {name: buffers[key] for name, key in keys.items()}
+def checkpoint_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
+    """The consolidated model state dict (our names) of a checkpoint directory. A checkpoint
+    that holds only a sharded torch.distributed.checkpoint (a `.metadata` file in it or in a
+    folder of it) stops with the command that consolidates it."""
+    if not (ckpt / MODEL_FILE).exists() and any(ckpt.glob("**/.metadata")):
+        raise ExportError(
+            f"{ckpt} holds a sharded (DCP) checkpoint but no {MODEL_FILE}: consolidate it "
+            f"first with `{DCP_COMMAND} --run {ckpt}`, then export again"
+        )
+    return load_model_state(ckpt)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -714,24 +257,16 @@ def import_hf(
     )
     state = from_hf_state_dict(read_safetensors(hf_dir), cfg, arch, str(hf_dir))
     if dtype is not None:
-        dtype = DTYPE_ALIASES.get(dtype, dtype)
-        if dtype not in DTYPES:
-            raise ValueError(f"--dtype {dtype!r}: expected one of {sorted(DTYPES)}")
+        to = _dtype(dtype)
         state = {  # the balancing bias buffer stays fp32 (model/moe.py)
-            n: t if n.endswith(_EXPERT_BIAS_SUFFIXES) else t.to(DTYPES[dtype])
-            for n, t in state.items()
+            n: t if n.endswith(EXPERT_BIAS_SUFFIXES) else t.to(to) for n, t in state.items()
         }
-    from job_config import JobConfig, to_toml
-
     job = JobConfig(model=cfg)
     out_dir = Path(out_dir)
     job.train.run_dir = str(out_dir)
     with _staging_dir(out_dir, overwrite) as tmp:
         tokenizer_json = hf_dir / "tokenizer.json"
         if tokenizer_json.exists():
-            from data.hf_tokenizer import from_hf_tokenizer
-            from data.tokenizer import Tokenizer
-
             try:
                 encoding = from_hf_tokenizer(tokenizer_json, name=hf_dir.name or "hf")
                 Tokenizer(encoding, str(tokenizer_json)).save(tmp / "tokenizer.tiktoken")
@@ -761,12 +296,17 @@ def _staging_dir(out: Path, overwrite: bool) -> AbstractContextManager[Path]:
     return atomic_dir(out)
 
 
+def _dtype(name: str) -> torch.dtype:
+    name = DTYPE_ALIASES.get(name, name)
+    if name not in DTYPES:
+        raise ValueError(f"--dtype {name!r}: expected one of {sorted(DTYPES)}")
+    return DTYPES[name]
+
+
 def _transformers_version() -> str:
     try:
-        import transformers
-
-        return transformers.__version__
-    except ImportError:
+        return metadata.version("transformers")
+    except metadata.PackageNotFoundError:
         return "unknown"
 
 
@@ -775,35 +315,43 @@ def _transformers_version() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """`--out-dir`, not `--out`: both commands write a directory (--out names a file in every
+    tool, common/cli.py)."""
     parser = argparse.ArgumentParser(prog="python -m model.hf", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="a run's checkpoint -> Hugging Face directory")
-    ex.add_argument("--run", required=True, help="run directory (holds checkpoints/)")
-    ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    ex.add_argument("--out", required=True, help="output directory")
+    ex.add_argument("--run", metavar="DIR", required=True, help="run directory (holds checkpoints/)")
+    ex.add_argument("--step", metavar="N", type=int, default=None,
+                    help="checkpoint step (default: latest)")
+    ex.add_argument("--out-dir", metavar="DIR", required=True, help="Hugging Face model directory")
     ex.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the run's)")
     ex.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files")
     ex.add_argument("--max-shard-size", default="5GB", help="shard above this size (5GB)")
     dtypes = sorted(DTYPES) + sorted(DTYPE_ALIASES)
     ex.add_argument("--dtype", default=None, choices=dtypes, help="default: the checkpoint's")
-    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out-dir")
     im = sub.add_parser("import", help="Hugging Face directory -> run directory")
-    im.add_argument("--hf", required=True, help="Hugging Face model directory")
-    im.add_argument("--out", required=True, help="output run directory")
+    im.add_argument("--hf", metavar="DIR", required=True, help="Hugging Face model directory")
+    im.add_argument("--out-dir", metavar="DIR", required=True, help="output run directory")
     im.add_argument("--dtype", default=None, choices=dtypes, help="default: the files' dtype")
-    im.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    im.add_argument("--overwrite", action="store_true", help="replace a non-empty --out-dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
             arch = export_run(
-                args.run, args.out, args.step, args.tokenizer, args.max_shard_size, args.dtype,
+                args.run, args.out_dir, args.step, args.tokenizer, args.max_shard_size, args.dtype,
                 args.overwrite, with_tokenizer=not args.no_tokenizer,
             )
-            print(f"wrote {arch} to {args.out}")
+            print(f"wrote {arch} to {args.out_dir}")
         else:
-            cfg = import_hf(args.hf, args.out, args.dtype, args.overwrite)
-            print(f"wrote {args.out}/checkpoints/step_000000 ({cfg.num_params():,} parameters)")
+            cfg = import_hf(args.hf, args.out_dir, args.dtype, args.overwrite)
+            print(f"wrote {args.out_dir}/checkpoints/step_000000 ({cfg.num_params():,} parameters)")
     except (ExportError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}") from None
 

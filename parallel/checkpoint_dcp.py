@@ -17,16 +17,25 @@ resumes on 1 process, on tensor parallelism 2, or any other mesh. Without `dcp/`
 model.safetensors and the full optimizer state are loaded and sharded onto the current layout.
 Optimizer states are keyed by parameter name (get_optimizer_state_dict), not by position, in
 both places.
+
+A checkpoint folder that holds only a sharded DCP checkpoint (saved by another tool, or with its
+model.safetensors removed) gets one, consolidated in one process, for eval and HF export:
+
+    python -m parallel.checkpoint_dcp --run runs/NAME [--step N]    # or --run a checkpoint dir
 """
 
 from __future__ import annotations
 
+import argparse
 import shutil
+import warnings
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -35,8 +44,20 @@ from torch.distributed.checkpoint.state_dict import (
     set_optimizer_state_dict,
 )
 
-from common.atomic import temp_path
-from model.checkpoint import checkpoint_dir, load_model_state, load_train_state, save_checkpoint
+from common.atomic import atomic_path, temp_path
+from model.checkpoint import (
+    MODEL_FILE,
+    checkpoint_dir,
+    find_checkpoint,
+    load_model_state,
+    load_train_state,
+    resolve_checkpoint,
+    save_checkpoint,
+    save_model_state,
+)
+from model.config import ModelConfig
+from model.load import load_job_config
+from model.transformer import Transformer
 from parallel.dist import barrier
 
 DCP_DIR = "dcp"
@@ -125,3 +146,96 @@ def _positional_to_named(optim: dict, optimizer, raw: nn.Module) -> dict:
     order = [names[id(p)] for g in optimizer.param_groups for p in g["params"]]
     groups = [dict(g, params=[order[i] for i in g["params"]]) for g in optim["param_groups"]]
     return {"state": {order[i]: s for i, s in optim["state"].items()}, "param_groups": groups}
+
+
+# --- consolidating a sharded model in one process ----------------------------------------------
+
+
+def find_dcp_folder(ckpt: Path) -> Path | None:
+    """The folder of a checkpoint directory that holds a DCP checkpoint (its `.metadata`): our
+    `dcp/`, a `model/` folder, or the directory itself; None when there is none."""
+    for folder in (ckpt / DCP_DIR, ckpt / "model", ckpt):
+        if (folder / ".metadata").exists():
+            return folder
+    return None
+
+
+def consolidate_dcp(folder: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of the model from a DCP checkpoint saved by any number of ranks, in one
+    process: DCP reassembles each tensor from its shards by the global shapes in `.metadata`.
+
+    Stored keys may carry a prefix (e.g. "model.embed.weight" for a {"model": ...} state dict);
+    each of our parameter names must match exactly one stored key ("model."-prefixed preferred).
+    """
+    reader = dcp.FileSystemReader(str(folder))
+    stored = {
+        key: meta
+        for key, meta in reader.read_metadata().state_dict_metadata.items()
+        if isinstance(meta, TensorStorageMetadata)
+    }
+    with torch.device("meta"):
+        expected = Transformer(cfg).state_dict()  # names and shapes only, no memory
+    buffers, keys = {}, {}
+    for name, t in expected.items():
+        found = [k for k in stored if k == name or k.endswith("." + name)]
+        if len(found) > 1:
+            found = [k for k in found if k in (name, "model." + name)] or found
+        if len(found) != 1:
+            raise ValueError(
+                f"{folder}: expected one stored tensor for {name!r}, found {found[:4] or 'none'}"
+            )
+        meta = stored[found[0]]
+        if tuple(meta.size) != tuple(t.shape):
+            raise ValueError(
+                f"{folder}: {found[0]} has shape {tuple(meta.size)}, the config says {tuple(t.shape)}"
+            )
+        buffers[found[0]] = torch.empty(tuple(meta.size), dtype=meta.properties.dtype)
+        keys[name] = found[0]
+    with warnings.catch_warnings():  # "assuming the intent is to load in a single process": yes
+        warnings.filterwarnings("ignore", message=".*single process", category=UserWarning)
+        dcp.load(buffers, storage_reader=reader, no_dist=True)
+    return {name: buffers[key] for name, key in keys.items()}
+
+
+def consolidate_checkpoint(ckpt: Path, overwrite: bool = False) -> Path:
+    """Write `<ckpt>/model.safetensors` (atomically) from the checkpoint's sharded DCP model,
+    with the checkpoint's own model config; returns the file."""
+    out = ckpt / MODEL_FILE
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} exists already (pass --overwrite to write it again)")
+    folder = find_dcp_folder(ckpt)
+    if folder is None:
+        raise FileNotFoundError(f"{ckpt}: no sharded (DCP) checkpoint (no .metadata in "
+                                f"{DCP_DIR}/, model/ or the directory itself)")
+    state = consolidate_dcp(folder, load_job_config(ckpt).model)
+    with atomic_path(out) as tmp:
+        save_model_state(state, tmp)
+    return out
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """--run DIR [--step N]; no --out: the result is the checkpoint's own model.safetensors."""
+    parser = argparse.ArgumentParser(
+        prog="python -m parallel.checkpoint_dcp",
+        description="Consolidate a checkpoint's sharded (DCP) model into its model.safetensors.",
+    )
+    parser.add_argument("--run", metavar="DIR", required=True,
+                        help="run directory, or a checkpoint directory")
+    parser.add_argument("--step", metavar="N", type=int, default=None,
+                        help="checkpoint step (default: latest)")
+    parser.add_argument("--overwrite", action="store_true", help="replace model.safetensors")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    try:
+        ckpt = resolve_checkpoint(args.run) if args.step is None else find_checkpoint(args.run, args.step)
+        out = consolidate_checkpoint(ckpt, args.overwrite)
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        raise SystemExit(f"error: {e}") from None
+    print(f"wrote {out} ({out.stat().st_size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+    main()

@@ -24,7 +24,8 @@ from safetensors import safe_open
 
 from model.config import model_config
 from model.generate import generate
-from model.hf import ExportError, export_model, hf_architecture, import_hf, model_config_from_hf
+from model.hf import export_model, import_hf
+from model.hf_config import ExportError, hf_architecture, model_config_from_hf
 from model.transformer import build_model
 
 transformers = pytest.importorskip("transformers")
@@ -255,7 +256,7 @@ def test_inexpressible_dense_layers_in_mixtral(tmp_path):
     save_checkpoint(tmp_path / "run", 1, random_model(cfg).state_dict(), {},
                     JobConfig(model=cfg).to_dict())
     with pytest.raises(SystemExit, match="moe_every = 2 .dense MLP layers between MoE layers"):
-        hf.main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf"),
+        hf.main(["export", "--run", str(tmp_path / "run"), "--out-dir", str(tmp_path / "hf"),
                  "--no-tokenizer"])
     assert not (tmp_path / "hf").exists()
 
@@ -329,7 +330,7 @@ def test_cli_export_generates_like_model_generate(tmp_path, capsys, tiny_data):
                    "--max-new-tokens", "40"])
     want = capsys.readouterr().out.split("---\n", 1)[1].removesuffix("\n")
 
-    hf.main(["export", "--run", str(run), "--out", str(tmp_path / "hf"), "--step", "10"])
+    hf.main(["export", "--run", str(run), "--out-dir", str(tmp_path / "hf"), "--step", "10"])
     model, info, warnings = load_hf(tmp_path / "hf")
     assert not any(info.values()) and warnings == []
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -364,7 +365,7 @@ def test_import_of_transformers_saved_model(tmp_path, name):
     from model import hf
     from model.load import load_model
 
-    hf.main(["import", "--hf", str(tmp_path / "theirs"), "--out", str(tmp_path / "run")])
+    hf.main(["import", "--hf", str(tmp_path / "theirs"), "--out-dir", str(tmp_path / "run")])
     model, job, _ = load_model(tmp_path / "run")
     assert job.model == model_config_from_hf(config.to_dict())[0]
     ids = torch.randint(0, VOCAB, (2, 21))
@@ -425,14 +426,17 @@ def _save_sharded(rank: int, world: int, port: int, state: dict, folder: str) ->
 
 def test_sharded_dcp_checkpoint_is_consolidated(tmp_path):
     """A run whose checkpoint was saved sharded by 2 ranks (torch.distributed.checkpoint, no
-    model.safetensors) exports to the same bytes as the same weights in model.safetensors."""
+    model.safetensors): export stops naming the consolidation command; after
+    `python -m parallel.checkpoint_dcp --run DIR` it exports to the same bytes as the same
+    weights in model.safetensors."""
     import socket
 
     import torch.multiprocessing as mp
 
     from job_config import JobConfig
-    from model.checkpoint import save_checkpoint
+    from model.checkpoint import load_model_state, save_checkpoint
     from model.hf import export_run
+    from parallel import checkpoint_dcp
 
     cfg = tiny(n_kv_heads=2)
     state = random_model(cfg, seed=8).state_dict()
@@ -447,6 +451,13 @@ def test_sharded_dcp_checkpoint_is_consolidated(tmp_path):
     mp.start_processes(_save_sharded, args=(2, port, state, str(ckpt / "model")), nprocs=2,
                        start_method="fork")
     assert len(list((ckpt / "model").glob("*.distcp"))) == 2
+    with pytest.raises(ExportError, match=r"python -m parallel\.checkpoint_dcp --run"):
+        export_run(tmp_path / "sharded", tmp_path / "early_hf", with_tokenizer=False)
+    assert not (tmp_path / "early_hf").exists()
+    checkpoint_dcp.main(["--run", str(ckpt)])  # a checkpoint directory, as the message says
+    torch.testing.assert_close(load_model_state(ckpt), state, rtol=0, atol=0)
+    with pytest.raises(SystemExit, match="exists already"):
+        checkpoint_dcp.main(["--run", str(tmp_path / "sharded")])
     for name in ("plain", "sharded"):
         export_run(tmp_path / name, tmp_path / f"{name}_hf", with_tokenizer=False)
     a = (tmp_path / "plain_hf/model.safetensors").read_bytes()

@@ -9,6 +9,7 @@ most a few hundred terms); fp16 forwards at 1e-2 (fp16 eps 9.8e-4 on O(1) values
 import pytest
 import torch
 
+from bench.gpu_correctness import float64_pairs
 from kernels.cross_entropy import (
     default_chunk_size,
     fused_linear_cross_entropy,
@@ -27,20 +28,10 @@ needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 
 def check_grads(fn, ref_fn, inputs, seed, atol, rtol, grad_of=None):
     """Forward and gradients of fn vs ref_fn evaluated in float64 on the same inputs."""
-    grad_of = range(len(inputs)) if grad_of is None else grad_of
-    xs = [x.clone().requires_grad_(i in grad_of) for i, x in enumerate(inputs)]
-    out = fn(*xs)
-    dout = torch.randn_like(out)
-    out.backward(dout)
-    ref_xs = [x.detach().double().requires_grad_(i in grad_of) for i, x in enumerate(inputs)]
-    ref = ref_fn(*ref_xs)
-    ref.backward(dout.double())
-    msg = lambda name: lambda m: f"{name} seed={seed}: {m}"  # noqa: E731
-    torch.testing.assert_close(out.double(), ref, atol=atol, rtol=rtol, msg=msg("out"))
-    for i in grad_of:
-        torch.testing.assert_close(
-            xs[i].grad.double(), ref_xs[i].grad, atol=atol, rtol=rtol, msg=msg(f"grad[{i}]")
-        )
+    grad_of = list(range(len(inputs))) if grad_of is None else grad_of
+    for name, got, want in float64_pairs(fn, ref_fn, inputs, grad_of):
+        torch.testing.assert_close(got.double(), want, atol=atol, rtol=rtol,
+                                   msg=lambda m, n=name: f"{n} seed={seed}: {m}")  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------ RMSNorm

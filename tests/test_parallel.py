@@ -247,6 +247,25 @@ def test_consolidated_export_equals_one_process_weights(fsdp_run, reference):
     assert cfg.model.dim == MODEL["dim"] and model.embed.weight.shape == (VOCAB, MODEL["dim"])
 
 
+def test_dcp_checkpoint_consolidates_to_its_model_file(fsdp_run, tmp_path):
+    """`python -m parallel.checkpoint_dcp` rebuilds a 2-rank FSDP checkpoint's model.safetensors
+    from its sharded dcp/ (model and optimizer keys side by side) bit for bit, in one process."""
+    import torch
+
+    from model.checkpoint import load_model_state
+    from parallel import checkpoint_dcp
+
+    ckpt = tmp_path / "step_000006"
+    shutil.copytree(fsdp_run / "checkpoints" / "step_000006", ckpt)
+    want = load_model_state(ckpt)
+    (ckpt / "model.safetensors").unlink()
+    checkpoint_dcp.main(["--run", str(ckpt)])
+    got = load_model_state(ckpt)
+    assert sorted(got) == sorted(want)
+    for name in want:
+        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
+
+
 @pytest.mark.parametrize(
     "nproc, parallel",
     [(1, {}), (2, {"tp": 2, "activation_checkpointing": "selective"})], ids=["1proc", "tp2"],
