@@ -26,6 +26,7 @@ import os
 import platform
 import random
 import re
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -34,7 +35,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from common.atomic import write_json
+from bench.tables import RESULTS_DIR, device_slug
+from common.atomic import write_text
 from data.sources import stdlib_files
 from data.tokenizer import train_bpe
 
@@ -83,12 +85,14 @@ def status(field):
     for line in open("/proc/self/status"):
         if line.startswith(field + ":"):
             return int(line.split()[1]) / 1024
-import data.prepare
-open("/proc/self/clear_refs", "w").write("5")
-start, t0 = status("VmRSS"), time.time()
-data.prepare.main(sys.argv[1:])
-json.dump({"seconds": time.time() - t0, "rss_start_mb": start, "peak_rss_mb": status("VmHWM")},
-          open(sys.argv[-1].split("=", 1)[1] + "/baseline_log.json", "w"))
+if __name__ == "__main__":  # spawned workers import this file too
+    import data.prepare
+    open("/proc/self/clear_refs", "w").write("5")
+    start, t0 = status("VmRSS"), time.time()
+    data.prepare.main(sys.argv[1:])
+    json.dump({"seconds": time.time() - t0, "rss_start_mb": start,
+               "peak_rss_mb": status("VmHWM")},
+              open(sys.argv[-1].split("=", 1)[1] + "/baseline_log.json", "w"))
 """
 
 
@@ -99,6 +103,7 @@ def run_baseline(commit: str, tmp: Path, args: list[str], path: Path) -> dict | 
     if archive.returncode:
         print(f"baseline skipped: git archive {commit} failed ({archive.stderr.decode()[:200]})")
         return None
+    shutil.rmtree(src, ignore_errors=True)
     src.mkdir()
     archive_path = tmp / "baseline.tar"
     archive_path.write_bytes(archive.stdout)
@@ -117,14 +122,24 @@ def run_baseline(commit: str, tmp: Path, args: list[str], path: Path) -> dict | 
     return result
 
 
+def cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            name = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        name = platform.processor() or platform.machine()
+    return f"{name} x{os.cpu_count()}"
+
+
 def _same_output(a: Path, b: Path) -> bool:
     files = sorted(p.name for p in a.glob("*.bin"))
     return files == sorted(p.name for p in b.glob("*.bin")) and all(
         (a / f).read_bytes() == (b / f).read_bytes() for f in files)
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.data_scale",
+                                     description=__doc__.split("\n\n")[0])
     parser.add_argument("--copies", type=int, default=4)
     parser.add_argument("--workers", default="1,2", help="worker counts to run")
     parser.add_argument("--executors", default="local,ray")
@@ -132,9 +147,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--dedup-partitions", type=int, default=8)
     parser.add_argument("--shard-tokens", type=int, default=1_000_000)
     parser.add_argument("--baseline-commit", default=BASELINE_COMMIT, help="'' to skip")
-    parser.add_argument("--keep", help="keep the corpus and outputs in this folder")
-    parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args(argv)
+    parser.add_argument("--keep", metavar="DIR", help="keep the corpus and outputs in DIR")
+    parser.add_argument("--out", metavar="FILE", default=None,
+                        help="the results table (default: bench/results/data-scale-<cpu>.md)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
 
     tmp_dir = tempfile.TemporaryDirectory()
     tmp = Path(args.keep or tmp_dir.name)
@@ -156,6 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         train_bpe(sample, 4096, tokenizer, name="bench")
     common = [f'--data.sources=["{corpus}"]', f"--data.tokenizer={tokenizer}",
               f"--data.shard_tokens={args.shard_tokens}"]
+    load0 = os.getloadavg()[0]
     print(f"{sum(1 for _ in corpus.rglob('*.py'))} files, {mb:.1f} MB ({args.copies} copies of "
           f"the stdlib); {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
 
@@ -163,6 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
     baseline_path = tmp / "out_baseline"
     baseline = None
     if args.baseline_commit:
+        shutil.rmtree(baseline_path, ignore_errors=True)
         baseline = run_baseline(args.baseline_commit, tmp, [*common, "--data.workers=2"],
                                 baseline_path)
         if baseline:
@@ -176,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     for executor in args.executors.split(","):
         for workers in [int(w) for w in args.workers.split(",")]:
             path = tmp / f"out_{executor}_{workers}"
+            shutil.rmtree(path, ignore_errors=True)
             cmd = [sys.executable, "-m", "data.prepare", *common, f"--data.path={path}",
                    f"--data.executor={executor}", f"--data.workers={workers}",
                    f"--data.docs_per_task={args.docs_per_task}",
@@ -196,41 +219,51 @@ def main(argv: list[str] | None = None) -> dict:
                          "same": _same_output(path, baseline_path) if baseline else None})
             print(f"  {rows[-1]['run']}: {log['seconds']:.1f}s", flush=True)
 
-    print()
-    print("peak resident memory in MB: absolute / above the process's baseline (driver: at "
-          "start, executor running; worker: the least any task started with)")
-    print(f"| {'run':<26} | {'job s':>6} | {'start s':>7} | {'speedup':>7} | "
-          f"{'driver (merge) MB':>17} | {'largest worker MB':>17} | same output |")
-    print(f"|{'-' * 28}|{'-' * 8}|{'-' * 9}|{'-' * 9}|{'-' * 19}|{'-' * 19}|{'-' * 13}|")
+    lines = [
+        f"# data.prepare scaling on {cpu_name()}",
+        "",
+        f"{mb:.1f} MB: the standard library and {args.copies - 1} perturbed copies; all stages "
+        f"+ tokenization (4096-id BPE), shard_tokens {args.shard_tokens:,}, docs_per_task "
+        f"{args.docs_per_task}, dedup_partitions {args.dedup_partitions}; {os.cpu_count()} CPUs, "
+        f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at the end.",
+        "Job seconds exclude starting the executor (Ray: a cluster, once for many jobs). Peak "
+        "resident memory in MB, absolute / above the process's baseline (driver: at its start, "
+        "executor running; worker: the least any task started with).",
+        "",
+        "| run | job s | start s | speedup | driver (merge process) MB | largest worker MB "
+        "| output = baseline |",
+        "|---|---|---|---|---|---|---|",
+    ]
     one = {r["run"].split(",")[0]: r["seconds"] for r in rows if r["run"].endswith(" 1 worker")}
     for r in rows:
         base = one.get(r["run"].split(",")[0])
-        speed = f"{base / r['seconds']:7.2f}" if base else f"{'-':>7}"
+        speed = f"{base / r['seconds']:.2f}" if base else "-"
         same = {True: "yes", False: "NO", None: "-"}[r["same"]]
         driver = f"{r['driver'][0]:.0f} / {r['driver'][1]:.0f}"
         worker = f"{r['worker'][0]:.0f} / {r['worker'][2]:.0f}" if r["worker"] else "-"
-        print(f"| {r['run']:<26} | {r['seconds']:6.1f} | {r['startup']:7.1f} | {speed} | "
-              f"{driver:>17} | {worker:>17} | {same:>11} |")
-    print()
-    print(f"per-stage CPU (one worker, {mb:.1f} MB in):")
+        lines.append(f"| {r['run']} | {r['seconds']:.1f} | {r['startup']:.1f} | {speed} | "
+                     f"{driver} | {worker} | {same} |")
+    # Per-stage rates from the first executor's one-worker run: CPU seconds per kind of task.
     rates = {}
-    for (executor, workers), log in logs.items():
-        if workers != 1 or executor != args.executors.split(",")[0]:
-            continue
+    first = logs.get((args.executors.split(",")[0], 1))
+    if first:
+        lines += ["", "CPU seconds per kind of task (one worker), and MB of input per "
+                      "CPU-second:", "", "| tasks | CPU s | MB/s per core |", "|---|---|---|"]
         kinds: dict[str, float] = {}
-        for name, s in log["tasks"].items():
-            kind = name.split("_")[0] if not name.startswith("near_dedup_") else "components"
-            kinds[kind] = kinds.get(kind, 0.0) + s["cpu_seconds"]
+        for name, stage in first["tasks"].items():
+            kind = "components" if "components" in name else name.split("_")[0]
+            kinds[kind] = kinds.get(kind, 0.0) + stage["cpu_seconds"]
         for kind, cpu in kinds.items():
             rates[kind] = mb / cpu if cpu else None
-            rate = f"{mb / cpu:8.2f} MB/s per core" if cpu else ""
-            print(f"  {kind:<12} {cpu:8.2f} CPU s  {rate}")
-    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; "
-          f"load average now {os.getloadavg()[0]:.1f} (other jobs make wall times noisy)")
+            lines.append(f"| {kind} | {cpu:.2f} | {mb / cpu:.1f} |" if cpu else
+                         f"| {kind} | 0 | - |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    path = Path(args.out) if args.out else RESULTS_DIR / f"data-scale-{device_slug(cpu_name())}.md"
+    write_text(path, table)
+    print(f"wrote {path}")
     result = {"mb": mb, "copies": args.copies, "rows": rows, "rates_mb_per_core_s": rates,
               "cpus": os.cpu_count(), "logs": {f"{e}_{w}": log for (e, w), log in logs.items()}}
-    if args.json:
-        write_json(args.json, result)
     tmp_dir.cleanup()
     return result
 

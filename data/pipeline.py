@@ -18,7 +18,8 @@ bounded number of chunks in flight, memory is bounded by the chunk size, not the
 
 Every stage has a `StageStats` (documents in / out / removed / changed, characters in / out,
 worker CPU seconds, per-type counts); `Pipeline.stats_dict()` is what data.prepare writes into
-manifest.json under "stages".
+manifest.json under "stages" (the seconds go to prepare_log.json: the manifest holds only what
+the output depends on).
 
 data.prepare does not merge in one process: it runs the same stages as a sharded job of
 tasks (data/job.py) on local processes or Ray, with the dedup decisions taken by partition

@@ -94,7 +94,7 @@ def prepare(cfg: DataConfig, dry_run: bool = False, progress: bool = True) -> di
     out.mkdir(parents=True, exist_ok=True)
     tokenizer = resolve_tokenizer(cfg, out)
     tokenizer_spec = str((out / TOKENIZER_FILE).resolve()) if cfg.tokenizer == "train" else (
-        str(Path(cfg.tokenizer).resolve()) if Path(cfg.tokenizer).is_file() else cfg.tokenizer)
+        str(Path(cfg.tokenizer).resolve()) if Path(cfg.tokenizer).exists() else cfg.tokenizer)
     # The manifest names a trained tokenizer relative to the data dir, so the dir can move.
     manifest_spec = TOKENIZER_FILE if cfg.tokenizer == "train" else cfg.tokenizer
 

@@ -14,7 +14,7 @@ import pytest
 ENTRY_POINTS = [
     "train", "data.prepare", "bench.throughput", "bench.throughput_gpu", "bench.kernels",
     "bench.gpu_check",
-    "bench.data", "eval.__main__", "eval.moe_load", "eval.contamination", "model.generate",
+    "bench.data", "bench.data_scale", "eval.__main__", "eval.moe_load", "eval.contamination", "model.generate",
     "model.hf", "model.hf_gguf", "parallel.checkpoint_dcp",
 ]
 OVERRIDES = {"train", "data.prepare", "bench.throughput"}  # --section.key=value
