@@ -2,24 +2,26 @@
 
     executor = make_executor("local", workers=8)                   # processes on this machine
     executor = make_executor("ray", workers=0, address="auto")     # every CPU of a Ray cluster
-    executor.share("stages", stages)                               # sent to each worker once
     for index, result in executor.run(fn, [(a, b), (c, d)]):        # as they complete
         ...
     executor.close()
 
 A task is a module-level function and a tuple of picklable arguments; it reads what it needs
 from files (data.path is on a filesystem every worker sees: a local disk here, a shared one on
-a cluster) and returns something small. `shared(name)` gives a task the objects the driver
-shared (the cleaning stages with their benchmark index, 15 MB): local workers receive them once
-when they start, Ray stores them once in its object store.
+a cluster) and returns something small. `isolated=True` runs each task in a process of its own
+that exits afterwards (a task whose memory should not stay in a worker: building the stages).
 
 - Local: a `concurrent.futures.ProcessPoolExecutor` of `workers` spawned processes (no fork:
-  the driver may hold threads). A worker that dies stops the job with an error; the rerun
-  resumes from the finished tasks (data/job.py).
+  the driver may hold threads); workers=0 runs the tasks in this process, one by one (same
+  code, same output: for debugging, and for tests that patch this process). A worker that dies
+  stops the job with an error; the rerun resumes from the finished tasks (data/tasks.py).
 - Ray (`pip install -e ".[ray]"`): each task is a `ray.remote` call with `max_retries`: Ray
   reruns a task whose worker died, on any node. Uses the Ray instance this process is already
   connected to, else `ray.init(address)`; with no address, starts a local Ray with `workers`
   CPUs. Scheduling, placement and retries are Ray's; nothing here schedules.
+
+Both submit lazily with 2 x workers tasks in flight, so a consumer that stops early (data.max_bytes
+reached) leaves the rest unsubmitted.
 """
 
 from __future__ import annotations
@@ -28,28 +30,6 @@ import concurrent.futures as cf
 import multiprocessing as mp
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
-
-_SHARED: dict[str, Any] = {}  # name -> object (local workers) or ObjectRef (Ray workers)
-_FETCHED: dict[str, Any] = {}  # Ray: ObjectRef hex -> object, fetched once per worker
-
-
-def shared(name: str) -> Any:
-    """In a task: the object the driver shared under `name`."""
-    value = _SHARED[name]
-    hex_id = getattr(value, "hex", None)
-    if type(value).__name__ != "ObjectRef" or hex_id is None:
-        return value
-    key = hex_id()
-    if key not in _FETCHED:
-        import ray
-
-        _FETCHED[key] = ray.get(value)
-    return _FETCHED[key]
-
-
-def _set_shared(values: dict[str, Any]) -> None:
-    _SHARED.clear()
-    _SHARED.update(values)
 
 
 class ExecutorError(RuntimeError):
@@ -60,51 +40,48 @@ class Executor(Protocol):
     name: str
     workers: int  # tasks that run at the same time
 
-    def share(self, name: str, value: Any) -> None: ...
-
-    def run(self, fn: Callable, jobs: Iterable[tuple], name: str = "") -> Iterator[tuple[int, Any]]:
-        """Run fn(*job) for every job; yield (job index, result) as tasks complete. Jobs are
-        submitted lazily, 2 x workers in flight: a consumer that stops early (or raises)
-        leaves the rest unsubmitted and the running ones cancelled."""
+    def run(self, fn: Callable, jobs: Iterable[tuple], name: str = "",
+            isolated: bool = False) -> Iterator[tuple[int, Any]]:
+        """Run fn(*job) for every job; yield (job index, result) as tasks complete."""
         ...
 
     def close(self) -> None: ...
 
 
 class LocalExecutor:
-    """Worker processes on this machine; workers=0 runs the tasks in this process, one by one
-    (same code, same output: for debugging and for tests that patch this process)."""
+    """Worker processes on this machine (workers=0: this process)."""
 
     name = "local"
 
     def __init__(self, workers: int):
         self.inline = workers <= 0
         self.workers = max(1, workers)
-        self._shared: dict[str, Any] = {}
         self._pool: cf.ProcessPoolExecutor | None = None
 
-    def share(self, name: str, value: Any) -> None:
-        if self._pool is not None:
-            raise ExecutorError("share() must come before the first run()")
-        self._shared[name] = value
-
-    def run(self, fn: Callable, jobs: Iterable[tuple], name: str = "") -> Iterator[tuple[int, Any]]:
+    def run(self, fn: Callable, jobs: Iterable[tuple], name: str = "",
+            isolated: bool = False) -> Iterator[tuple[int, Any]]:
         if self.inline:
-            _set_shared(self._shared)
             for i, job in enumerate(jobs):
                 yield i, fn(*job)
             return
+        spawn = mp.get_context("spawn")
+        if isolated:  # one at a time, each in a process of its own
+            for i, job in enumerate(jobs):
+                with cf.ProcessPoolExecutor(1, mp_context=spawn) as pool:
+                    yield i, self._result(pool.submit(fn, *job))
+            return
         if self._pool is None:
-            self._pool = cf.ProcessPoolExecutor(
-                self.workers, mp_context=mp.get_context("spawn"), initializer=_set_shared,
-                initargs=(self._shared,),
-            )
+            self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=spawn)
         pool = self._pool
         submit = lambda job: pool.submit(fn, *job)  # noqa: E731
         wait = lambda pending: cf.wait(pending, return_when=cf.FIRST_COMPLETED)[0]  # noqa: E731
+        for future, i in _windowed(jobs, 2 * self.workers, submit, wait, _cancel):
+            yield i, self._result(future)
+
+    @staticmethod
+    def _result(future: cf.Future) -> Any:
         try:
-            for future, i in _windowed(jobs, 2 * self.workers, submit, wait, cancel=_cancel):
-                yield i, future.result()
+            return future.result()
         except cf.process.BrokenProcessPool as e:
             raise ExecutorError(
                 "a worker process died (killed, or out of memory); finished tasks are kept: "
@@ -136,26 +113,24 @@ class RayExecutor:
             if address:
                 kwargs["address"] = address
             else:  # a Ray on this machine only, for this job
-                kwargs.update(num_cpus=max(1, workers) if workers else None,
-                              include_dashboard=False)
+                kwargs.update(num_cpus=max(1, workers), include_dashboard=False)
             ray.init(**kwargs)
             self._started = True
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.retries = retries
-        self._shared: dict[str, Any] = {}
-        self._remote = ray.remote(_ray_call)
+        self._remote = ray.remote(_call)
+        self._remote_isolated = ray.remote(max_calls=1)(_call)  # its worker exits after it
 
-    def share(self, name: str, value: Any) -> None:
-        self._shared[name] = self._ray.put(value)
-
-    def run(self, fn: Callable, jobs: Iterable[tuple], name: str = "") -> Iterator[tuple[int, Any]]:
+    def run(self, fn: Callable, jobs: Iterable[tuple], name: str = "",
+            isolated: bool = False) -> Iterator[tuple[int, Any]]:
         ray = self._ray
-        remote = self._remote.options(num_cpus=1, max_retries=self.retries,
-                                      retry_exceptions=False,
-                                      name=name or getattr(fn, "__name__", "task"))
-        submit = lambda job: remote.remote(self._shared, fn, *job)  # noqa: E731
+        remote = (self._remote_isolated if isolated else self._remote).options(
+            num_cpus=1, max_retries=self.retries, retry_exceptions=False,
+            name=name or getattr(fn, "__name__", "task"),
+        )
+        submit = lambda job: remote.remote(fn, *job)  # noqa: E731
         wait = lambda pending: ray.wait(list(pending), num_returns=1)[0]  # noqa: E731
-        for ref, i in _windowed(jobs, 2 * self.workers, submit, wait, cancel=ray.cancel):
+        for ref, i in _windowed(jobs, 2 * self.workers, submit, wait, ray.cancel):
             yield i, ray.get(ref)
 
     def close(self) -> None:
@@ -164,8 +139,7 @@ class RayExecutor:
             self._started = False
 
 
-def _ray_call(shared_refs: dict[str, Any], fn: Callable, *args: Any) -> Any:
-    _SHARED.update(shared_refs)  # references only: shared() fetches each object once
+def _call(fn: Callable, *args: Any) -> Any:
     return fn(*args)
 
 

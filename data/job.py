@@ -44,8 +44,8 @@ import numpy as np
 from common.atomic import write_json
 from data.components import connected_components
 from data.dedup_sharded import sharded
-from data.executor import Executor, shared
-from data.pipeline import Pipeline, StageStats
+from data.executor import Executor
+from data.pipeline import Pipeline, StageStats, build_pipeline
 from data.shards import read_header, token_dtype, write_shard
 from data.shuffle import save_array
 from data.sources import Document, Piece, SourceErrors, expand_source, iter_piece, split_file
@@ -105,15 +105,39 @@ def _working_dir(path: str) -> Iterator[None]:
         os.chdir(old)
 
 
+_STAGES: dict[tuple, list] = {}
+
+
+def setup_task(tmp: Path, cfg: Any, cwd: str) -> list[str]:
+    """Build the cleaning stages (the benchmark index of decontaminate among them) into
+    stages.pkl, which every task loads once per process. Runs in a process of its own, so
+    that what building takes (~70 MB for the default benchmarks) stays in none."""
+    with _working_dir(cwd):  # benchmark paths are relative to the driver's directory
+        pipeline = build_pipeline(cfg)
+    (tmp / "stages.pkl").write_bytes(pickle.dumps(pipeline.stages, protocol=5))
+    return pipeline.names
+
+
+def _stages(path: str) -> list:
+    """The stages in `path` (a setup task's stages.pkl), loaded once per process."""
+    stat = os.stat(path)
+    key = (path, stat.st_mtime_ns, stat.st_size)
+    if key not in _STAGES:
+        _STAGES.clear()
+        _STAGES[key] = pickle.loads(Path(path).read_bytes())
+    return _STAGES[key]
+
+
 def index_task(tmp: Path, path: str, docs_per_task: int, cwd: str) -> list[dict]:
     with _working_dir(cwd):
         return [dataclasses.asdict(p) for p in split_file(path, docs_per_task)]
 
 
-def map_task(tmp: Path, pieces: list[dict], text_field: str, head: int, cwd: str) -> dict:
+def map_task(tmp: Path, stages: str, pieces: list[dict], text_field: str, head: int,
+             cwd: str) -> dict:
     """Read the pieces, run stages [0, head) on each document; store per document its record
     (docs.pkl) and per global stage the signatures of the documents that reached it."""
-    pipe = Pipeline(shared("stages"))
+    pipe = Pipeline(_stages(stages))
     errors = _PositionedErrors()
     glob = [i for i in range(head) if pipe.is_global(i)]
     sigs: dict[int, list] = {i: [] for i in glob}
@@ -143,10 +167,10 @@ def map_task(tmp: Path, pieces: list[dict], text_field: str, head: int, cwd: str
             "error_entries": [[*e, pos] for e, pos in zip(errors.entries, errors.positions)]}
 
 
-def scatter_task(tmp: Path, task: int, limit: int, s: int, map_dir: str,
+def scatter_task(tmp: Path, stages_path: str, task: int, limit: int, s: int, map_dir: str,
                  earlier: list[tuple[int, list[str]]], partitions: int) -> dict:
     """Route global stage s's signatures of task `task`'s documents that are still in."""
-    stages = shared("stages")
+    stages = _stages(stages_path)
     base = Path(map_dir)
     rows = np.load(base / f"{stages[s].name}.rows.npy")
     keep = rows < limit
@@ -158,16 +182,16 @@ def scatter_task(tmp: Path, task: int, limit: int, s: int, map_dir: str,
     return {"entries": int(keep.sum())}
 
 
-def reduce_task(tmp: Path, s: int, p: int, inputs: list[str], map_dirs: list[str],
-                partitions: int) -> dict:
-    return sharded(shared("stages")[s]).reduce(tmp, p, inputs, map_dirs, partitions)
+def reduce_task(tmp: Path, stages: str, s: int, p: int, inputs: list[str],
+                map_dirs: list[str], partitions: int) -> dict:
+    return sharded(_stages(stages)[s]).reduce(tmp, p, inputs, map_dirs, partitions)
 
 
-def finish_task(tmp: Path, task: int, limit: int, map_dir: str,
+def finish_task(tmp: Path, stages: str, task: int, limit: int, map_dir: str,
                 decisions: list[tuple[int, list[str]]], head: int) -> dict:
     """The task's documents in order: the global stages' decisions, the stages after the last
     global one on the kept documents, the counters; store the kept texts (kept.bin)."""
-    pipe = Pipeline(shared("stages"))
+    pipe = Pipeline(_stages(stages))
     docs = pickle.loads((Path(map_dir) / "docs.pkl").read_bytes())[:limit]
     deciders = {s: sharded(pipe.stages[s]).decider(dirs, task) for s, dirs in decisions}
 
@@ -359,7 +383,7 @@ def _units(kept_chars: Iterator[np.ndarray], cfg: Any, counts: dict) -> dict[str
     return units
 
 
-def run_job(cfg: Any, out: Path, tokenizer_spec: str, pipeline: Pipeline, executor: Executor,
+def run_job(cfg: Any, out: Path, tokenizer_spec: str, executor: Executor,
             dry_run: bool = False, progress: bool = True) -> JobResult:
     """Prepare `out` from `cfg` (a DataConfig) on `executor`; resumes from out/tasks/."""
     if cfg.docs_per_task < 1 or cfg.dedup_partitions < 1:
@@ -370,8 +394,10 @@ def run_job(cfg: Any, out: Path, tokenizer_spec: str, pipeline: Pipeline, execut
     root.mkdir(parents=True, exist_ok=True)
     _check_job(root, cfg)
     runner = TaskRunner(root, executor, progress)
-    executor.share("stages", pipeline.stages)
     cwd, parts = os.getcwd(), cfg.dedup_partitions
+    runner.run("setup", setup_task, [(cfg, cwd)], isolated=True)
+    stages = str(runner.dir("setup", 0) / "stages.pkl")
+    pipeline = Pipeline(_stages(stages))
     glob = [i for i in range(len(pipeline.stages)) if pipeline.is_global(i)]
     head = glob[-1] + 1 if glob else 0  # stages after the last global one run in `finish`
 
@@ -390,7 +416,7 @@ def run_job(cfg: Any, out: Path, tokenizer_spec: str, pipeline: Pipeline, execut
         except LookupError:
             return False
 
-    maps = runner.run("map", map_task, [(p, cfg.text_field, head, cwd) for p in tasks],
+    maps = runner.run("map", map_task, [(stages, p, cfg.text_field, head, cwd) for p in tasks],
                       until=covered if cfg.max_bytes else None)
     cut = _cutoff(maps, chars_of, cfg.max_bytes)
     used = cut[0] + 1 if cut else len(tasks)
@@ -413,10 +439,11 @@ def run_job(cfg: Any, out: Path, tokenizer_spec: str, pipeline: Pipeline, execut
     for s in glob:
         name = pipeline.stages[s].name
         runner.run(f"scatter_{name}", scatter_task,
-                   [(t, limits[t], s, map_dirs[t], list(decisions), parts) for t in range(used)])
+                   [(stages, t, limits[t], s, map_dirs[t], list(decisions), parts)
+                    for t in range(used)])
         scatter_dirs = [str(runner.dir(f"scatter_{name}", t)) for t in range(used)]
         reduced = runner.run(f"reduce_{name}", reduce_task,
-                             [(s, p, scatter_dirs, map_dirs, parts) for p in range(parts)])
+                             [(stages, s, p, scatter_dirs, map_dirs, parts) for p in range(parts)])
         reduce_dirs = [str(runner.dir(f"reduce_{name}", p)) for p in range(parts)]
         if any(r.get("edges") for r in reduced):  # near_dedup: clusters of duplicates
             components[s] = connected_components(
@@ -426,7 +453,8 @@ def run_job(cfg: Any, out: Path, tokenizer_spec: str, pipeline: Pipeline, execut
         decisions.append((s, reduce_dirs))
 
     finished = runner.run("finish", finish_task,
-                          [(t, limits[t], map_dirs[t], decisions, head) for t in range(used)])
+                          [(stages, t, limits[t], map_dirs[t], decisions, head)
+                           for t in range(used)])
     for result in finished:
         for stats, part in zip(pipeline.stats, result["stats"]):
             stats.add(part)

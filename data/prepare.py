@@ -31,7 +31,6 @@ from common.atomic import write_json
 from data.executor import make_executor
 from data.job import TASKS_DIR, PrepareError, output_settings, run_job
 from data.manifest import MANIFEST_FILE, load_manifest
-from data.pipeline import build_pipeline
 from data.sources import Document, SourceErrors, iter_documents
 from data.tasks import peak_rss, reset_peak_rss
 from data.tokenizer import Tokenizer, load_tokenizer, train_bpe
@@ -103,13 +102,10 @@ def prepare(cfg: DataConfig, dry_run: bool = False, progress: bool = True) -> di
     startup, t0 = time.time() - t0, time.time()
     rss = reset_peak_rss()  # this process with the executor started: the driver's baseline
     try:
-        # Cleaning stages (data/pipeline.py): built once here (benchmark paths are relative to
-        # this working directory), shared with every worker.
-        pipeline = build_pipeline(cfg)
-        result = run_job(cfg, out, tokenizer_spec, pipeline, executor, dry_run, progress)
+        result = run_job(cfg, out, tokenizer_spec, executor, dry_run, progress)
     finally:
         executor.close()
-    counts, errors = result.counts, result.errors
+    counts, errors, pipeline = result.counts, result.errors, result.pipeline
     if counts["train"]["documents"] == 0:
         if pipeline.stats and pipeline.stats[0].docs_in:
             raise PrepareError(

@@ -103,11 +103,13 @@ class TaskRunner:
         jobs: Sequence[tuple],
         keys: Sequence[int | str] | None = None,
         until: Callable[[list], bool] | None = None,
+        isolated: bool = False,
     ) -> list[Any]:
         """fn(tmp, *job) for every job not done yet; their results, in job order.
 
         `until(results)` (results so far, None where not done) stops submitting new tasks
-        once true; the results of tasks never run stay None."""
+        once true; the results of tasks never run stay None. `isolated`: each task in a process
+        of its own (data/executor.py)."""
         keys = list(range(len(jobs))) if keys is None else list(keys)
         infos: list[dict | None] = [None] * len(jobs)
         for i, key in enumerate(keys):
@@ -121,7 +123,7 @@ class TaskRunner:
         bar = tqdm(total=len(jobs), initial=skipped, desc=f"{stage:<24}", unit="task",
                    file=sys.stdout, mininterval=2, disable=not self.progress or not todo)
         calls = ((str(self.dir(stage, keys[i])), fn, jobs[i]) for i in todo)
-        for j, info in self.executor.run(run_task, calls, name=stage):
+        for j, info in self.executor.run(run_task, calls, name=stage, isolated=isolated):
             infos[todo[j]] = info
             bar.update(1)
             if until and until(results()):
