@@ -139,15 +139,15 @@ def map_task(tmp: Path, stages: str, pieces: list[dict], text_field: str, head: 
     (docs.pkl) and per global stage the signatures of the documents that reached it."""
     pipe = Pipeline(_stages(stages))
     errors = _PositionedErrors()
-    glob = [i for i in range(head) if pipe.is_global(i)]
-    sigs: dict[int, list] = {i: [] for i in glob}
-    rows: dict[int, list[int]] = {i: [] for i in glob}
+    global_stages = [i for i in range(head) if pipe.is_global(i)]
+    sigs: dict[int, list] = {i: [] for i in global_stages}
+    rows: dict[int, list[int]] = {i: [] for i in global_stages}
     docs = []
     with _working_dir(cwd):
         for piece in pieces:
             for doc in iter_piece(Piece(**piece), errors, text_field):
                 text, steps = pipe.record(doc, 0, head)
-                for i in (i for i in glob if i < len(steps)):
+                for i in (i for i in global_stages if i < len(steps)):
                     sig, dt = steps[i]
                     if sig is not None:  # near_dedup: None for a text without words
                         sigs[i].append(sig)
@@ -158,7 +158,7 @@ def map_task(tmp: Path, stages: str, pieces: list[dict], text_field: str, head: 
     (tmp / "docs.pkl").write_bytes(pickle.dumps(docs, protocol=5))  # tmp: committed whole
     save_array(tmp / "chars.npy", np.array([d[0] for d in docs], np.int64))
     save_array(tmp / "errors.npy", np.array(errors.positions, np.int64))
-    for i in glob:
+    for i in global_stages:
         name = pipe.stages[i].name
         save_array(tmp / f"{name}.rows.npy", np.array(rows[i], np.int64))
         for key, array in sharded(pipe.stages[i]).map_arrays(sigs[i]).items():
@@ -257,7 +257,9 @@ def tokenize_task(tmp: Path, shard: str, split: str, ranges: list[tuple[str, int
     parts: list[np.ndarray] = []
 
     def flush(batch: list[str]) -> None:
-        ids = tok.encode_batch(batch, num_threads=1)
+        # One document at a time in this thread: encode_batch would start a thread per call,
+        # and each thread's malloc arena keeps its memory in this (long-lived) worker.
+        ids = [tok.encode(text) for text in batch]
         tokens = np.empty(sum(len(d) + 1 for d in ids), dtype=dtype)
         pos = 0
         for doc in ids:
@@ -349,7 +351,8 @@ def _cutoff(maps: list[dict | None], chars_of: Any, max_bytes: int) -> tuple[int
 
 def _units(kept_chars: Iterator[np.ndarray], cfg: Any, counts: dict) -> dict[str, list]:
     """Cut the kept documents (their lengths, one map task at a time, in order) into shards:
-    per split a list of shards, each a list of (task, lo, hi, k of lo) ranges."""
+    per split a list of shards, each a list of (task, lo, hi, k0) ranges: kept documents
+    [lo, hi) of the map task (those of the split), k0 the kept index of its first one."""
     unit_chars = cfg.shard_tokens * BYTES_PER_TOKEN_GUESS
     units: dict[str, list] = {"train": [], "val": []}
     current: dict[str, list] = {"train": [], "val": []}
@@ -398,8 +401,9 @@ def run_job(cfg: Any, out: Path, tokenizer_spec: str, executor: Executor,
     runner.run("setup", setup_task, [(cfg, cwd)], isolated=True)
     stages = str(runner.dir("setup", 0) / "stages.pkl")
     pipeline = Pipeline(_stages(stages))
-    glob = [i for i in range(len(pipeline.stages)) if pipeline.is_global(i)]
-    head = glob[-1] + 1 if glob else 0  # stages after the last global one run in `finish`
+    global_stages = [i for i in range(len(pipeline.stages)) if pipeline.is_global(i)]
+    # The stages after the last global one run in `finish`, on the kept documents only.
+    head = global_stages[-1] + 1 if global_stages else 0
 
     # Read: cut big files into pieces, group pieces into map tasks, run them (with
     # max_bytes, only until the tasks done so far cover it).
@@ -436,7 +440,7 @@ def run_job(cfg: Any, out: Path, tokenizer_spec: str, executor: Executor,
     # Global stages, one after the other: each sees only the documents the earlier ones kept.
     decisions: list[tuple[int, list[str]]] = []
     components: dict[int, dict | None] = {}
-    for s in glob:
+    for s in global_stages:
         name = pipeline.stages[s].name
         runner.run(f"scatter_{name}", scatter_task,
                    [(stages, t, limits[t], s, map_dirs[t], list(decisions), parts)
@@ -458,7 +462,7 @@ def run_job(cfg: Any, out: Path, tokenizer_spec: str, executor: Executor,
     for result in finished:
         for stats, part in zip(pipeline.stats, result["stats"]):
             stats.add(part)
-    for s in glob:
+    for s in global_stages:
         stats: StageStats = pipeline.stats[s]
         sharded(pipeline.stages[s]).finish_counts(stats.counts, stats.removed, components.get(s))
 

@@ -74,7 +74,7 @@ def test_ray_writes_the_local_files_on_the_stdlib(cluster, stdlib_run):
     assert manifest["stages"]["near_dedup"]["removed"] > 0
     assert snapshot(Path(cfg.path)) == expected
     log = json.loads((Path(cfg.path) / "prepare_log.json").read_text())
-    assert log["executor"] == "ray" and log["tasks"]["map"]["processes"] == 2
+    assert log["executor"] == "ray" and log["tasks"]["map"]["processes"] >= 2  # in parallel
     shutil.rmtree(cfg.path)
 
 
