@@ -24,7 +24,7 @@ the output depends on).
 data.prepare does not merge in one process: it runs the same stages as a sharded job of
 tasks (data/job.py) on local processes or Ray, with the dedup decisions taken by partition
 (data/dedup_sharded.py), and gets the output of `run`. For that it uses `record` (a document's
-trip through some of the stages, in a worker) and `apply` (the counters, with the global
+trip through some of the stages, in a worker) and `apply(..., admit)` (the counters, with the global
 stages' decisions given by `admit`). `map` / `merge` below are the same two halves over whole
 lists, for a custom engine that maps files remotely and merges in one place, in file order.
 """
@@ -184,9 +184,10 @@ class Pipeline:
     def names(self) -> list[str]:
         return [s.name for s in self.stages]
 
-    def _apply(self, chars: int, record: Record, admit: Callable | None = None) -> str | None:
-        """Walk one document's record in stage order; update counters; return the kept text.
-        `admit(stage, sig, counts)` replaces the global stages' own `admit` when given."""
+    def apply(self, chars: int, record: Record, admit: Callable | None = None) -> str | None:
+        """Walk the record of one document of `chars` characters in stage order; update the
+        counters; return the kept text or None. `admit(stage, step signature, counts) -> keep`
+        replaces the global stages' own `admit` when given (decisions taken elsewhere)."""
         final, steps = record
         for stage, is_global, stats, step in zip(self.stages, self._global, self.stats, steps):
             stats.docs_in += 1
@@ -260,15 +261,9 @@ class Pipeline:
         stop = len(self.stages) if stop is None else stop
         return _process_doc(list(zip(self.stages[start:stop], self._global[start:stop])), doc)
 
-    def apply(self, chars: int, record: Record, admit: Callable) -> str | None:
-        """Counters for one document of `chars` characters whose record covers every stage,
-        global stages deciding by `admit(stage, step signature, counts) -> keep`; the kept
-        text or None."""
-        return self._apply(chars, record, admit)
-
     def _emit(self, chunk: list[Any], records: list[Record], bars: list | None):
         for doc, record in zip(chunk, records):
-            text = self._apply(len(doc.text), record)
+            text = self.apply(len(doc.text), record)
             if text is not None:
                 yield text, doc
         if bars:
@@ -290,7 +285,7 @@ class Pipeline:
         """The parent half: global stages and counters over mapped documents, in the order
         given (keep it fixed, e.g. sorted by input file, for reproducible output)."""
         for doc, record in mapped:
-            text = self._apply(len(doc.text), record)
+            text = self.apply(len(doc.text), record)
             if text is not None:
                 yield text, doc
 
