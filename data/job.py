@@ -42,6 +42,7 @@ from typing import Any
 import numpy as np
 
 from common.atomic import write_json
+from common.errors import PretrainError, read_json
 from data.components import connected_components
 from data.dedup_sharded import sharded
 from data.executor import Executor
@@ -50,7 +51,7 @@ from data.shards import read_header, token_dtype, write_shard
 from data.shuffle import save_array
 from data.sources import Document, Piece, SourceErrors, expand_source, iter_piece, split_file
 from data.tasks import TaskRunner
-from data.tokenizer import Tokenizer, load_tokenizer
+from data.tokenizer import TokenizerLike, load_tokenizer
 
 BYTES_PER_TOKEN_GUESS = 4  # only sizes the shards: a shard holds whatever its documents give
 TASKS_DIR = "tasks"
@@ -60,8 +61,8 @@ EXECUTION_FIELDS = ("workers", "executor", "ray_address", "task_retries", "docs_
                     "dedup_partitions")
 
 
-class PrepareError(RuntimeError):
-    pass
+class PrepareError(PretrainError, RuntimeError):
+    """data.prepare cannot go on (no documents, settings that differ from the data dir's)."""
 
 
 def output_settings(cfg: Any) -> dict:
@@ -241,31 +242,32 @@ def read_kept(finish_dir: str, lo: int, hi: int) -> list[str]:
     return [blob[a:b].decode("utf-8", "surrogatepass") for a, b in zip(cuts, cuts[1:])]
 
 
-_TOKENIZERS: dict[str, Tokenizer] = {}
+_TOKENIZERS: dict[str, TokenizerLike] = {}
 _BATCH_CHARS = 1 << 20  # tokenize ~1 MB at a time: a shard's ids never sit in Python lists
 
 
 def tokenize_task(tmp: Path, shard: str, split: str, ranges: list[tuple[str, int, int, int]],
                   spec: str, fraction: float) -> dict:
     """Tokenize the documents of `split` in each (finish dir, lo, hi, k0) range (k0: the kept
-    index of the finish task's first document), each
-    followed by end-of-text, into the shard file `shard`."""
+    index of the finish task's first document) into the shard file `shard`: each document is
+    the tokenizer's `bos_ids` (Llama 3's <|begin_of_text|>; none for ours, whose end-of-text
+    already precedes every document but the first), its text, and end-of-text."""
     if spec not in _TOKENIZERS:
         _TOKENIZERS[spec] = load_tokenizer(spec)
     tok = _TOKENIZERS[spec]
     dtype = token_dtype(tok.n_vocab)
+    bos = [] if tok.bos_ids == [tok.eot_id] else list(tok.bos_ids)
     parts: list[np.ndarray] = []
 
     def flush(batch: list[str]) -> None:
         # One document at a time in this thread: encode_batch would start a thread per call,
         # and each thread's malloc arena keeps its memory in this (long-lived) worker.
-        ids = [tok.encode(text) for text in batch]
-        tokens = np.empty(sum(len(d) + 1 for d in ids), dtype=dtype)
+        ids = [bos + tok.encode(text) + [tok.eot_id] for text in batch]
+        tokens = np.empty(sum(len(d) for d in ids), dtype=dtype)
         pos = 0
         for doc in ids:
             tokens[pos : pos + len(doc)] = doc
-            tokens[pos + len(doc)] = tok.eot_id
-            pos += len(doc) + 1
+            pos += len(doc)
         parts.append(tokens)
 
     batch, size = [], 0
@@ -289,27 +291,30 @@ def tokenize_task(tmp: Path, shard: str, split: str, ranges: list[tuple[str, int
 # --- the driver --------------------------------------------------------------------------------
 
 
-def _check_job(root: Path, cfg: Any) -> None:
-    """tasks/job.json names what the finished tasks were made with; another job stops."""
+def _check_job(root: Path, cfg: Any, fingerprint: dict) -> None:
+    """tasks/job.json names what the finished tasks were made with: data.prepare's settings
+    fingerprint (prepare.json) and how the work was cut; another job stops."""
     ident = json.loads(json.dumps({
-        "format": 1, "settings": output_settings(cfg), "docs_per_task": cfg.docs_per_task,
+        "format": 2, "fingerprint": fingerprint, "docs_per_task": cfg.docs_per_task,
         "dedup_partitions": cfg.dedup_partitions,
     }))
     path = root / "job.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        if old != ident:
-            keys = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
-            if "settings" in keys:
-                keys.remove("settings")
-                a, b = old.get("settings", {}), ident["settings"]
-                keys += [f"data.{k}" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k)]
-            raise PrepareError(
-                f"{root} holds the finished tasks of a preparation with other settings "
-                f"({', '.join(keys)}); rerun with those settings, or delete {root}"
-            )
-    else:
+    if not path.exists():
         write_json(path, ident)
+        return
+    old = read_json(path, "the finished tasks' settings (a JSON object)")
+    if not isinstance(old, dict):
+        old = {}
+    if old != ident:
+        keys = sorted(k for k in set(old) | set(ident) if old.get(k) != ident.get(k))
+        if "fingerprint" in keys:
+            keys.remove("fingerprint")
+            a, b = old.get("fingerprint") or {}, ident["fingerprint"]
+            keys += sorted(k for k in set(a) | set(b) if a.get(k) != b.get(k))
+        raise PrepareError(
+            f"{root} holds the finished tasks of a preparation with other settings "
+            f"({', '.join(keys)}); rerun with those settings, or with --overwrite to start clean"
+        )
 
 
 def _plan(files: list[str], pieces_of: dict[str, list[dict]], docs_per_task: int) -> list[list]:
@@ -386,16 +391,17 @@ def _units(kept_chars: Iterator[np.ndarray], cfg: Any, counts: dict) -> dict[str
     return units
 
 
-def run_job(cfg: Any, out: Path, tokenizer_spec: str, executor: Executor,
+def run_job(cfg: Any, out: Path, tokenizer_spec: str, executor: Executor, fingerprint: dict,
             dry_run: bool = False, progress: bool = True) -> JobResult:
-    """Prepare `out` from `cfg` (a DataConfig) on `executor`; resumes from out/tasks/."""
+    """Prepare `out` from `cfg` (a DataConfig) on `executor`; resumes from out/tasks/, whose
+    tasks must have been made with `fingerprint` (data.prepare.fingerprint(cfg))."""
     if cfg.docs_per_task < 1 or cfg.dedup_partitions < 1:
         raise PrepareError(f"data.docs_per_task and data.dedup_partitions must be >= 1, got "
                            f"{cfg.docs_per_task} and {cfg.dedup_partitions}")
     out = Path(out).resolve()
     root = out / TASKS_DIR
     root.mkdir(parents=True, exist_ok=True)
-    _check_job(root, cfg)
+    _check_job(root, cfg, fingerprint)
     runner = TaskRunner(root, executor, progress)
     cwd, parts = os.getcwd(), cfg.dedup_partitions
     runner.run("setup", setup_task, [(cfg, cwd)], isolated=True)

@@ -11,12 +11,14 @@ A source spec is a string:
     "hf:name[:config][:split]"    a Hugging Face dataset, streamed (needs `datasets` + network)
 
 Bad input never stops a run: an unreadable file, invalid UTF-8, a jsonl line that is not JSON
-or lacks the text field is recorded in `SourceErrors` (file, line, reason) and skipped.
+or lacks the text field, a corrupt or truncated parquet file is recorded in `SourceErrors`
+(file, line, reason) and skipped. A source spec that names nothing raises SourceError.
 
 For parallel reading a file is cut into `Piece`s (`split_file`): a jsonl file into runs of
 lines (byte ranges found by one pass that only counts newlines), a parquet file into runs of row
 groups, any other file is one piece. `iter_piece` reads one; the pieces of a file, read in order,
-give exactly the documents (and errors, with their line numbers) of `iter_file`.
+give exactly the documents (and errors, with their line numbers) of `iter_file` (a parquet file
+corrupt past its footer aside: each piece then reports and skips its own unreadable rest).
 """
 
 from __future__ import annotations
@@ -29,7 +31,13 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import PretrainError
+
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".js", ".ts", ".html", ".tex", ".json"}
+
+
+class SourceError(PretrainError, FileNotFoundError):
+    """A source spec that names nothing readable at all (a corrupt file is a SourceErrors entry)."""
 
 
 @dataclass
@@ -77,7 +85,7 @@ def expand_source(spec: str) -> list[str]:
         return [str(p) for p in files]
     if path.is_file():
         return [str(path)]
-    raise FileNotFoundError(f"data source {spec!r}: no such file or folder")
+    raise SourceError(f"data source {spec!r}: no such file or folder (data.sources)")
 
 
 def _is_text_file(path: Path) -> bool:
@@ -190,6 +198,9 @@ def _iter_jsonl(
             except json.JSONDecodeError as e:
                 errors.add(path, number, f"not JSON ({e.msg})")
                 continue
+            except RecursionError:
+                errors.add(path, number, "JSON nested too deeply")
+                continue
             text = record.get(text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 errors.add(path, number, f"no string field {text_field!r}")
@@ -200,29 +211,34 @@ def _iter_jsonl(
 def _iter_parquet(
     path: str, errors: SourceErrors, text_field: str, piece: Piece
 ) -> Iterator[Document]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.ParquetFile(path)
-    if text_field not in table.schema_arrow.names:
-        if piece.start == 0:  # reported once per file, by its first piece
-            errors.add(path, None, f"no column {text_field!r} (columns: {table.schema_arrow.names})")
-        return
-    stop = table.metadata.num_row_groups if piece.stop is None else piece.stop
     row = piece.first - 1
-    for batch in table.iter_batches(columns=[text_field], row_groups=range(piece.start, stop)):
-        for text in batch.column(0).to_pylist():
-            row += 1
-            if isinstance(text, str):
-                yield Document(text, path, row)
-            else:
-                errors.add(path, row, f"{text_field!r} is not a string")
+    try:
+        table = pq.ParquetFile(path)
+        if text_field not in table.schema_arrow.names:
+            if piece.start == 0:  # reported once per file, by its first piece
+                errors.add(path, None, f"no column {text_field!r} (columns: {table.schema_arrow.names})")
+            return
+        stop = table.metadata.num_row_groups if piece.stop is None else piece.stop
+        for batch in table.iter_batches(columns=[text_field], row_groups=range(piece.start, stop)):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                if isinstance(text, str):
+                    yield Document(text, path, row)
+                else:
+                    errors.add(path, row, f"{text_field!r} is not a string")
+    except (pa.ArrowException, OSError, ValueError) as e:  # ArrowInvalid: corrupt or truncated
+        where = f"after row {row}, the rest skipped" if row else "file skipped"
+        errors.add(path, None, f"not a readable parquet file ({str(e)[:200]}); {where}")
 
 
 def _iter_hf(spec: str, text_field: str) -> Iterator[Document]:
     try:
         import datasets
     except ImportError as e:
-        raise RuntimeError(f"source {spec!r} needs the `datasets` package: pip install -e .[hub]") from e
+        raise SourceError(f"source {spec!r} needs the `datasets` package: pip install -e .[hub]") from e
     parts = spec[3:].split(":")
     name = parts[0]
     config = parts[1] if len(parts) > 1 and parts[1] else None

@@ -13,7 +13,7 @@ import pytest
 
 ENTRY_POINTS = [
     "train", "data.prepare", "bench.throughput", "bench.throughput_gpu", "bench.kernels",
-    "bench.gpu_check",
+    "bench.gpu_check", "bench.hf_continue", "bench.faults",
     "bench.data", "bench.data_scale", "eval.__main__", "eval.moe_load", "eval.contamination", "model.generate",
     "model.hf", "model.hf_gguf", "parallel.checkpoint_dcp",
 ]

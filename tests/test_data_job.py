@@ -191,17 +191,32 @@ def test_job_equals_streaming_for_any_task_size_and_partitions(corpus, seed, tmp
 
 
 def test_finished_tasks_of_other_settings_stop_the_rerun(tmp_path):
+    """A job stopped after some tasks (here a dry run, which leaves them all): a rerun with other
+    output settings stops at prepare.json (naming the field), one with another way of cutting
+    the work at tasks/job.json (naming it); --overwrite starts clean; the same settings resume."""
     rng = random.Random(0)
     sources, _ = planted_corpus(tmp_path, rng)
     cfg = small_data_config(tmp_path, sources, workers=0)
     prepare(cfg, dry_run=True, progress=False)  # leaves its finished tasks in data.path/tasks
-    assert (Path(cfg.path) / "tasks" / "finish").is_dir()
+    path = Path(cfg.path)
+    assert (path / "tasks" / "finish").is_dir()
+    recorded = json.loads((path / "prepare.json").read_text())["settings"]
+    assert json.loads((path / "tasks" / "job.json").read_text())["fingerprint"] == recorded
     cfg.near_dedup.verify_threshold = 0.5
-    with pytest.raises(PrepareError, match=r"other settings \(data\.near_dedup\)"):
+    with pytest.raises(PrepareError, match=r"data\.near_dedup\.verify_threshold: 0\.7 -> 0\.5"):
         prepare(cfg, progress=False)
     cfg.near_dedup.verify_threshold = 0.7
     cfg.docs_per_task = 3
     with pytest.raises(PrepareError, match=r"other settings \(docs_per_task\)"):
         prepare(cfg, progress=False)
-    cfg.docs_per_task = 1000
-    prepare(cfg, progress=False)  # the same settings resume
+    cfg.near_dedup.verify_threshold = 0.5
+    manifest = prepare(cfg, progress=False, overwrite=True)  # deletes tasks/ and prepare.json
+    assert manifest["fingerprint"]["data.near_dedup.verify_threshold"] == 0.5
+    assert not (path / "tasks").exists()
+    cfg.near_dedup.verify_threshold, cfg.docs_per_task = 0.7, 1000
+    prepare(cfg, dry_run=True, progress=False, overwrite=True)
+    prepare(cfg, progress=False)  # the same settings resume the finished tasks
+    log = json.loads((path / "prepare_log.json").read_text())["tasks"]
+    assert log["map"]["ran"] == 0 and log["finish"]["ran"] == 0 and log["tokenize"]["ran"] > 0
+    reference = streaming_reference(cfg, load_tokenizer(path / "tokenizer.tiktoken"))
+    assert_prepared_like_streaming(path, reference)
