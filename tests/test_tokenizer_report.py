@@ -209,3 +209,21 @@ def test_script_balance_lowers_the_minority_scripts_cost(stdlib_bpe):
     for script in ("Cyrillic", "Greek"):
         assert after["scripts"][script]["premium"] < 0.8 * before["scripts"][script]["premium"]
     assert after["languages"]["English"]["tokens"] >= before["languages"]["English"]["tokens"]
+
+
+def test_prepare_trains_its_bpe_with_the_script_balance(tmp_path):
+    """data.tokenizer_script_balance reaches the BPE data.prepare trains."""
+    from data.prepare import resolve_tokenizer
+    from job_config import DataConfig
+
+    source = tmp_path / "corpus.jsonl"
+    docs = [s.text for s in read_code("stdlib", 200_000)] + [UDHR["Russian"], UDHR["Greek"]]
+    source.write_text("".join(json.dumps({"text": t}) + "\n" for t in docs))
+    cost = {}
+    for balance in (1.0, 0.0):
+        cfg = DataConfig(path=str(tmp_path / f"b{balance}"), sources=[str(source)], vocab_size=700,
+                         tokenizer_script_balance=balance)
+        (tmp_path / f"b{balance}").mkdir()
+        tok = resolve_tokenizer(cfg, tmp_path / f"b{balance}")
+        cost[balance] = len(tok.encode(UDHR["Russian"] + UDHR["Greek"]))
+    assert cost[0.0] < 0.8 * cost[1.0], cost
