@@ -100,18 +100,20 @@ def balance_summary(results: dict, shares: dict, baseline: str) -> str:
     lines = [
         f"Worst script of `{baseline}`: {worst}. Same vocabulary size for all; measured on the "
         "held-out half of each language's sentences.", "",
-        f"| tokenizer | training share Latin / {worst} | {worst} premium | change | "
-        f"worst script (premium) | {REFERENCE} bytes/token | code bytes/token |",
-        "|---|---:|---:|---:|---|---:|---:|",
+        f"| tokenizer | training share Latin / {worst} | {worst} premium | change | {worst} "
+        f"tokens/char | change | worst script (premium) | {REFERENCE} bytes/token | code bytes/token |",
+        "|---|---:|---:|---:|---:|---:|---|---:|---:|",
     ]
     for name, r in results.items():
         sc = r["scripts"]
         w = max(sc, key=lambda s: sc[s]["premium"])
         change = sc[worst]["premium"] / base[worst]["premium"] - 1
+        absolute = sc[worst]["tokens_per_char"] / base[worst]["tokens_per_char"] - 1
         share = shares[name]
         lines.append(
             f"| {name} | {share.get('Latin', 0):.1%} / {share.get(worst, 0):.2%} | "
-            f"{sc[worst]['premium']:.2f} | {change:+.0%} | {w} ({sc[w]['premium']:.2f}) | "
+            f"{sc[worst]['premium']:.2f} | {change:+.0%} | {sc[worst]['tokens_per_char']:.3f} | "
+            f"{absolute:+.0%} | {w} ({sc[w]['premium']:.2f}) | "
             f"{r['languages'][REFERENCE]['bytes_per_token']:.2f} | "
             f"{r['languages'][CODE]['bytes_per_token']:.2f} |")
     return "\n".join(lines) + "\n"

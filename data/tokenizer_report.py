@@ -205,7 +205,8 @@ def markdown(results: dict[str, dict], samples: list[Sample], top: int = 10,
         + (f" and {sum(s.script == CODE for s in samples):,} code files" if CODE in language_script else ""),
         "",
         f"Premium: tokens per character relative to {reference} texts of the same file (no parallel "
-        "translations: characters stand in for content). Bytes per token: UTF-8 bytes / tokens.",
+        "translations: characters stand in for content); a tokenizer poor at English has smaller "
+        "premiums, so compare tokenizers by bytes per token. Bytes per token: UTF-8 bytes / tokens.",
         "",
         f"| tokenizer | vocab | ids used | round trips exact | {reference} bytes/token | "
         f"{reference} tokens/word | code bytes/token | median premium | worst language (premium) |",
