@@ -39,7 +39,7 @@ from data.hf_tokenizer import HFTokenizer
 from data.manifest import MANIFEST_FILE, manifest_tokenizer
 from data.scripts import script_of
 from data.sources import SourceErrors, iter_documents
-from data.tokenizer import load_tokenizer
+from data.tokenizer import Tokenizer, load_tokenizer
 
 REFERENCE = "English"
 CODE = "code"  # the script (and language) of every code sample
@@ -102,7 +102,7 @@ def read_code(spec: str, max_bytes: int) -> list[Sample]:
     return samples
 
 
-def open_tokenizer(spec: str):
+def open_tokenizer(spec: str) -> Tokenizer | HFTokenizer:
     """A prepared data dir's tokenizer, `hf:PATH`, a .tiktoken file or a tiktoken name."""
     if (Path(spec) / MANIFEST_FILE).exists():
         return manifest_tokenizer(spec)
@@ -111,7 +111,7 @@ def open_tokenizer(spec: str):
     return load_tokenizer(spec)
 
 
-def vocab_size(tok) -> int:
+def vocab_size(tok: Tokenizer | HFTokenizer) -> int:
     """Ordinary (non-special) ids of a tokenizer, the denominator of its utilisation."""
     ranks = getattr(tok, "mergeable_ranks", None)
     if ranks:
@@ -132,17 +132,16 @@ def _add(acc: dict, key: str, sample: Sample, n_tokens: int) -> None:
     g["tokens"] += n_tokens
 
 
-def _finish(groups: dict, ref_tokens_per_char: float | None) -> dict:
+def _finish(groups: dict, ref_tokens_per_char: float) -> dict:
     for g in groups.values():
         g["bytes_per_token"] = g["bytes"] / max(1, g["tokens"])
         g["tokens_per_word"] = g["tokens"] / max(1, g["words"])
         g["tokens_per_char"] = g["tokens"] / max(1, g["chars"])
-        if ref_tokens_per_char:
-            g["premium"] = g["tokens_per_char"] / ref_tokens_per_char
+        g["premium"] = g["tokens_per_char"] / ref_tokens_per_char
     return groups
 
 
-def measure(tok, samples: list[Sample], reference: str = REFERENCE) -> dict:
+def measure(tok: Tokenizer | HFTokenizer, samples: list[Sample], reference: str = REFERENCE) -> dict:
     """Token counts of every sample by one tokenizer, summed per language and per script; the
     premium of each relative to `reference`; vocabulary use; round-trip failures."""
     t0 = time.time()

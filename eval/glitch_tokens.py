@@ -41,7 +41,9 @@ from common.cli import add_run_arguments, parse_device
 from data.loader import parse_mixture
 from data.manifest import load_manifest, manifest_tokenizer
 from data.shards import read_shard
+from data.tokenizer import Tokenizer
 from model.load import load_model
+from model.transformer import Transformer
 
 OUT_FILE = "glitch_tokens.json"
 RARE_FRACTION = 0.01  # rare: under 1% of the count every id would have if all were equally used
@@ -90,7 +92,7 @@ def auc_below(values: np.ndarray, others: np.ndarray) -> float:
     return float(1.0 - u / (len(values) * len(others)))
 
 
-def token_kinds(tok, n: int) -> tuple[list[str], list[str]]:
+def token_kinds(tok: Tokenizer, n: int) -> tuple[list[str], list[str]]:
     """Each id's text (undecodable bytes escaped) and kind: "special", "byte" (a single byte),
     "fragment" (bytes that are not whole UTF-8 characters) or "word" (everything else)."""
     bytes_of = {i: b for b, i in (getattr(tok, "mergeable_ranks", None) or {}).items()}
@@ -130,8 +132,10 @@ def pick_examples(strings: list[str], counts: np.ndarray, n: int = 3) -> list[in
 
 
 @torch.no_grad()
-def repeat_test(model, tok, ids: list[int], examples: list[int], device: torch.device,
-                batch: int = 64) -> tuple[list[float], list[bool]]:
+def repeat_test(
+    model: Transformer, tok: Tokenizer, ids: list[int], examples: list[int],
+    device: torch.device, batch: int = 64,
+) -> tuple[list[float], list[bool]]:
     """For each id: log p(id) where the prompt asks for it back, and whether it is the argmax.
 
     The prompt, built from ids so that the token appears as itself:
@@ -149,7 +153,7 @@ def repeat_test(model, tok, ids: list[int], examples: list[int], device: torch.d
     return logps, hits
 
 
-def audit(model, tok, counts: np.ndarray, device: torch.device, top: int = 50) -> dict:
+def audit(model: Transformer, tok: Tokenizer, counts: np.ndarray, device: torch.device, top: int = 50) -> dict:
     """The audit of one model against the token counts of its training data.
 
     Suspects are word tokens only: single bytes and partial UTF-8 fragments are the byte-level
