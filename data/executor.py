@@ -31,9 +31,11 @@ import multiprocessing as mp
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, Protocol
 
+from common.errors import PretrainError
 
-class ExecutorError(RuntimeError):
-    pass
+
+class ExecutorError(PretrainError, RuntimeError):
+    """The executor cannot run the tasks (a worker died, Ray missing or unreachable)."""
 
 
 class Executor(Protocol):
@@ -84,8 +86,8 @@ class LocalExecutor:
             return future.result()
         except cf.process.BrokenProcessPool as e:
             raise ExecutorError(
-                "a worker process died (killed, or out of memory); finished tasks are kept: "
-                "rerun to resume"
+                "a worker process died (killed, or out of memory? lower data.workers or "
+                "data.docs_per_task); finished tasks are kept: rerun to resume"
             ) from e
 
     def close(self) -> None:

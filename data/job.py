@@ -242,7 +242,21 @@ def read_kept(finish_dir: str, lo: int, hi: int) -> list[str]:
     return [blob[a:b].decode("utf-8", "surrogatepass") for a, b in zip(cuts, cuts[1:])]
 
 
-_TOKENIZERS: dict[str, TokenizerLike] = {}
+_TOKENIZERS: dict[tuple, TokenizerLike] = {}
+
+
+def _tokenizer(spec: str) -> TokenizerLike:
+    """The tokenizer `spec`, loaded once per process; a file's (a trained BPE, a .tiktoken) is
+    reloaded when the file changed (a rerun with --overwrite trains a new one at that path)."""
+    try:
+        stat = os.stat(spec)
+        key: tuple = (spec, stat.st_mtime_ns, stat.st_size)
+    except OSError:  # a tiktoken name, hf:DIR
+        key = (spec,)
+    if key not in _TOKENIZERS:
+        _TOKENIZERS.clear()
+        _TOKENIZERS[key] = load_tokenizer(spec)
+    return _TOKENIZERS[key]
 _BATCH_CHARS = 1 << 20  # tokenize ~1 MB at a time: a shard's ids never sit in Python lists
 
 
@@ -252,9 +266,7 @@ def tokenize_task(tmp: Path, shard: str, split: str, ranges: list[tuple[str, int
     index of the finish task's first document) into the shard file `shard`: each document is
     the tokenizer's `bos_ids` (Llama 3's <|begin_of_text|>; none for ours, whose end-of-text
     already precedes every document but the first), its text, and end-of-text."""
-    if spec not in _TOKENIZERS:
-        _TOKENIZERS[spec] = load_tokenizer(spec)
-    tok = _TOKENIZERS[spec]
+    tok = _tokenizer(spec)
     dtype = token_dtype(tok.n_vocab)
     bos = [] if tok.bos_ids == [tok.eot_id] else list(tok.bos_ids)
     parts: list[np.ndarray] = []

@@ -37,7 +37,7 @@ from pathlib import Path
 
 from common.atomic import write_json
 from common.errors import read_json, run_cli
-from data.executor import make_executor
+from data.executor import ExecutorError, make_executor
 from data.job import TASKS_DIR, PrepareError, output_settings, run_job
 from data.manifest import MANIFEST_FILE, load_manifest
 from data.scripts import balance_weights, group_shares, script_of
@@ -196,6 +196,8 @@ def prepare(cfg: DataConfig, dry_run: bool = False, progress: bool = True,
     rss = reset_peak_rss()  # this process with the executor started: the driver's baseline
     try:
         result = run_job(cfg, out, tokenizer_spec, executor, fingerprint(cfg), dry_run, progress)
+    except ExecutorError as e:
+        raise PrepareError(f"data.prepare stopped: {e}") from e
     finally:
         executor.close()
     counts, errors, pipeline = result.counts, result.errors, result.pipeline
