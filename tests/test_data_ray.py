@@ -84,8 +84,8 @@ def test_ray_writes_the_local_files_on_the_planted_cases(cluster, tmp_path, seed
     local = prepare(cfg, progress=False)
     assert local["stages"]["near_dedup"]["removed"] == plan["near"]
     expected = snapshot(Path(cfg.path))
-    for path in Path(cfg.path).iterdir():  # keep only the trained tokenizer
-        if not path.name.startswith("tokenizer."):
+    for path in Path(cfg.path).iterdir():  # keep the trained tokenizer and its settings
+        if not path.name.startswith(("tokenizer.", "prepare.json")):
             path.unlink()
     prepare(_ray_settings(cfg, docs_per_task=5), progress=False)  # the jsonl in 8 pieces
     assert snapshot(Path(cfg.path)) == expected
