@@ -269,6 +269,8 @@ def tokenize_task(tmp: Path, shard: str, split: str, ranges: list[tuple[str, int
     tok = _tokenizer(spec)
     dtype = token_dtype(tok.n_vocab)
     bos = [] if tok.bos_ids == [tok.eot_id] else list(tok.bos_ids)
+    if Path(shard).exists():  # written (atomically) by a run killed before this task's marker
+        return {"tokens": read_header(shard)["num_tokens"]}
     parts: list[np.ndarray] = []
 
     def flush(batch: list[str]) -> None:
