@@ -2,7 +2,7 @@
 merge it replaced, on the Python standard library repeated with perturbations.
 
     python -m bench.data_scale                         # stdlib x 4, 1 and 2 workers, local + Ray
-    python -m bench.data_scale --copies 2 --executors local --json out.json
+    python -m bench.data_scale --copies 2 --executors local --out out.md   # + out.json
 
 The corpus: the standard library's .py files (~31 MB), then `--copies - 1` more copies where
 each file is, at random, an exact copy, a near copy (2% of its identifiers renamed: a near
@@ -69,13 +69,20 @@ def perturbed_copies(files: list[Path], root: Path, out: Path, copies: int, seed
     return total
 
 
-def _prepare(cmd: list[str], env: dict, path: Path) -> dict:
-    t0 = time.time()
-    proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
-    if proc.returncode:
+def _prepare(cmd: list[str], env: dict, path: Path, tries: int = 2) -> dict:
+    """Run one preparation; a failed start (on a loaded machine Ray's node can time out while
+    it starts) is retried from scratch once."""
+    for attempt in range(tries):
+        shutil.rmtree(path, ignore_errors=True)
+        t0 = time.time()
+        proc = subprocess.run(cmd, env=env, cwd=REPO, capture_output=True, text=True)
+        if not proc.returncode:
+            break
+        print(f"  failed ({proc.stderr.strip().splitlines()[-1][:200]})"
+              + ("; again" if attempt + 1 < tries else ""), flush=True)
+    else:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-3000:]}")
-    log = json.loads((path / "prepare_log.json").read_text()) if (
-        path / "prepare_log.json").exists() else {}
+    log = json.loads((path / "prepare_log.json").read_text())
     return {"log": log, "wall": time.time() - t0, "stderr": proc.stderr}
 
 
@@ -138,6 +145,27 @@ def _same_output(a: Path, b: Path) -> bool:
         (a / f).read_bytes() == (b / f).read_bytes() for f in files)
 
 
+def cost_table(rates: dict[str, float | None], corpus_tb: float = 40.0,
+               nodes: tuple[int, ...] = (1, 16, 128, 1024), cores: int = 64) -> list[str]:
+    """Markdown rows: core-hours of each kind of task for a `corpus_tb` TB corpus at `rates`
+    (MB of input per CPU-second), and the hours on N nodes of `cores` cores, if the work
+    spreads evenly over them (no I/O limit, no stragglers): a lower bound."""
+    mb = corpus_tb * 1e6
+    head = " | ".join(f"{n} node{'s' if n > 1 else ''} h" for n in nodes)
+    lines = [f"| tasks | MB/s per core | core-hours | {head} |",
+             "|---|---|---|" + "---|" * len(nodes)]
+    total = 0.0
+    for kind, rate in [*rates.items(), ("all", None)]:
+        if kind != "all" and not rate:
+            continue
+        core_h = total if kind == "all" else mb / rate / 3600
+        total += 0 if kind == "all" else core_h
+        hours = " | ".join(f"{core_h / (n * cores):,.1f}" for n in nodes)
+        shown = f"{rate:.2f}" if rate else f"{mb / total / 3600:.2f}"
+        lines.append(f"| {kind} | {shown} | {core_h:,.0f} | {hours} |")
+    return lines
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.data_scale",
                                      description=__doc__.split("\n\n")[0])
@@ -195,21 +223,27 @@ def main(argv: list[str] | None = None) -> dict:
                          "seconds": baseline["seconds"], "startup": 0.0,
                          "driver": (baseline["peak_rss_mb"],
                                     baseline["peak_rss_mb"] - baseline["rss_start_mb"]),
-                         "worker": None, "same": True})
+                         "worker": None, "same": True, "load": load0})
             print(f"  {rows[-1]['run']}: {baseline['seconds']:.1f}s", flush=True)
     logs: dict = {}
     best: dict = {}
+    runs: list[dict] = []  # every run, in order, with the load average as it started
     for _ in range(args.repeat):  # interleaved, so that a busy spell hits every setting
         for executor in args.executors.split(","):
             for workers in [int(w) for w in args.workers.split(",")]:
                 path = tmp / f"out_{executor}_{workers}"
-                shutil.rmtree(path, ignore_errors=True)
+                load = os.getloadavg()[0]
                 cmd = [sys.executable, "-m", "data.prepare", *common, f"--data.path={path}",
                        f"--data.executor={executor}", f"--data.workers={workers}",
                        f"--data.docs_per_task={args.docs_per_task}",
                        f"--data.dedup_partitions={args.dedup_partitions}"]
                 log = _prepare(cmd, {**os.environ, "PYTHONPATH": str(REPO)}, path)["log"]
-                print(f"  {executor}, {workers} workers: {log['seconds']:.1f}s", flush=True)
+                log["load_at_start"] = load
+                runs.append({"executor": executor, "workers": workers, "load": load,
+                             "seconds": log["seconds"], "cpu_seconds": sum(
+                                 s["cpu_seconds"] for s in log["tasks"].values())})
+                print(f"  {executor}, {workers} workers: {log['seconds']:.1f}s (load {load:.1f})",
+                      flush=True)
                 same = _same_output(path, baseline_path) if baseline else None
                 key = (executor, workers)
                 if key not in logs or log["seconds"] < logs[key]["seconds"]:
@@ -227,7 +261,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 driver["peak_rss_mb"] - driver["rss_start_mb"]),
                      "worker": (worker_peak, max(s["peak_rss_above_start_mb"] for s in ran),
                                 worker_peak - worker_base),
-                     "same": best[(executor, workers)]})
+                     "same": best[(executor, workers)], "load": log["load_at_start"]})
 
     lines = [
         f"# data.prepare scaling on {cpu_name()}",
@@ -242,8 +276,8 @@ def main(argv: list[str] | None = None) -> dict:
         "executor running; worker: the least any task started with).",
         "",
         "| run | job s | start s | speedup | driver (merge process) MB | largest worker MB "
-        "| output = baseline |",
-        "|---|---|---|---|---|---|---|",
+        "| output = baseline | load at start |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     one = {r["run"].split(",")[0]: r["seconds"] for r in rows if r["run"].endswith(" 1 worker")}
     for r in rows:
@@ -253,7 +287,21 @@ def main(argv: list[str] | None = None) -> dict:
         driver = f"{r['driver'][0]:.0f} / {r['driver'][1]:.0f}"
         worker = f"{r['worker'][0]:.0f} / {r['worker'][2]:.0f}" if r["worker"] else "-"
         lines.append(f"| {r['run']} | {r['seconds']:.1f} | {r['startup']:.1f} | {speed} | "
-                     f"{driver} | {worker} | {same} |")
+                     f"{driver} | {worker} | {same} | {r['load']:.1f} |")
+    # Every run, in order: a round's runs follow each other, so their ratio shares a load.
+    lines += ["", "Every run in order (round: one run of each setting; speedup: over the same "
+                  "executor's 1-worker run of that round; task CPU s: the work, whatever the "
+                  "load):", "", "| round | run | load at start | job s | task CPU s | speedup |",
+              "|---|---|---|---|---|---|"]
+    per_round = len(runs) // max(1, args.repeat)
+    for i, run in enumerate(runs):
+        round_runs = runs[i - i % per_round : i - i % per_round + per_round]
+        one_run = next((r for r in round_runs if r["executor"] == run["executor"]
+                        and r["workers"] == 1), None)
+        speed = f"{one_run['seconds'] / run['seconds']:.2f}" if one_run else "-"
+        lines.append(f"| {i // per_round + 1} | {run['executor']}, {run['workers']} | "
+                     f"{run['load']:.1f} | {run['seconds']:.1f} | {run['cpu_seconds']:.1f} | "
+                     f"{speed} |")
     # Per-stage rates from the first executor's one-worker run: CPU seconds per kind of task.
     rates = {}
     first = logs.get((args.executors.split(",")[0], 1))
@@ -265,16 +313,21 @@ def main(argv: list[str] | None = None) -> dict:
             kind = "components" if "components" in name else name.split("_")[0]
             kinds[kind] = kinds.get(kind, 0.0) + stage["cpu_seconds"]
         for kind, cpu in kinds.items():
-            rates[kind] = mb / cpu if cpu else None
+            # setup builds the stages once (the benchmark index): a fixed cost, not a rate
+            rates[kind] = mb / cpu if cpu and kind != "setup" else None
             lines.append(f"| {kind} | {cpu:.2f} | {mb / cpu:.1f} |" if cpu else
                          f"| {kind} | 0 | - |")
+        lines += ["", "At these rates, 40 TB of text on N nodes of 64 cores (lower bound):", "",
+                  *cost_table(rates)]
     table = "\n".join(lines) + "\n"
     print(table)
     path = Path(args.out) if args.out else RESULTS_DIR / f"data-scale-{device_slug(cpu_name())}.md"
     write_text(path, table)
     print(f"wrote {path}")
-    result = {"mb": mb, "copies": args.copies, "rows": rows, "rates_mb_per_core_s": rates,
+    result = {"mb": mb, "copies": args.copies, "rows": rows, "runs": runs,
+              "rates_mb_per_core_s": rates,
               "cpus": os.cpu_count(), "logs": {f"{e}_{w}": log for (e, w), log in logs.items()}}
+    write_text(path.with_suffix(".json"), json.dumps(result, indent=1, default=str))
     tmp_dir.cleanup()
     return result
 
