@@ -27,8 +27,8 @@ from data.manifest import load_manifest, manifest_tokenizer
 from job_config import JobConfig, load_config, to_toml
 from model.checkpoint import find_checkpoint, load_model_state, resolve_checkpoint
 from model.moe import moe_metrics
-from model.transformer import build_model
-from parallel.checkpoint_dcp import load_train_checkpoint, save_train_checkpoint
+from parallel.build import build_parallel_model, build_train_step
+from parallel.checkpoint_dcp import load_model_weights, load_train_checkpoint, save_train_checkpoint
 from parallel.dist import (
     all_reduce_max,
     all_reduce_mean,
@@ -41,14 +41,7 @@ from parallel.dist import (
 )
 from parallel.mesh import build_mesh, check_parallel
 from parallel.moe_balance import register_expert_bias_update
-from parallel.parallelize import (
-    LossFn,
-    autocast_context,
-    build_loss_fn,
-    forward_backward,
-    optimizer_step,
-    parallelize,
-)
+from parallel.parallelize import LossFn, autocast_context
 from training.metrics import MetricsLog, Progress, environment_info, format_seconds, plot_losses
 from training.optim import build_optimizer, build_scheduler
 
@@ -146,19 +139,23 @@ def train(cfg: JobConfig) -> dict:
     val_batches = val_batches[: int(fewest)]
 
     # --- model, optimizer, loss ---
-    # Built whole, then sharded in place: TP -> activation checkpointing -> compile -> FSDP/DDP.
-    raw = build_model(cfg.model, device, seed=t.seed)
+    # Built on the meta device, parallelized (pipeline stages, TP, EP, FSDP), then only this
+    # rank's shards are allocated and initialized (the values of an unsharded init).
+    pm = build_parallel_model(cfg, mesh, device)
+    raw, model = pm.raw, pm.model
     if cfg.checkpoint.init_from and ckpt is None:  # weights only, e.g. an imported HF model
-        raw.load_state_dict(load_model_state(resolve_checkpoint(cfg.checkpoint.init_from)))
-    model: nn.Module = parallelize(raw, mesh, cfg, device)
+        load_model_weights(raw, load_model_state(resolve_checkpoint(cfg.checkpoint.init_from)))
     optimizer = build_optimizer(raw, cfg.optim, device)  # over the sharded parameters
     scheduler = build_scheduler(optimizer, t.steps, cfg.optim)
-    register_expert_bias_update(optimizer, raw)  # MoE "bias" balancing; a no-op otherwise
+    # MoE "bias" balancing with the loads of every rank of this pipeline stage; a no-op otherwise
+    register_expert_bias_update(optimizer, raw, mesh.stage_group)
     if cfg.parallel.engine == "deepspeed":
         from parallel.deepspeed_engine import initialize
 
         model = initialize(raw, optimizer, scheduler, cfg, mesh.dp_size, device)
-    loss_fn = build_loss_fn(model, raw, cfg, device)
+    # loss of a micro-batch, the step's forward + backward, clip + AdamW: chosen for this layout
+    step_fns = build_train_step(model, pm, cfg, device)
+    loss_fn = step_fns.loss_fn
     evaluate_benchmarks = benchmark_evaluator(cfg, raw, device)
     eval_every = t.eval_every if evaluate_benchmarks else 0
     start_step, tokens_seen = 0, 0
@@ -228,10 +225,10 @@ def train(cfg: JobConfig) -> dict:
             say(f"step {step:5d} | {summary}", flush=True)
         if step >= t.steps:
             break
-        loss = forward_backward(model, raw, loss_fn, loader.next_step())
+        loss = step_fns.forward_backward(loader.next_step())
         # clip, step (and its hooks: the MoE bias update), zero grads, schedule; DeepSpeed
         # stepped inside the last backward
-        grad_norm = optimizer_step(model, optimizer, scheduler, raw, cfg.optim.grad_clip)
+        grad_norm = step_fns.optimizer_step(optimizer, scheduler, cfg.optim.grad_clip)
         step += 1
         tokens_seen += tokens_per_step
         progress.count(tokens_per_step)
@@ -269,8 +266,19 @@ def train(cfg: JobConfig) -> dict:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Train a Transformer language model.")
     parser.add_argument("--config", required=True, help="TOML job config, e.g. configs/tiny.toml")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the mesh and each rank's memory for --world-size ranks, "
+                             "building the model on the meta device only, and exit")
+    parser.add_argument("--world-size", type=int, default=0,
+                        help="with --dry-run: the number of ranks (default: torchrun's, or 1)")
     args, overrides = parser.parse_known_args(argv)
-    train(load_config(args.config, overrides))
+    cfg = load_config(args.config, overrides)
+    if args.dry_run:
+        from parallel.dry_run import dry_run
+
+        print(dry_run(cfg, args.world_size or env_world_size()))
+        return
+    train(cfg)
 
 
 if __name__ == "__main__":

@@ -24,8 +24,10 @@ import hashlib
 import math
 
 import torch
+from torch import nn
 
 from model.config import ModelConfig
+from model.layers import rope_tables
 
 INIT_BLOCK = 1 << 20  # elements per independently seeded block of rows (4 MiB in fp32)
 
@@ -75,3 +77,17 @@ def init_tensor_(
         a, b = max(lo, start), min(hi, stop)
         out[a - start : b - start].copy_(values[(slice(a - lo, b - lo), *cols)])
     return out
+
+
+@torch.no_grad()
+def init_buffers_(module: nn.Module, cfg: ModelConfig) -> None:
+    """The buffers of a model (or of any part of one): the RoPE tables computed, the MoE
+    balancing biases zeroed."""
+    tables = None
+    for name, buffer in module.named_buffers():
+        if name.endswith(("rope_cos", "rope_sin")):
+            if tables is None:
+                tables = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, buffer.device)
+            buffer.copy_(tables[0] if name.endswith("rope_cos") else tables[1])
+        elif name.endswith("expert_bias"):
+            buffer.zero_()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig
-from model.init import init_std, init_tensor_
+from model.init import init_buffers_, init_std, init_tensor_
 from model.layers import FeedForward, RMSNorm, apply_rope, rope_tables
 from model.moe import MoE
 
@@ -167,19 +167,7 @@ class Transformer(nn.Module):
         initialized piece by piece gets exactly these values)."""
         for name, param in self.named_parameters():
             init_tensor_(param, name, seed, init_std(self.cfg, name))
-        self.init_buffers()
-
-    @torch.no_grad()
-    def init_buffers(self) -> None:
-        """The RoPE tables and the MoE balancing biases (zeros)."""
-        cfg = self.cfg
-        device = self.rope_cos.device
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
-        for name, buffer in self.named_buffers():
-            if name.endswith("expert_bias"):
-                buffer.zero_()
+        init_buffers_(self, self.cfg)
 
     def forward(
         self,
