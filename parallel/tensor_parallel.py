@@ -36,6 +36,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 from torch.distributed.tensor.parallel import (
@@ -55,6 +56,15 @@ def blocks_of(model: nn.Module) -> list[nn.Module]:
     return list(blocks.values()) if isinstance(blocks, nn.ModuleDict) else list(blocks)
 
 
+def _wait(module: nn.Module, args, output):
+    """Forward hook: a row-parallel output (reduce-scattered) arrives as an AsyncCollectiveTensor
+    that waits on first use by a PyTorch op; Triton kernels (the fused norms) read its memory
+    directly, so the wait happens here (wait_tensor, not .wait(): it keeps the autograd graph)."""
+    if isinstance(output, AsyncCollectiveTensor):
+        return torch.ops._c10d_functional.wait_tensor(output)
+    return output
+
+
 def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
     """Shard `model` (a model.transformer.Transformer or a pipeline stage of one: embed, norm
     and lm_head may be None) in place over `tp_mesh`."""
@@ -63,6 +73,7 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
         parallelize_module(
             model.embed, tp_mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=Shard(1))
         )
+        model.embed.register_forward_hook(_wait)
     if getattr(model, "lm_head", None) is not None:
         # Never called as a module (the loss reads model.output_weight): only its (V, dim)
         # weight is split by vocabulary rows, like the embedding's.
@@ -98,6 +109,9 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh: DeviceMesh) -> None:
             plan["mlp.w_up"] = ColwiseParallel()
             plan["mlp.w_down"] = RowwiseParallel(output_layouts=Shard(1))
         parallelize_module(block, tp_mesh, plan)
+        for name, module in block.named_modules():
+            if name.endswith("w_down") or name.endswith("wo"):  # the row-parallel ones
+                module.register_forward_hook(_wait)
 
 
 def replicated_parameter_names(model: nn.Module) -> list[str]:
