@@ -46,7 +46,15 @@ class GradSync:
             return
         params = dict(self.model.named_parameters())
         for names, group in self.sums:
-            grads = [local(params[n].grad) for n in names if params[n].grad is not None]
+            grads = []
+            for n in names:
+                p = params[n]
+                if isinstance(p.grad, DTensor) and p.grad.placements != p.placements:
+                    # e.g. a vocabulary-parallel embedding's gradient comes back replicated:
+                    # the copies on other ranks hold it sharded like the parameter
+                    p.grad = p.grad.redistribute(p.grad.device_mesh, p.placements)
+                if p.grad is not None:
+                    grads.append(local(p.grad))
             if not grads:
                 continue
             # One all-reduce per group: flatten, reduce, copy back.
