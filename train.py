@@ -1,8 +1,9 @@
-"""The training entry point: config -> process group -> model -> data -> loop.
+"""The training entry point: config -> process group -> mesh -> data -> model -> loop.
 
     python train.py --config configs/tiny.toml                      # one process (CPU or GPU)
     torchrun --nproc_per_node 2 train.py --config configs/tiny.toml # data parallel (DDP)
     python train.py --config configs/tiny.toml --checkpoint.resume=latest
+    python train.py --config configs/moe-1b.toml --dry-run --world-size 64  # mesh + memory per rank
 
 Every step consumes one global batch of `train.batch_size` sequences, split over ranks and
 micro-batches (gradient accumulation), so the loss curve does not depend on the world size.
@@ -130,9 +131,12 @@ def train(cfg: JobConfig) -> dict:
         cfg.data, manifest, t.seq_len, t.batch_size, t.micro_batch_size,
         mesh.dp_rank, mesh.dp_size, t.seed, eot_id,
     )  # ranks of one tensor-parallel group read the same batch
+    # Every rank validates on its own batches: at least one each (val_batches rounded up to a
+    # multiple of the data-parallel ranks).
+    n_val = -(-t.val_batches // mesh.dp_size) * mesh.dp_size
     val_batches = validation_batches(
         TokenStream(cfg.data.path, "val", manifest), t.seq_len, t.micro_batch_size,
-        t.val_batches, mesh.dp_rank, mesh.dp_size, eot_id,
+        n_val, mesh.dp_rank, mesh.dp_size, eot_id,
     )
     # Sharded models run collectives in forward: every rank validates the same number of batches.
     fewest = -all_reduce_max(torch.tensor(-float(len(val_batches)), device=device)).item()

@@ -144,8 +144,11 @@ class MoE(nn.Module):
             self.last_aux_loss = self.aux_coef * aux + self.z_coef * z
         else:
             self.last_aux_loss = None
-        # Under activation checkpointing the recomputed forward records again; every statistic
-        # below is used only up to scale (fractions, a sign, a mean), so double counting is moot.
+        # Activation checkpointing runs the forward again inside the backward: count each token
+        # once (and keep the recomputation's ops a subset of the forward's, as selective
+        # checkpointing requires).
+        if torch._C._current_graph_task_id() != -1:
+            return
         with torch.no_grad():
             self.step_load = load if self.step_load is None else self.step_load + load
             self._log_load = load if self._log_load is None else self._log_load + load

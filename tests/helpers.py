@@ -86,10 +86,11 @@ def synthetic_data(root: Path, vocab: int = 256, train_tokens: int = 20_000) -> 
 
 
 def run_jobs(jobs: list[list[str]], nproc: int, timeout: float = 1500) -> None:
-    """Several train.py jobs (each a `--config FILE --section.key=value ...` argument list) one
-    after another in ONE process group of `nproc` ranks: one launch and one set of imports for
-    many runs (`python -m tests.helpers` is the worker). Ranks are started as torchrun would
-    start them; when one fails the others are stopped and its output raised."""
+    """Several train.py jobs (each a `--config FILE --section.key=value ...` argument list, or
+    `--call module:function ARG` for a function of the process group) one after another in ONE
+    process group of `nproc` ranks: one launch and one set of imports for many runs
+    (`python -m tests.helpers` is the worker). Ranks are started as torchrun would start them;
+    when one fails the others are stopped and its output raised."""
     def free_port() -> int:
         with socket.socket() as sock:
             sock.bind(("127.0.0.1", 0))
@@ -132,8 +133,14 @@ def _jobs_worker(jobs_file: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:  # owned here, so train() leaves it up between jobs
         dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=world)
+    import importlib
+
     for args in json.loads(Path(jobs_file).read_text()):
         print(f"=== job: {' '.join(args)}", flush=True)
+        if args[0] == "--call":  # ["--call", "module:function", ARG]
+            module, function = args[1].split(":")
+            getattr(importlib.import_module(module), function)(*args[2:])
+            continue
         config, overrides = args[1], args[2:]  # ["--config", FILE, *overrides]
         train.train(load_config(config, overrides))
     if world > 1:
