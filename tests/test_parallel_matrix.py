@@ -8,12 +8,15 @@ group, jobs one after another), so the whole matrix is four launches: the one-pr
 references, 2 ranks, 4 ranks, and the one-process resumes. The model is tiny (dim 32, 4 layers
 so interleaving has a layer per stage, 16 tokens, 5 steps).
 
-Where fused kernels run: TP 2 runs with the Triton RMSNorm / RoPE / SwiGLU kernels (in the
-interpreter on the CPU) and the fused (chunked, vocabulary-parallel) loss, the combination
-parallel/mesh.py used to refuse. Elsewhere they are off: the interpreter takes ~0.1 s per
-norm call and ~8 s per call of the Triton fused cross-entropy, which tests/test_kernels_*.py
-check against PyTorch on their own. The references are unfused: the fused paths differ from
-them by float rounding only (measured ~1e-7), so the same 1e-5 holds.
+Where fused kernels run: TP 2 runs with the fused (chunked, vocabulary-parallel) loss, and
+"tp2-fused" adds the Triton RMSNorm / RoPE / SwiGLU kernels on each rank's shard (in the
+interpreter on the CPU), the combinations parallel/mesh.py used to refuse. The interpreter
+runs every program instance in Python (~0.1 s per norm call here; ~8 s per call of the Triton
+fused cross-entropy): a 5-step run takes minutes, so "tp2-fused" runs the first 2 steps of the
+reference (their losses depend on neither the step count nor the schedule's later steps) and
+the kernels are off elsewhere; tests/test_kernels_*.py check them against PyTorch on their own.
+The references are unfused: the fused paths differ from them by float rounding only (measured
+~1e-7), so the same 1e-5 holds.
 
 Tolerance: fp32 everywhere; sharding changes only the order of floating-point sums (measured
 <= 2e-7 relative over 5 steps; pipelines without data parallelism are bit-exact), so every
@@ -49,7 +52,8 @@ LAYOUTS = {
     "ddp2": (2, {"parallel.data_parallel": "ddp", "parallel.activation_checkpointing": "full"},
              ("dense", "moe")),
     "fsdp2": (2, {}, ("dense", "moe")),
-    "tp2": (2, {"parallel.tp": 2, **FUSED}, ("dense", "moe")),  # MoE: ep = tp
+    "tp2": (2, {"parallel.tp": 2, "train.fused_loss": True}, ("dense", "moe")),  # MoE: ep = tp
+    "tp2-fused": (2, {"parallel.tp": 2, **FUSED, "train.steps": 2}, ("dense",)),
     "pp2-1f1b": (2, {"parallel.pp": 2}, ("dense", "moe")),
     "pp2-interleaved": (2, {"parallel.pp": 2, "parallel.pp_schedule": "Interleaved1F1B"},
                         ("dense", "moe")),
@@ -162,10 +166,12 @@ def test_reference_learns_with_clipping_active(runs, model):
 @pytest.mark.parametrize("model, layout", MATRIX, ids=[f"{m}-{n}" for m, n in MATRIX])
 def test_layout_matches_one_process(runs, model, layout):
     run, ref = runs / f"{model}-{layout}", runs / f"{model}-ref"
-    assert sorted(step_losses(run)) == list(range(1, STEPS + 1))
+    steps = LAYOUTS[layout][1].get("train.steps", STEPS)
+    assert sorted(step_losses(run)) == list(range(1, steps + 1))
     assert_close(step_losses(run), step_losses(ref), f"{model} {layout}")
-    assert_close(val_losses(run), val_losses(ref), f"{model} {layout} validation")
-    assert set(val_losses(run)) == {0, STEPS}
+    assert set(val_losses(run)) == {0, steps}
+    shared = {s: v for s, v in val_losses(run).items() if s in (0, STEPS)}  # the reference's
+    assert_close(shared, val_losses(ref), f"{model} {layout} validation")
 
 
 @pytest.mark.parametrize("model, source, target", RESHARD,
@@ -203,8 +209,11 @@ def test_consolidated_model_file_equals_one_process_weights(runs, model, layout)
     assert sorted(got) == sorted(want)
     for name in want:
         # Adam moves weights by ~lr per step whatever the gradient's size, so float noise in
-        # the gradients moves them by about lr x (relative noise): 1e-6 absolute.
-        assert (got[name] - want[name]).abs().max() < 1e-6, name
+        # a gradient moves its weight by about lr x (relative noise): ~1e-9 on the whole
+        # (mean) but more where a gradient is near zero and its relative noise large (measured
+        # 2.3e-6 on one element of EP 2 + FSDP 2): 1e-8 mean, 1e-5 (lr x steps x 1e-3) max.
+        diff = (got[name] - want[name]).abs()
+        assert diff.mean() < 1e-8 and diff.max() < 1e-5, (name, diff.mean(), diff.max())
     built, cfg, _ = load_model(runs / f"{model}-{layout}")
     assert built.embed.weight.shape == (VOCAB, 32)
 
