@@ -23,10 +23,17 @@ import torch
 import torch.nn as nn
 
 from common.atomic import write_json, write_text
+from common.errors import PretrainError, run_cli
 from data.loader import TokenStream, build_train_loader, validation_batches
 from data.manifest import load_manifest, manifest_tokenizer
-from job_config import JobConfig, load_config, to_toml
-from model.checkpoint import find_checkpoint, load_model_state, resolve_checkpoint
+from job_config import ConfigError, JobConfig, load_config, to_toml
+from model.checkpoint import (
+    find_checkpoint,
+    load_model_state,
+    load_tokenizer_identity,
+    resolve_checkpoint,
+)
+from model.load import load_job_config
 from model.moe import moe_metrics
 from parallel.build import build_parallel_model, build_train_step
 from parallel.checkpoint_dcp import load_model_weights, load_train_checkpoint, save_train_checkpoint
@@ -45,8 +52,13 @@ from parallel.moe_balance import register_expert_bias_update
 from parallel.parallelize import LossFn, autocast_context
 from training.metrics import MetricsLog, Progress, environment_info, format_seconds, plot_losses
 from training.optim import build_optimizer, build_scheduler
+from training.resume import check_resume
 
 # --- the loop ---------------------------------------------------------------------------------
+
+
+class DivergedError(PretrainError, FloatingPointError):
+    """The loss became inf / nan."""
 
 
 class StopRequested:
@@ -82,7 +94,8 @@ def benchmark_evaluator(cfg: JobConfig, raw: nn.Module, device: torch.device):
     t = cfg.train
     if not (t.eval_tasks and t.eval_every):
         return None
-    from eval import harness
+    from eval.models import TransformerLogLikelihood
+    from eval.scoring import evaluate_task, flat_metrics, summary_line
     from eval.tasks import load_task
 
     tokenizer = manifest_tokenizer(cfg.data.path)
@@ -90,12 +103,12 @@ def benchmark_evaluator(cfg: JobConfig, raw: nn.Module, device: torch.device):
 
     def evaluate(step: int) -> tuple[dict, str]:
         with autocast_context(cfg, device):
-            lm = harness.TransformerLogLikelihood(raw, batch_size=t.micro_batch_size)
+            lm = TransformerLogLikelihood(raw, batch_size=t.micro_batch_size)
             results = {
-                name: harness.evaluate_task(lm, tokenizer, name, items, progress=False)
+                name: evaluate_task(lm, tokenizer, name, items, progress=False)
                 for name, items in benchmarks.items()
             }
-        return harness.flat_metrics(results), harness.summary_line(results)
+        return flat_metrics(results), summary_line(results)
 
     return evaluate
 
@@ -121,8 +134,13 @@ def train(cfg: JobConfig) -> dict:
     # --- data ---
     manifest = load_manifest(cfg.data.path)
     tok = manifest["tokenizer"]
+    tokenizer_identity = {**tok, "data_path": cfg.data.path}  # recorded in every checkpoint
+    if ckpt is not None:  # model / data / tokenizer changes stop here, others are listed
+        notes = check_resume(ckpt, load_job_config(ckpt), cfg, tok, load_tokenizer_identity(ckpt))
+        if is_main and notes:
+            print("\n".join(notes))
     if tok["n_vocab"] > cfg.model.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"{cfg.data.path}/manifest.json: tokenizer {tok['name']!r} has {tok['n_vocab']} ids, "
             f"more than model.vocab_size = {cfg.model.vocab_size}; raise model.vocab_size"
         )
@@ -204,7 +222,7 @@ def train(cfg: JobConfig) -> dict:
         }
         path = save_train_checkpoint(
             run_dir, step, model, raw, optimizer, scheduler, train_state, cfg.to_dict(),
-            cfg.checkpoint.keep, is_main,
+            cfg.checkpoint.keep, is_main, tokenizer_identity,
         )
         say(f"checkpoint: {path}", flush=True)
 
@@ -238,7 +256,8 @@ def train(cfg: JobConfig) -> dict:
         progress.count(tokens_per_step)
         loss_value = all_reduce_mean(loss).item()
         if not math.isfinite(loss_value):
-            raise FloatingPointError(f"step {step}: loss is {loss_value}; lower optim.lr?")
+            raise DivergedError(f"step {step}: loss is {loss_value}; lower optim.lr? (resume "
+                                f"from the last checkpoint with --checkpoint.resume=latest)")
         record = {
             "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm), "tokens": tokens_seen,
@@ -267,15 +286,22 @@ def train(cfg: JobConfig) -> dict:
     return {"val_loss": last_val, "step": step}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train a Transformer language model.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="Train a Transformer language model.",
+        epilog="Any other --section.key=value overrides a config field (--optim.lr=1e-3).",
+    )
     parser.add_argument("--config", required=True, help="TOML job config, e.g. configs/tiny.toml")
     parser.add_argument("--dry-run", action="store_true",
                         help="print the mesh and each rank's memory for --world-size ranks, "
                              "building the model on the meta device only, and exit")
     parser.add_argument("--world-size", type=int, default=0,
                         help="with --dry-run: the number of ranks (default: torchrun's, or 1)")
-    args, overrides = parser.parse_known_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, overrides = build_parser().parse_known_args(argv)
     cfg = load_config(args.config, overrides)
     if args.dry_run:
         from parallel.dry_run import dry_run
@@ -286,4 +312,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

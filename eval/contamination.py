@@ -22,7 +22,9 @@ a billion-n-gram index and ten thousand items.
 
 from __future__ import annotations
 
-import json
+import argparse
+import sys
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -30,6 +32,8 @@ import numpy as np
 from tqdm import tqdm
 
 from common.atomic import atomic_path, write_json
+from common.errors import FileFormatError, read_json
+from data.manifest import manifest_tokenizer
 from data.normalize import combine_ngrams, match_bytes, ngram_hashes, word_hashes, word_spans
 from eval.tasks import TASKS
 
@@ -132,10 +136,13 @@ class NgramIndex:
 
     @classmethod
     def load(cls, path: str | Path, n: int) -> NgramIndex:
-        hashes = np.load(path, mmap_mode="r")
-        if hashes.dtype != np.uint64 or hashes.ndim != 1:
-            got = f"{hashes.dtype} {hashes.shape}"
-            raise ValueError(f"{path}: expected a 1-D uint64 array, got {got}")
+        try:
+            hashes = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:  # truncated, not .npy, a pickle
+            raise FileFormatError(path, "an n-gram index (.npy of uint64)", str(e)[:200]) from None
+        if not isinstance(hashes, np.ndarray) or hashes.dtype != np.uint64 or hashes.ndim != 1:
+            got = f"{getattr(hashes, 'dtype', type(hashes))} {getattr(hashes, 'shape', '')}"
+            raise FileFormatError(path, "a 1-D uint64 array", f"got {got}")
         return cls(hashes, n)
 
 
@@ -248,35 +255,44 @@ def load_or_build_index(
     data_dir = Path(data_dir)
     npy, meta_path = data_dir / f"ngrams_{n}.npy", data_dir / f"ngrams_{n}.json"
     if npy.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        current = meta.get("shards") == _shard_signature(train_shards(data_dir))
-        if current and meta.get("hash") == HASH_NAME:
-            index = NgramIndex.load(npy, n)
-            if len(index) == meta.get("count"):
+        # The index is a cache of the shards: a damaged or stale one is rebuilt, not trusted.
+        try:
+            meta = read_json(meta_path, "n-gram index metadata")
+            current = isinstance(meta, dict) and meta.get("hash") == HASH_NAME and \
+                meta.get("shards") == _shard_signature(train_shards(data_dir))
+            index = NgramIndex.load(npy, n) if current else None
+            if index is not None and len(index) == meta.get("count"):
                 return index
+        except FileFormatError as e:
+            print(f"rebuilding the n-gram index: {e}", file=sys.stderr)
     if tokenizer is None:
-        from data.manifest import manifest_tokenizer
-
         tokenizer = manifest_tokenizer(data_dir)
     # Build every task's n in the same pass: decoding the shards is the expensive part.
     return build_indexes(data_dir, tokenizer, set(TASK_NGRAM_N.values()) | {n}, progress)[n]
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.contamination",
+        description="Build the n-gram indexes of a prepared data dir's train shards (python -m "
+        "eval builds the one it needs on demand; this builds every task's n in one pass).",
+    )
+    parser.add_argument(
+        "--data", metavar="DIR", required=True,
+        help="prepared data dir (train_*.bin + manifest.json); the indexes are written there",
+    )
+    parser.add_argument("--n", type=int, nargs="+", default=sorted(set(TASK_NGRAM_N.values())),
+                        help="n-gram sizes (default: every task's)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
-    """python -m eval.contamination DATA_DIR: build the n-gram indexes of a prepared dir."""
-    import argparse
-    import time
-
-    from data.manifest import manifest_tokenizer
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("data_dir", help="prepared data dir (train_*.bin + manifest.json)")
-    parser.add_argument("--n", type=int, nargs="+", default=sorted(set(TASK_NGRAM_N.values())))
-    args = parser.parse_args(argv)
+    """python -m eval.contamination --data DIR: build the n-gram indexes of a prepared dir."""
+    args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    indexes = build_indexes(args.data_dir, manifest_tokenizer(args.data_dir), args.n)
+    indexes = build_indexes(args.data, manifest_tokenizer(args.data), args.n)
     for n, index in indexes.items():
-        size = (Path(args.data_dir) / f"ngrams_{n}.npy").stat().st_size
+        size = (Path(args.data) / f"ngrams_{n}.npy").stat().st_size
         print(f"ngrams_{n}.npy: {len(index):,} distinct {n}-grams, {size / 1e6:.1f} MB")
     print(f"built in {time.perf_counter() - start:.1f}s")
 

@@ -13,7 +13,7 @@ stage or world size (parallel/meta_init.py). Each block is drawn on the CPU in f
 values do not depend on the device's generator either.
 
 What each parameter gets (by name, the same in every layout since nothing renames them):
-RMSNorm weights ones; the projections that write into the residual stream (attention `wo`,
+RMSNorm weights ones; biases (q/k/v, Qwen2-style) zeros; the projections that write into the residual stream (attention `wo`,
 `w_down` of dense MLPs, shared and routed experts) N(0, init_std / sqrt(2 n_layers)) as in
 GPT-2; everything else (embedding, q/k/v, gate/up, routers, output matrix) N(0, init_std).
 """
@@ -33,9 +33,12 @@ INIT_BLOCK = 1 << 20  # elements per independently seeded block of rows (4 MiB i
 
 
 def init_std(cfg: ModelConfig, name: str) -> float | None:
-    """The standard deviation parameter `name` is drawn with; None: ones (RMSNorm weights)."""
+    """The standard deviation parameter `name` is drawn with; None: ones (RMSNorm weights);
+    0.0: zeros (the q/k/v biases)."""
     if name.endswith("norm.weight"):
         return None
+    if name.endswith(".bias"):
+        return 0.0
     if name.endswith(("wo.weight", "w_down.weight", "mlp.w_down")):  # mlp.w_down: stacked experts
         return cfg.init_std / math.sqrt(2 * cfg.n_layers)
     return cfg.init_std
@@ -63,6 +66,8 @@ def init_tensor_(
     offset = (0,) * out.dim() if offset is None else tuple(offset)
     if std is None:
         return out.fill_(1.0)
+    if std == 0.0:
+        return out.zero_()
     if out.numel() == 0:
         return out
     rows, rest = full_shape[0], full_shape[1:]
@@ -87,7 +92,8 @@ def init_buffers_(module: nn.Module, cfg: ModelConfig) -> None:
     for name, buffer in module.named_buffers():
         if name.endswith(("rope_cos", "rope_sin")):
             if tables is None:
-                tables = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, buffer.device)
+                tables = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, buffer.device,
+                                     cfg.rope_scaling)
             buffer.copy_(tables[0] if name.endswith("rope_cos") else tables[1])
         elif name.endswith("expert_bias"):
             buffer.zero_()

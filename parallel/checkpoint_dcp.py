@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 from common.atomic import atomic_path, temp_path
 from model.checkpoint import (
     MODEL_FILE,
+    CheckpointError,
     checkpoint_dir,
     find_checkpoint,
     load_model_state,
@@ -70,7 +71,7 @@ def _world() -> int:
 
 def save_train_checkpoint(
     run_dir: Path, step: int, model: nn.Module, raw: nn.Module, optimizer, scheduler,
-    train_state: dict, config: dict, keep: int, is_main: bool,
+    train_state: dict, config: dict, keep: int, is_main: bool, tokenizer: dict | None = None,
 ) -> Path:
     """Every rank calls this. `model` is what the loop calls (a DeepSpeed engine, DDP, or raw);
     `train_state` holds loader / RNG / step; optimizer and scheduler are added here."""
@@ -97,11 +98,13 @@ def save_train_checkpoint(
         if is_main:
             if full is None:
                 full = consolidate_dcp(tmp / DCP_DIR, ModelConfig(**config["model"]))
-            save_checkpoint(run_dir, step, full, train_state, config, keep, keep_temp_contents=True)
+            save_checkpoint(run_dir, step, full, train_state, config, keep, keep_temp_contents=True,
+                            tokenizer=tokenizer)
     elif is_main:
         optim = get_optimizer_state_dict(raw, optimizer, options=FULL)
         train_state = dict(train_state, optimizer=optim, scheduler=scheduler.state_dict())
-        save_checkpoint(run_dir, step, raw.state_dict(), train_state, config, keep)
+        save_checkpoint(run_dir, step, raw.state_dict(), train_state, config, keep,
+                        tokenizer=tokenizer)
     barrier()
     return final
 
@@ -121,7 +124,12 @@ def load_train_checkpoint(ckpt: Path, model: nn.Module, raw: nn.Module, optimize
         # Targets in the current layout: DCP reads the slices each rank owns.
         sharded = {"model": get_model_state_dict(raw),
                    "optimizer": get_optimizer_state_dict(raw, optimizer)}
-        dcp.load(sharded, checkpoint_id=ckpt / DCP_DIR)
+        try:
+            dcp.load(sharded, checkpoint_id=ckpt / DCP_DIR)
+        except Exception as e:  # a damaged shard or .metadata: DCP's own errors name no file
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise CheckpointError(f"{ckpt / DCP_DIR}: not a readable sharded checkpoint "
+                                  f"({type(e).__name__}: {first})") from None
         set_model_state_dict(raw, sharded["model"])
         set_optimizer_state_dict(raw, optimizer, sharded["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -230,15 +238,22 @@ def consolidate_checkpoint(ckpt: Path, overwrite: bool = False) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """--run DIR [--step N]; no --out: the result is the checkpoint's own model.safetensors."""
     parser = argparse.ArgumentParser(
         prog="python -m parallel.checkpoint_dcp",
         description="Consolidate a checkpoint's sharded (DCP) model into its model.safetensors.",
     )
-    parser.add_argument("--run", required=True, help="run directory, or a checkpoint directory")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--run", metavar="DIR", required=True,
+                        help="run directory, or a checkpoint directory")
+    parser.add_argument("--step", metavar="N", type=int, default=None,
+                        help="checkpoint step (default: latest)")
     parser.add_argument("--overwrite", action="store_true", help="replace model.safetensors")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         ckpt = resolve_checkpoint(args.run) if args.step is None else find_checkpoint(args.run, args.step)
         out = consolidate_checkpoint(ckpt, args.overwrite)

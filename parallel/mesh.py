@@ -35,6 +35,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from common.errors import PretrainError
 from job_config import JobConfig
 
 NAMES = ("pp", "dp_replicate", "dp_shard_mod_ep", "dp_shard_in_ep", "tp")
@@ -42,7 +43,7 @@ SINGLE_STAGE_SCHEDULES = ("1F1B", "GPipe")
 MULTI_STAGE_SCHEDULES = ("Interleaved1F1B", "InterleavedZeroBubble")
 
 
-class ParallelConfigError(ValueError):
+class ParallelConfigError(PretrainError, ValueError):
     pass
 
 

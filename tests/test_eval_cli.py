@@ -6,16 +6,12 @@ import math
 
 import pytest
 
-from eval.harness import TokenizerMismatchError, evaluate_task, load_native
+from eval.models import TokenizerMismatchError, load_native
+from eval.scoring import evaluate_task
 from eval.tasks import load_task
-from tests.helpers import BENCHMARKS, to_hf_llama
+from tests.helpers import to_hf_llama
 
-pytestmark = [
-    pytest.mark.skipif(
-        not (BENCHMARKS / "lambada").is_dir(), reason=f"benchmark files not found in {BENCHMARKS}"
-    ),
-    pytest.mark.usefixtures("one_thread"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
@@ -23,8 +19,19 @@ DATA = ["--data.max_bytes=600000", "--data.vocab_size=400", "--data.workers=1",
         "--data.tokenizer_train_bytes=200000", "--data.val_fraction=0.2"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def default_benchmarks(benchmark_dir):
+    """Benchmarks read from the generated files wherever no --benchmark-dir is given (training's
+    eval_tasks, the CLI): eval.tasks.default_data_dir pointed at them for this module."""
+    import eval.tasks
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(eval.tasks, "default_data_dir", lambda: benchmark_dir)
+        yield
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, default_benchmarks):
     """A 4-step training run of a 2-layer model on 600 KB of the standard library, scoring
     HellaSwag and LAMBADA (10 items each) every 2 steps."""
     from data.prepare import prepare
@@ -111,7 +118,7 @@ def test_cli_hf_export_scores_as_native(run, tmp_path):
     to_hf_llama(lm.model).save_pretrained(hf_dir)
     args = ["--tasks", "hellaswag,lambada", "--limit", "12", "--contamination", "off",
             "--log-samples"]
-    native = _cli(["--checkpoint", str(run / "run"), "--no-perplexity", *args], tmp_path)
+    native = _cli(["--run", str(run / "run"), "--no-perplexity", *args], tmp_path)
     exported = _cli(["--hf", str(hf_dir), "--tokenizer", tok.source, *args], tmp_path)
     for task in ("hellaswag", "lambada"):
         a, b = native["tasks"][task]["metrics"]["all"], exported["tasks"][task]["metrics"]["all"]
@@ -130,7 +137,7 @@ def test_cli_stops_with_clear_messages(run, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="unknown task 'hellaswagg'"):
         _cli(["--run", str(run / "run"), "--tasks", "hellaswag,hellaswagg"], tmp_path)
     with pytest.raises(SystemExit, match=r"task 'piqa'.*valid.jsonl \+ valid-labels.lst"):
-        _cli(["--run", str(run / "run"), "--tasks", "piqa", "--data-dir", str(tmp_path),
+        _cli(["--run", str(run / "run"), "--tasks", "piqa", "--benchmark-dir", str(tmp_path),
               "--no-perplexity"], tmp_path)
     other = tmp_path / "other.tiktoken"
     from data.tokenizer import train_bpe

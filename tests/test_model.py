@@ -69,11 +69,13 @@ def test_any_piece_of_a_parameter_draws_the_values_of_the_whole(seed, monkeypatc
 
 def test_init_gives_every_parameter_its_distribution(seed):
     cfg = model_config(dim=32, n_layers=2, n_heads=4, vocab_size=64, max_seq_len=16, n_experts=4,
-                       n_shared_experts=1, expert_hidden=16)
+                       n_shared_experts=1, expert_hidden=16, qkv_bias=True)
     model = build_model(cfg, seed=seed)
     residual = cfg.init_std / (2 * cfg.n_layers) ** 0.5
     for name, p in model.named_parameters():
-        if p.dim() == 1:  # only the RMSNorm weights are vectors
+        if name.endswith(".bias"):  # q/k/v biases start at zero, as transformers' do
+            assert torch.equal(p, torch.zeros_like(p)), name
+        elif p.dim() == 1:  # the other vectors are RMSNorm weights
             assert torch.equal(p, torch.ones_like(p)), name
         elif name.endswith(("wo.weight", "w_down.weight", "mlp.w_down")):
             assert abs(p.std() - residual) < 0.3 * residual, name
