@@ -19,17 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import synthetic_data
+from tests.helpers import run_jobs, synthetic_data
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256
@@ -70,49 +66,9 @@ def data_dir(tmp_path_factory) -> Path:
     return synthetic_data(tmp_path_factory.mktemp("data"), VOCAB)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_train(config: Path, nproc: int = 1, *extra: str):
-    """train.py in `nproc` processes, started directly with the environment torchrun gives its
-    workers (no agent process: one torch import less per run; tests/test_train.py covers
-    torchrun itself)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "train.py", "--config", str(config), *extra]
-    envs = [env] if nproc == 1 else [
-        dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
-             LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        for port in [str(_free_port())] for r in range(nproc)
-    ]
-    logs = Path(tempfile.mkdtemp(prefix="train_logs_"))
-    procs = []
-    for r, e in enumerate(envs):
-        out, err = open(logs / f"{r}.out", "w"), open(logs / f"{r}.err", "w")
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=out, stderr=err))
-        out.close()
-        err.close()
-    deadline = time.time() + 600
-    # Poll all ranks: when one fails the others would wait in a collective, so stop them.
-    while any(p.poll() is None for p in procs) and time.time() < deadline:
-        if any(p.poll() not in (None, 0) for p in procs):
-            break
-        time.sleep(0.2)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    for r, p in enumerate(procs):
-        if p.returncode != 0:
-            out = (logs / f"{r}.out").read_text()[-3000:]
-            err = (logs / f"{r}.err").read_text()[-6000:]
-            raise AssertionError(f"rank {r} of {' '.join(cmd)} failed (exit {p.returncode}):\n"
-                                 f"{out}\n{err}")
-    shutil.rmtree(logs)
+def run_train(config: Path, nproc: int = 1, *extra: str) -> None:
+    """train.py with `config` in `nproc` processes (tests/helpers.run_jobs)."""
+    run_jobs([["--config", str(config), *extra]], nproc)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -146,40 +102,34 @@ def test_reference_learns(reference):
     assert got[STEPS] < got[1]
 
 
-def _deepspeed_run(stage: int, data_dir: Path, tmp_path_factory) -> Path:
+@pytest.fixture(scope="module")
+def deepspeed_runs(data_dir, tmp_path_factory) -> Path:
+    """ZeRO-2, ZeRO-3, and ZeRO-3 resumed from its step-3 checkpoint: one 2-rank launch."""
     import deepspeed  # noqa: F401  (the deepspeed extra, which CI installs: fail, never skip)
-    tmp = tmp_path_factory.mktemp(f"zero{stage}")
-    parallel = {"engine": "deepspeed", "zero_stage": stage, "dp_shard": 2}
-    run_train(write_config(tmp / "c.toml", data_dir, tmp / "run", parallel=parallel), 2)
-    return tmp / "run"
-
-
-@pytest.fixture(scope="module")
-def zero2_run(data_dir, tmp_path_factory) -> Path:
-    return _deepspeed_run(2, data_dir, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def zero3_run(data_dir, tmp_path_factory) -> Path:
-    return _deepspeed_run(3, data_dir, tmp_path_factory)
+    tmp = tmp_path_factory.mktemp("deepspeed")
+    jobs = []
+    resume = f"--checkpoint.resume={tmp / 'zero3' / 'checkpoints' / 'step_000003'}"
+    for name, stage, extra in (("zero2", 2, []), ("zero3", 3, []), ("zero3-resumed", 3, [resume])):
+        parallel = {"engine": "deepspeed", "zero_stage": stage, "dp_shard": 2}
+        config = write_config(tmp / f"{name}.toml", data_dir, tmp / name, parallel=parallel)
+        jobs.append(["--config", str(config), *extra])
+    run_jobs(jobs, 2)
+    return tmp
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_matches_native_adamw(stage, request, reference):
-    run = request.getfixturevalue(f"zero{stage}_run")
+def test_deepspeed_zero_matches_native_adamw(stage, deepspeed_runs, reference):
+    run = deepspeed_runs / f"zero{stage}"
     assert_close(losses(run), losses(reference), 1e-4, f"ZeRO-{stage}")
     ckpt = run / "checkpoints" / "step_000006"
     assert (ckpt / "deepspeed").is_dir() and (ckpt / "model.safetensors").is_file()
 
 
-def test_deepspeed_resumes_through_checkpoint_resume(zero3_run, data_dir, reference, tmp_path):
+def test_deepspeed_resumes_through_checkpoint_resume(deepspeed_runs, reference):
     """--checkpoint.resume of a ZeRO-3 step-3 checkpoint (DeepSpeed's partitioned files for
     model, optimizer and schedule + our loader state) continues the reference curve."""
-    parallel = {"engine": "deepspeed", "zero_stage": 3, "dp_shard": 2}
-    config = write_config(tmp_path / "c.toml", data_dir, tmp_path / "run", parallel=parallel)
-    run_train(config, 2, f"--checkpoint.resume={zero3_run / 'checkpoints' / 'step_000003'}")
     want = {s: v for s, v in losses(reference).items() if s > 3}
-    assert_close(losses(tmp_path / "run"), want, 1e-4, "ZeRO-3 resumed")
+    assert_close(losses(deepspeed_runs / "zero3-resumed"), want, 1e-4, "ZeRO-3 resumed")
 
 
 # --- a bad mesh stops before any work ---------------------------------------------------------

@@ -209,11 +209,12 @@ def test_consolidated_model_file_equals_one_process_weights(runs, model, layout)
     assert sorted(got) == sorted(want)
     for name in want:
         # Adam moves weights by ~lr per step whatever the gradient's size, so float noise in
-        # a gradient moves its weight by about lr x (relative noise): ~1e-9 on the whole
-        # (mean) but more where a gradient is near zero and its relative noise large (measured
-        # 2.3e-6 on one element of EP 2 + FSDP 2): 1e-8 mean, 1e-5 (lr x steps x 1e-3) max.
+        # a gradient moves its weight by about lr x (its relative noise): a few fp32 ulps of a
+        # 0.02 weight (2e-9 each) on the whole (measured mean <= 1.2e-8), more where a gradient
+        # is near zero and its relative noise large (measured 2.3e-6 on one element of EP 2 +
+        # FSDP 2): 1e-7 mean, 1e-5 (lr x steps x 1e-3) max.
         diff = (got[name] - want[name]).abs()
-        assert diff.mean() < 1e-8 and diff.max() < 1e-5, (name, diff.mean(), diff.max())
+        assert diff.mean() < 1e-7 and diff.max() < 1e-5, (name, diff.mean(), diff.max())
     built, cfg, _ = load_model(runs / f"{model}-{layout}")
     assert built.embed.weight.shape == (VOCAB, 32)
 
