@@ -11,6 +11,7 @@ moments, per rank; not counted: activations, FSDP's all-gathered units, communic
 
 from __future__ import annotations
 
+import functools
 import time
 
 import torch
@@ -23,26 +24,31 @@ from parallel.mesh import NAMES, ParallelDims, build_mesh, check_parallel
 GIB = 2**30
 
 
+@functools.cache
+def _shard_numel(shape: tuple, mesh_shape: tuple, coordinate: tuple, placements: tuple) -> int:
+    """Elements of a tensor of global `shape` held at `coordinate` of a mesh (cached: the
+    layers' parameters repeat a few shapes, and this is most of a dry run's time)."""
+    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
+
+    local, _ = _compute_local_shape_and_global_offset(shape, mesh_shape, list(coordinate), placements)
+    return int(torch.Size(local).numel())
+
+
 def _local_numels(p: torch.Tensor, ranks: list[int]) -> dict[int, int]:
     """rank -> elements of p it holds (ranks outside p's mesh hold none; a plain tensor is held
     whole by every rank of `ranks`)."""
     if not isinstance(p, DTensor):
         return {r: p.numel() for r in ranks}
-    from torch.distributed.tensor._utils import _compute_local_shape_and_global_offset
-
     mesh = p.device_mesh
-    layout = mesh.mesh  # global rank of each mesh coordinate
-    out = {}
-    for r in ranks:
-        where = (layout == r).nonzero()
-        if len(where) == 0:
-            continue
-        coordinate = where[0].tolist()
-        shape, _ = _compute_local_shape_and_global_offset(
-            p.shape, mesh.shape, coordinate, p.placements
-        )
-        out[r] = int(torch.Size(shape).numel())
-    return out
+    coordinates = {int(r): tuple(c) for *c, r in _rank_coordinates(mesh.mesh)}
+    return {r: _shard_numel(tuple(p.shape), tuple(mesh.shape), coordinates[r], tuple(p.placements))
+            for r in ranks if r in coordinates}
+
+
+def _rank_coordinates(layout: torch.Tensor) -> list[list[int]]:
+    """[*coordinate, rank] of every entry of a mesh's rank layout."""
+    index = torch.stack(torch.meshgrid(*[torch.arange(n) for n in layout.shape], indexing="ij"), -1)
+    return torch.cat([index.reshape(-1, layout.dim()), layout.reshape(-1, 1)], 1).tolist()
 
 
 def _stage_report(cfg: JobConfig, dims: ParallelDims, stage: int) -> dict[int, int]:
