@@ -22,7 +22,7 @@ from data.prepare import PrepareError, prepare
 from data.shuffle import save_array, write_partitioned
 from data.sources import SourceErrors, iter_file, iter_piece, split_file, stdlib_files
 from data.tokenizer import load_tokenizer
-from tests.helpers import (
+from tests.data_helpers import (
     assert_prepared_like_streaming,
     planted_corpus,
     small_data_config,

@@ -20,7 +20,8 @@ from data.decontaminate import DecontamConfig
 from data.pipeline import build_pipeline
 from data.sources import Document
 from job_config import DataConfig, load_config
-from tests.helpers import REPO, planted_corpus, prose, small_data_config
+from tests.data_helpers import planted_corpus, small_data_config
+from tests.helpers import REPO, prose
 
 
 def test_manifest_counts_equal_planted_and_bad_input_reported(tmp_path):

@@ -24,7 +24,8 @@ from bench.data_scale import perturbed_copies
 from data.prepare import prepare
 from data.sources import stdlib_files
 from data.tokenizer import train_bpe
-from tests.helpers import REPO, planted_corpus, small_data_config, snapshot
+from tests.data_helpers import planted_corpus, small_data_config, snapshot
+from tests.helpers import REPO
 
 # Our tasks' process titles while they run (Ray names a worker after its task).
 TASK_TITLES = (b"ray::map", b"ray::scatter", b"ray::reduce", b"ray::finish", b"ray::tokenize")
