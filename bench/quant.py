@@ -16,6 +16,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from bench.tables import RESULTS_DIR, write_table
@@ -23,12 +24,15 @@ from bench.throughput import device_name
 from common.atomic import write_text
 from common.cli import add_run_arguments, parse_device
 from common.errors import run_cli
+from data.loader import TokenStream, make_batch
+from data.manifest import load_manifest
 from eval.perplexity import evaluate_perplexity
+from inference.gptq import gptq_quantize_model
 from model.load import load_model
 from model.quant import GROUP_SIZES, weight_bytes
 
 # (perplexity increase allowed, memory divisor required) per configuration the issue bounds
-BOUNDS = {"int8": (0.01, 3.5), "int4 g64": (0.05, 6.0)}
+BOUNDS = {"int8": (0.01, 3.5), "int4 g64": (0.05, 6.0), "int4 g64 GPTQ": (0.05, 6.0)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,6 +43,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batches", type=int, default=8, help="validation batches (0: all)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=0, help="default: the run's train.seq_len")
+    parser.add_argument("--gptq", action="store_true", help="also int4 (each group size) by GPTQ")
+    parser.add_argument("--calibration", type=int, default=16, help="GPTQ: train windows")
     return parser
 
 
@@ -49,10 +55,17 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_grad_enabled(False)
     configs = [("fp32", None, 0), ("int8", "int8", 0)]
     configs += [(f"int4 g{g}", "int4", g) for g in args.group_sizes]
+    configs += [(f"int4 g{g} GPTQ", "gptq", g) for g in args.group_sizes if args.gptq]
     rows, cfg = [], None
     for name, mode, group in configs:
-        model, cfg, ckpt = load_model(args.run, device, args.step, mode, group or 64)
+        model, cfg, ckpt = load_model(args.run, device, args.step, None if mode == "gptq" else mode, group or 64)
         seq_len = args.seq_len or cfg.train.seq_len
+        if mode == "gptq":
+            data = args.data or cfg.data.path
+            stream = TokenStream(data, "train", load_manifest(data))
+            batches = [make_batch(stream, np.arange(i, i + 8), seq_len).inputs.to(device)
+                       for i in range(0, args.calibration, 8)]  # fmt: skip
+            gptq_quantize_model(model, batches, group)
         r = evaluate_perplexity(model, args.data or cfg.data.path, seq_len, args.batch_size,
                                 args.max_batches, device)  # fmt: skip
         rows.append((name, weight_bytes(model), r))

@@ -14,12 +14,15 @@ import pytest
 ENTRY_POINTS = [
     "train", "data.prepare", "bench.throughput", "bench.throughput_gpu", "bench.kernels",
     "bench.gpu_check", "bench.hf_continue", "bench.faults",
-    "bench.data", "eval.__main__", "eval.moe_load", "eval.contamination", "model.generate",
-    "model.hf", "model.hf_gguf", "parallel.checkpoint_dcp",
+    "bench.data", "bench.data_scale", "eval.__main__", "eval.moe_load", "eval.contamination", "model.generate",
+    "model.hf", "model.hf_gguf", "parallel.checkpoint_dcp", "data.tokenizer_report",
+    "eval.glitch_tokens", "bench.tokenizers",
     "inference.serve", "inference.quantize", "inference.watermark",
+    "bench.generate", "bench.watermark", "bench.quant",
 ]
 OVERRIDES = {"train", "data.prepare", "bench.throughput"}  # --section.key=value
-RUN_READERS = {"eval.__main__", "eval.moe_load", "model.generate", "inference.serve"}  # run the model on --device
+RUN_READERS = {"eval.__main__", "eval.moe_load", "model.generate", "eval.glitch_tokens",
+               "inference.serve"}  # run the model on --device
 # The least each tool needs to get past argparse (paths need not exist: parsing comes first).
 MINIMAL_ARGS = {
     "train": ["--config", "configs/tiny.toml"],
@@ -29,9 +32,14 @@ MINIMAL_ARGS = {
     "model.hf": ["export", "--run", "nope", "--out-dir", "nope"],
     "model.hf_gguf": ["--gguf", "nope", "--out-dir", "nope"],
     "parallel.checkpoint_dcp": ["--run", "nope"],
+    "data.tokenizer_report": ["--tokenizer", "nope", "--languages", "nope", "--out", "nope"],
+    "eval.glitch_tokens": ["--run", "nope"],
     "inference.serve": ["--run", "nope"],
     "inference.quantize": ["--run", "nope", "--mode", "int8", "--out-dir", "nope"],
     "inference.watermark": ["detect", "--run", "nope", "--text", "x"],
+    "bench.generate": ["--run", "nope"],
+    "bench.watermark": ["--run", "nope"],
+    "bench.quant": ["--run", "nope"],
 }
 KEBAB = re.compile(r"--[a-z0-9]+(-[a-z0-9]+)*")
 

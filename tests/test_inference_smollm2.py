@@ -1,6 +1,6 @@
 """The engine on a real model, SmolLM2-135M-Instruct (the smollm2_dir fixture): greedy ids of
 transformers' generate = plain decoding = batched ragged decoding = speculative decoding with
-the int4 model as draft; int8 / int4 weight memory / 3.5 and / 6 or better."""
+the int8 model as draft; int8 / int4 weight memory / 3.5 and / 6 or better."""
 
 import torch
 
@@ -18,7 +18,7 @@ def test_greedy_ids_agree_everywhere(smollm2_dir, smollm2_run):
     tok = transformers.AutoTokenizer.from_pretrained(smollm2_dir)
     texts = ["The capital of France is", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number"]
     prompts = [tok(t).input_ids for t in texts]  # ragged: 5 and 14 tokens
-    n = 12
+    n = 8
     model, _, _ = load_model(smollm2_run)
     with torch.no_grad():
         want = [hf.generate(torch.tensor([p]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
@@ -26,13 +26,14 @@ def test_greedy_ids_agree_everywhere(smollm2_dir, smollm2_run):
         plain = [generate(model, p, n, temperature=0) for p in prompts]
         params = SamplingParams(max_new_tokens=n, temperature=0)
         batched = Engine(model, max_batch=2, max_len=64).generate(prompts, params)
-        draft = quantize_model(load_model(smollm2_run)[0], "int4", 64)
+        # the int8 model as draft (bench.generate times the int4 draft)
+        draft = quantize_model(load_model(smollm2_run)[0], "int8")
         spec_engine = Engine(model, max_batch=2, max_len=64, draft=draft, speculate_k=3)
         spec = spec_engine.generate(prompts, params)
     assert plain == want
     assert [s.generated for s in batched] == want
     assert [s.generated for s in spec] == want
-    assert spec_engine.acceptance_rate() > 0.3  # the int4 draft mostly agrees with the target
+    assert spec_engine.acceptance_rate() > 0.5  # the int8 draft mostly agrees with the target
     fp = weight_bytes(model)
-    assert fp / weight_bytes(quantize_model(model, "int8")) >= 3.5
-    assert fp / weight_bytes(draft) >= 6.0
+    assert fp / weight_bytes(draft) >= 3.5
+    assert fp / weight_bytes(quantize_model(model, "int4", 64)) >= 6.0
