@@ -30,6 +30,7 @@ from model.checkpoint import (
     load_tokenizer_identity,
     resolve_checkpoint,
 )
+from model.init import init_buffers_
 from model.quant import GROUP_SIZES, MODES, QUANT_FILE, quantize_model
 from model.transformer import Transformer, build_model
 
@@ -73,7 +74,7 @@ def load_model(
             model = Transformer(cfg.model)
         quantize_model(model, saved["mode"], saved.get("group_size") or 64, weights=False)
         model.to_empty(device=device)
-        model.init_rope()  # every weight is overwritten below
+        init_buffers_(model, cfg.model)  # RoPE tables; every weight is overwritten below
     else:
         model = build_model(cfg.model, device, seed=None)  # the checkpoint fills it
     state = load_model_state(ckpt)
