@@ -22,17 +22,17 @@ import torch
 import torch.nn as nn
 
 from common.atomic import write_json, write_text
-from data.loader import TokenStream, build_train_loader, validation_batches
-from data.manifest import load_manifest, manifest_tokenizer
 from job_config import JobConfig, load_config, to_toml
-from model.checkpoint import find_checkpoint, load_model_state, resolve_checkpoint
+from model.checkpoint import find_checkpoint, resolve_checkpoint
+from model.load import load_base_weights
+from model.lora import apply_lora, count_parameters
 from model.moe import moe_metrics
 from model.transformer import build_model
+from objectives import build_objective, resolve_config
 from parallel.checkpoint_dcp import load_train_checkpoint, save_train_checkpoint
 from parallel.dist import (
     all_reduce_max,
     all_reduce_mean,
-    all_reduce_sum,
     cleanup,
     env_world_size,
     gather_lines,
@@ -42,9 +42,7 @@ from parallel.dist import (
 from parallel.mesh import build_mesh, check_parallel
 from parallel.moe_balance import register_expert_bias_update
 from parallel.parallelize import (
-    LossFn,
     autocast_context,
-    build_loss_fn,
     forward_backward,
     optimizer_step,
     parallelize,
@@ -70,19 +68,7 @@ class StopRequested:
         print(f"\nsignal {signum}: saving a checkpoint at the end of this step", flush=True)
 
 
-@torch.no_grad()
-def validate(model: nn.Module, loss_fn: LossFn, batches, device: torch.device) -> float:
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for batch in batches:
-        total[0] += loss_fn(batch).double()
-        total[1] += 1
-    model.train()
-    total = all_reduce_sum(total)
-    return (total[0] / total[1]).item()
-
-
-def benchmark_evaluator(cfg: JobConfig, raw: nn.Module, device: torch.device):
+def benchmark_evaluator(cfg: JobConfig, raw: nn.Module, device: torch.device, tokenizer):
     """A function step -> {metric: value} scoring train.eval_tasks on the model (every rank
     scores the same items: a sharded model needs all ranks in each forward), or None."""
     t = cfg.train
@@ -91,7 +77,6 @@ def benchmark_evaluator(cfg: JobConfig, raw: nn.Module, device: torch.device):
     from eval import harness
     from eval.tasks import load_task
 
-    tokenizer = manifest_tokenizer(cfg.data.path)
     benchmarks = {name: load_task(name, limit=t.eval_limit or None) for name in t.eval_tasks}
 
     def evaluate(step: int) -> tuple[dict, str]:
@@ -107,6 +92,7 @@ def benchmark_evaluator(cfg: JobConfig, raw: nn.Module, device: torch.device):
 
 
 def train(cfg: JobConfig) -> dict:
+    cfg = resolve_config(cfg)  # fine-tuning: the base's architecture and tokenizer
     t = cfg.train
     dims = check_parallel(cfg, env_world_size())  # a bad mesh stops here, before any setup
     dist_info = init_distributed(t.device, cfg.parallel.backend)
@@ -124,32 +110,17 @@ def train(cfg: JobConfig) -> dict:
             else resolve_checkpoint(cfg.checkpoint.resume)
         )
 
-    # --- data ---
-    manifest = load_manifest(cfg.data.path)
-    tok = manifest["tokenizer"]
-    if tok["n_vocab"] > cfg.model.vocab_size:
-        raise ValueError(
-            f"{cfg.data.path}/manifest.json: tokenizer {tok['name']!r} has {tok['n_vocab']} ids, "
-            f"more than model.vocab_size = {cfg.model.vocab_size}; raise model.vocab_size"
-        )
-    eot_id = tok["eot_id"] if cfg.data.document_masking else None
-    loader = build_train_loader(  # one dataset, or the weighted domains of data.mixture
-        cfg.data, manifest, t.seq_len, t.batch_size, t.micro_batch_size,
-        mesh.dp_rank, mesh.dp_size, t.seed, eot_id,
-    )  # ranks of one tensor-parallel group read the same batch
-    val_batches = validation_batches(
-        TokenStream(cfg.data.path, "val", manifest), t.seq_len, t.micro_batch_size,
-        t.val_batches, mesh.dp_rank, mesh.dp_size, eot_id,
-    )
-    # Sharded models run collectives in forward: every rank validates the same number of batches.
-    fewest = -all_reduce_max(torch.tensor(-float(len(val_batches)), device=device)).item()
-    val_batches = val_batches[: int(fewest)]
+    # --- objective: what a step optimizes (pretrain, sft, dpo), its data and its loss ---
+    objective = build_objective(cfg, mesh, device)
+    loader = objective.loader
 
     # --- model, optimizer, loss ---
     # Built whole, then sharded in place: TP -> activation checkpointing -> compile -> FSDP/DDP.
     raw = build_model(cfg.model, device, seed=t.seed)
-    if cfg.checkpoint.init_from and ckpt is None:  # weights only, e.g. an imported HF model
-        raw.load_state_dict(load_model_state(resolve_checkpoint(cfg.checkpoint.init_from)))
+    if cfg.checkpoint.init_from:  # weights only, e.g. an imported HF model; when resuming, the
+        load_base_weights(raw, cfg.checkpoint.init_from)  # checkpoint replaces what it holds
+    adapted = apply_lora(raw, cfg.lora, seed=t.seed)  # LoRA: base frozen; nothing at rank 0
+    trainable, total = count_parameters(raw)
     model: nn.Module = parallelize(raw, mesh, cfg, device)
     optimizer = build_optimizer(raw, cfg.optim, device)  # over the sharded parameters
     scheduler = build_scheduler(optimizer, t.steps, cfg.optim)
@@ -158,8 +129,8 @@ def train(cfg: JobConfig) -> dict:
         from parallel.deepspeed_engine import initialize
 
         model = initialize(raw, optimizer, scheduler, cfg, mesh.dp_size, device)
-    loss_fn = build_loss_fn(model, raw, cfg, device)
-    evaluate_benchmarks = benchmark_evaluator(cfg, raw, device)
+    loss_fn = objective.build_loss(model, raw)
+    evaluate_benchmarks = benchmark_evaluator(cfg, raw, device, objective.tokenizer)
     eval_every = t.eval_every if evaluate_benchmarks else 0
     start_step, tokens_seen = 0, 0
     if ckpt is not None:
@@ -173,14 +144,15 @@ def train(cfg: JobConfig) -> dict:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.toml", to_toml(cfg))
-        write_json(run_dir / "run_info.json", {"env": env, "manifest": manifest})
+        write_json(run_dir / "run_info.json", {"env": env, **objective.info})
         print(f"run {run_dir} | {json.dumps(env)}")
         print(to_toml(cfg))
         print(
             f"model: {cfg.model.num_params() / 1e6:.2f}M parameters "
-            f"({cfg.model.num_params(active=True) / 1e6:.2f}M active per token) | "
-            f"data: {loader.num_tokens:,} train tokens, tokenizer {tok['name']} "
-            f"({tok['n_vocab']} ids) | {loader.accum_steps} micro-batches x {mesh.dp_size} "
+            f"({cfg.model.num_params(active=True) / 1e6:.2f}M active per token), "
+            f"{trainable:,} trainable ({100 * trainable / total:.2f}%"
+            f"{f', LoRA on {len(adapted)} projections' if adapted else ''}) | "
+            f"data: {objective.describe()} | {loader.accum_steps} micro-batches x {mesh.dp_size} "
             f"data-parallel ranks x {t.micro_batch_size} sequences x {t.seq_len} tokens per step"
             + (f" | resuming from {ckpt} at step {start_step}" if ckpt else "")
         )
@@ -212,16 +184,17 @@ def train(cfg: JobConfig) -> dict:
 
     # --- loop: validate, evaluate, step, log, checkpoint, stop ---
     stop = StopRequested()
-    tokens_per_step = t.batch_size * t.seq_len
+    tokens_per_step = objective.tokens_per_step
     step = start_step
     last_val = None
     t_start = time.time()
     model.train()
     while True:
         if due(t.val_every, step):
-            last_val = validate(model, loss_fn, val_batches, device)
-            log.log({"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))})
-            say(f"step {step:5d} | val loss {last_val:.4f}", flush=True)
+            val = objective.validate(model, loss_fn)  # val_loss, and the objective's own
+            last_val = val.get("val_loss")
+            log.log({"step": step, **val})
+            say(f"step {step:5d} | " + " ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
         if due(eval_every, step):
             metrics, summary = evaluate_benchmarks(step)
             log.log({"step": step, **metrics})
@@ -245,7 +218,7 @@ def train(cfg: JobConfig) -> dict:
         if due(t.log_every, step) or step == t.steps:
             # loads per expert (MoE), domains drawn (mixtures): both since the last log line
             record.update(moe_metrics(raw))
-            record.update(loader.metrics())
+            record.update(objective.metrics())  # mixture seen, the objective's (DPO rewards)
             say(progress.line(record), flush=True)
         log.log(record)
         stop_now = all_reduce_max(torch.tensor(float(stop.flag), device=device)).item() > 0

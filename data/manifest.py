@@ -12,6 +12,8 @@ from pathlib import Path
 
 from data.tokenizer import Tokenizer, load_tokenizer
 
+TokenizerLike = Tokenizer  # until data/tokenizer.py defines the protocol
+
 MANIFEST_FILE = "manifest.json"
 
 
@@ -37,3 +39,12 @@ def manifest_tokenizer(data_path: str | Path, manifest: dict | None = None) -> T
             f"shards were made with (sha256 {info['sha256'][:12]}...)"
         )
     return tok
+
+
+def run_tokenizer(data_cfg) -> TokenizerLike:
+    """The tokenizer of a run (its config's [data] section): the prepared data's when data.path
+    is prepared (checked against its manifest), otherwise the one data.tokenizer names, e.g. the
+    Hugging Face tokenizer an imported run keeps (`python -m model.hf import`)."""
+    if (Path(data_cfg.path) / MANIFEST_FILE).exists() or data_cfg.tokenizer == "train":
+        return manifest_tokenizer(data_cfg.path)
+    return load_tokenizer(data_cfg.tokenizer)

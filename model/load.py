@@ -3,6 +3,11 @@ weights loaded (model/checkpoint.py moves the files; this module builds the mode
 
     model, cfg, ckpt = load_model("runs/tiny")              # the newest checkpoint
     model, cfg, ckpt = load_model("runs/tiny", step=400)    # a given one
+
+A checkpoint holds the parameters its run trained: a LoRA run's holds only the adapters, and
+its config names the base (checkpoint.init_from), itself any checkpoint load_model reads (a
+pretrained or imported model, or a fine-tuned one, adapters merged). The base is loaded, the
+adapters applied and merged: the result is a plain model either way.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from model.checkpoint import (
     load_model_state,
     resolve_checkpoint,
 )
+from model.lora import apply_lora, merge_lora
 from model.transformer import Transformer, build_model
 
 
@@ -35,9 +41,31 @@ def load_model(
     directory's checkpoint `step` (default: its newest)."""
     ckpt = resolve_checkpoint(ckpt_or_run) if step is None else find_checkpoint(ckpt_or_run, step)
     cfg = load_job_config(ckpt)
-    model = build_model(cfg.model, resolve_device(device))
-    missing, unexpected = model.load_state_dict(load_model_state(ckpt), strict=False)
-    if missing or unexpected:
-        raise ValueError(f"{ckpt / 'model.safetensors'}: missing {missing}, unexpected {unexpected}")
+    device = resolve_device(device)
+    model = build_model(cfg.model, device)
+    state = load_model_state(ckpt)
+    base_needed = set(model.state_dict()) - set(state)
+    if base_needed:  # the frozen parameters of the run are its base's
+        if not cfg.checkpoint.init_from:
+            raise ValueError(f"{ckpt / 'model.safetensors'}: missing {sorted(base_needed)[:4]}"
+                             " and the run names no base (checkpoint.init_from)")
+        load_base_weights(model, cfg.checkpoint.init_from, f"{ckpt / CONFIG_FILE}")
+    apply_lora(model, cfg.lora)  # nothing without adapters
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - base_needed:
+        raise ValueError(f"{ckpt / 'model.safetensors'}: missing {sorted(missing)[:4]}, "
+                         f"unexpected {sorted(unexpected)[:4]}")
+    merge_lora(model)
+    model.requires_grad_(True)
     model.eval()
     return model, cfg, ckpt
+
+
+def load_base_weights(model: Transformer, base: str | Path, origin: str = "config") -> None:
+    """Load into `model` the weights of checkpoint or run directory `base` (any checkpoint
+    `load_model` reads; a LoRA one merged). The tensors' names and shapes must agree."""
+    if not Path(base).exists():
+        raise FileNotFoundError(f"{origin}: checkpoint.init_from = {str(base)!r} does not exist "
+                                "(the base model)")
+    weights, _, _ = load_model(base, model.embed.weight.device)
+    model.load_state_dict(weights.state_dict())

@@ -64,6 +64,13 @@ DCP_DIR = "dcp"
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+def model_options(raw: nn.Module, **kw) -> StateDictOptions:
+    """The model's trainable tensors only: frozen parameters (a LoRA run's base) are neither
+    saved nor expected back; they come from checkpoint.init_from (model/load.py)."""
+    frozen = any(not p.requires_grad for p in raw.parameters())
+    return StateDictOptions(ignore_frozen_params=True, strict=not frozen, **kw)
+
+
 def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
@@ -89,17 +96,20 @@ def save_train_checkpoint(
             full = deepspeed_engine.consolidated_state_dict(model)  # + scheduler in deepspeed/
         else:
             train_state = dict(train_state, scheduler=scheduler.state_dict())
-            sharded = {"model": get_model_state_dict(raw),
+            sharded = {"model": get_model_state_dict(raw, options=model_options(raw)),
                        "optimizer": get_optimizer_state_dict(raw, optimizer)}
             dcp.save(sharded, checkpoint_id=tmp / DCP_DIR)
-            full = get_model_state_dict(raw, options=FULL)  # collective; rank 0 gets the tensors
+            # collective; rank 0 gets the tensors
+            full = get_model_state_dict(raw, options=model_options(raw, full_state_dict=True,
+                                                                    cpu_offload=True))
         barrier()  # every shard is on disk before rank 0 commits
         if is_main:
             save_checkpoint(run_dir, step, full, train_state, config, keep, keep_temp_contents=True)
     elif is_main:
         optim = get_optimizer_state_dict(raw, optimizer, options=FULL)
         train_state = dict(train_state, optimizer=optim, scheduler=scheduler.state_dict())
-        save_checkpoint(run_dir, step, raw.state_dict(), train_state, config, keep)
+        model_state = get_model_state_dict(raw, options=model_options(raw))
+        save_checkpoint(run_dir, step, model_state, train_state, config, keep)
     barrier()
     return final
 
@@ -117,17 +127,17 @@ def load_train_checkpoint(ckpt: Path, model: nn.Module, raw: nn.Module, optimize
         return state
     if (ckpt / DCP_DIR).is_dir():
         # Targets in the current layout: DCP reads the slices each rank owns.
-        sharded = {"model": get_model_state_dict(raw),
+        sharded = {"model": get_model_state_dict(raw, options=model_options(raw)),
                    "optimizer": get_optimizer_state_dict(raw, optimizer)}
         dcp.load(sharded, checkpoint_id=ckpt / DCP_DIR)
-        set_model_state_dict(raw, sharded["model"])
+        set_model_state_dict(raw, sharded["model"], options=model_options(raw))
         set_optimizer_state_dict(raw, optimizer, sharded["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         return state
     if (ckpt / "deepspeed").is_dir():
         raise ValueError(f"{ckpt} was saved by parallel.engine = 'deepspeed'; resume it with that engine")
     # Full tensors on every rank; each keeps its own shard.
-    set_model_state_dict(raw, load_model_state(ckpt), options=StateDictOptions(full_state_dict=True))
+    set_model_state_dict(raw, load_model_state(ckpt), options=model_options(raw, full_state_dict=True))
     optim = state.get("optimizer")
     if optim is None:
         raise ValueError(f"{ckpt}/train_state.pt holds no optimizer state")

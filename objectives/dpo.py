@@ -1,0 +1,252 @@
+"""Direct Preference Optimization (Rafailov et al., arXiv 2305.18290) on (prompt, chosen,
+rejected) pairs against a frozen reference model:
+
+    h    = beta * [(log pi(y_w|x) - log ref(y_w|x)) - (log pi(y_l|x) - log ref(y_l|x))]
+    loss = -(1 - eps) log sigmoid(h) - eps log sigmoid(-h)          (eps: label smoothing, cDPO)
+
+log pi(y|x) is the sum of the log-probabilities of the completion's assistant tokens (after the
+prompt; objectives/chat_tokens.py), as TRL computes it. The reference is the starting model:
+with LoRA the same network with its adapters disabled (no second copy), otherwise a frozen
+copy of checkpoint.init_from on every rank (unsharded: it runs no collectives).
+
+Logged (TRL's names without the prefix): rewards_chosen / rewards_rejected (beta * the
+log-ratio of each completion), margin (their difference), accuracy (the fraction of pairs whose
+chosen reward is higher; a tie counts one half, so the untrained model scores exactly 0.5),
+kl (the mean KL(pi || ref) of the next-token distributions at the completions' tokens, the
+implicit KL the beta term holds back), and logps_chosen / logps_rejected; for validation also
+logp_accuracy, how often pi alone gives the chosen completion the higher log-probability.
+
+A micro-batch of P pairs is one Batch of 2P rows: the chosen completions, then the rejected
+ones, each row padded to the longest (no packing: each row is one sequence's log-probability).
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from data.conversations import Pair, to_pair
+from data.loader import Batch
+from data.manifest import run_tokenizer
+from job_config import JobConfig
+from model.load import load_model
+from model.lora import adapters_disabled
+from model.loss import IGNORE_INDEX
+from objectives.chat_tokens import ChatTokenizer, resolve_template
+from objectives.sft import Example, check_batch, split_for_ranks
+from objectives.tasks import TaskMixture, load_tasks
+from parallel.dist import all_reduce_sum
+from parallel.parallelize import LossFn, autocast_context
+
+PairExample = tuple[Example, Example]  # (chosen, rejected)
+STATS = ("pairs", "loss", "rewards_chosen", "rewards_rejected", "accuracy", "margin",
+         "logps_chosen", "logps_rejected", "logp_accuracy", "kl", "kl_tokens")
+
+
+def pair_example(chat: ChatTokenizer, pair: Pair, capacity: int) -> PairExample | None:
+    """(chosen, rejected) as (ids, labels): labels on the completion's assistant tokens only.
+    Too long: the prompt loses tokens from its start (keeping at least half the capacity when
+    it has them), then the completions are cut at their end. None if a completion is empty."""
+    n = len(pair.prompt)
+    encoded = [chat.encode(pair.prompt + side, start=n) for side in (pair.chosen, pair.rejected)]
+    starts = [mask.index(True) if True in mask else len(mask) for _, mask in encoded]
+    longest = max(len(ids) - s for (ids, _), s in zip(encoded, starts))
+    out = []
+    for (ids, mask), start in zip(encoded, starts):
+        keep = min(start, max(capacity - longest, capacity // 2))  # prompt tokens kept
+        lo = start - keep
+        ids_a = np.asarray(ids[lo : lo + capacity], np.int64)
+        labels = np.where(np.asarray(mask[lo : lo + capacity], bool), ids_a, IGNORE_INDEX)
+        labels[0] = IGNORE_INDEX
+        if not (labels != IGNORE_INDEX).any():
+            return None
+        out.append((ids_a, labels))
+    return out[0], out[1]
+
+
+def pairs_to_batch(pairs: list[PairExample], pad_id: int) -> Batch:
+    """P pairs -> a Batch of 2P rows (chosen first), padded to the longest row."""
+    rows = [c for c, _ in pairs] + [r for _, r in pairs]
+    T = max(len(x) for x, _ in rows) - 1
+    ids = np.full((len(rows), T + 1), pad_id, np.int64)
+    labels = np.full((len(rows), T + 1), IGNORE_INDEX, np.int64)
+    for i, (x, y) in enumerate(rows):
+        ids[i, : len(x)], labels[i, : len(x)] = x, y
+    return Batch(torch.from_numpy(ids[:, :T].copy()), torch.from_numpy(labels[:, 1:].copy()))
+
+
+def token_logps(hidden: torch.Tensor, output_weight: torch.Tensor, targets: torch.Tensor):
+    """hidden (B, T, dim) -> (log-softmax (B, T, V) fp32, log p of each target (B, T), 0 where
+    the target is ignored)."""
+    logp = F.linear(hidden, output_weight).float().log_softmax(-1)
+    picked = logp.gather(-1, targets.clamp(min=0)[..., None])[..., 0]
+    return logp, picked * (targets != IGNORE_INDEX)
+
+
+class PairLoader:
+    """Global batches of `batch_size` pairs drawn from weighted tasks (objectives/tasks.py);
+    rank r takes its micro-batches of `micro_batch_size` pairs."""
+
+    def __init__(self, tasks: dict[str, list[PairExample]], weights: dict[str, float],
+                 batch_size: int, micro_batch_size: int, rank: int, world_size: int, seed: int,
+                 pad_id: int):
+        check_batch(batch_size, micro_batch_size, world_size)
+        self.mixture = TaskMixture(tasks, weights, seed)
+        self.batch_size, self.micro, self.rank, self.world = (batch_size, micro_batch_size,
+                                                              rank, world_size)
+        self.pad_id = pad_id
+        self.accum_steps = batch_size // (micro_batch_size * world_size)
+
+    def next_step(self) -> list[Batch]:
+        pairs = [self.mixture.next() for _ in range(self.batch_size)]
+        out = []
+        for m in range(self.accum_steps):
+            start = (m * self.world + self.rank) * self.micro
+            out.append(pairs_to_batch(pairs[start : start + self.micro], self.pad_id))
+        return out
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(c[0]) + len(r[0]) for task in self.mixture.tasks for c, r in task)
+
+    def metrics(self) -> dict[str, float]:
+        return self.mixture.metrics()
+
+    def state_dict(self) -> dict:
+        return self.mixture.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mixture.load_state_dict(state)
+
+
+class DPO:
+    def __init__(self, cfg: JobConfig, mesh, device: torch.device):
+        t, pc = cfg.train, cfg.posttrain
+        if cfg.parallel.engine == "deepspeed" or cfg.parallel.tp > 1:
+            raise NotImplementedError("train.objective = 'dpo' runs on the native engine without "
+                                      "tensor parallelism (parallel.engine = 'native', tp = 1)")
+        self.cfg, self.device = cfg, device
+        self.tokenizer = run_tokenizer(cfg.data)
+        self.template = resolve_template(self.tokenizer, pc.chat_template)
+        chat = ChatTokenizer(self.tokenizer, self.template)
+        tasks = load_tasks(pc, to_pair)
+        capacity = t.seq_len + 1
+        self.dropped: dict[str, int] = {}
+
+        def encode(name: str, pairs: list[Pair]) -> list[PairExample]:
+            out = [pair_example(chat, p, capacity) for p in pairs]
+            self.dropped[name] = self.dropped.get(name, 0) + sum(e is None for e in out)
+            return [e for e in out if e is not None]
+
+        train = {n: encode(n, p) for n, p in tasks.train.items()}
+        val = {n: encode(n, p) for n, p in tasks.val.items()}
+        pad = self.tokenizer.eot_id
+        self.loader = PairLoader(train, tasks.weights, t.batch_size, t.micro_batch_size,
+                                 mesh.dp_rank, mesh.dp_size, t.seed, pad)
+        self.val_sets = {
+            n: split_for_ranks([pairs_to_batch(ex[i : i + t.micro_batch_size], pad)
+                                for i in range(0, len(ex), t.micro_batch_size)],
+                               mesh.dp_rank, mesh.dp_size, device)
+            for n, ex in val.items()
+        }
+        self.tokens_per_step = 2 * t.batch_size * t.seq_len  # at most: rows are cut to the longest
+        self.stats = {True: torch.zeros(len(STATS), dtype=torch.float64, device=device),
+                      False: torch.zeros(len(STATS), dtype=torch.float64, device=device)}
+        self.info = {"tasks": {n: {"train": len(train[n]), "val": len(val.get(n, [])),
+                                   "weight": tasks.weights[n], "dropped": self.dropped.get(n, 0)}
+                               for n in train},
+                     "val_tasks": sorted(val), "tokenizer": self.tokenizer.identity(),
+                     "chat_template": self.template, "beta": pc.beta}
+
+    def reference(self, raw: nn.Module):
+        """(module, context) computing the reference: the adapters switched off, or a frozen
+        copy of the starting model."""
+        if self.cfg.lora.rank:
+            return raw, lambda: adapters_disabled(raw)
+        ref, _, _ = load_model(self.cfg.checkpoint.init_from, self.device)
+        ref.requires_grad_(False)
+        return ref, nullcontext
+
+    def build_loss(self, model: nn.Module, raw: nn.Module) -> LossFn:
+        beta, eps = self.cfg.posttrain.beta, self.cfg.posttrain.label_smoothing
+        ref_module, ref_context = self.reference(raw)
+        cfg, device, stats = self.cfg, self.device, self.stats
+
+        def loss_fn(batch: Batch) -> torch.Tensor:
+            inputs = batch.inputs.to(device, non_blocking=True)
+            targets = batch.targets.to(device, non_blocking=True)
+            P = inputs.shape[0] // 2
+            with autocast_context(cfg, device):
+                with torch.no_grad(), ref_context():
+                    ref_hidden = ref_module(inputs, return_hidden=True)
+                    ref_all, ref_tok = token_logps(ref_hidden, ref_module.output_weight, targets)
+                hidden = model(inputs, return_hidden=True)  # (2P, T, dim)
+                pi_all, pi_tok = token_logps(hidden, raw.output_weight, targets)
+            pi, ref = pi_tok.sum(-1), ref_tok.sum(-1)  # (2P,) log p of each completion
+            rewards = beta * (pi - ref).detach()
+            h = beta * ((pi[:P] - ref[:P]) - (pi[P:] - ref[P:]))
+            losses = -(1 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h)  # (P,)
+            with torch.no_grad():
+                valid = targets != IGNORE_INDEX
+                kl = (pi_all.exp() * (pi_all - ref_all)).sum(-1)[valid]  # per completion token
+                margin = rewards[:P] - rewards[P:]
+                pi_d = pi.detach()
+                stats[model.training] += torch.stack([
+                    torch.tensor(float(P), device=device), losses.detach().sum(),
+                    rewards[:P].sum(), rewards[P:].sum(),
+                    ((margin > 0).double() + 0.5 * (margin == 0).double()).sum(), margin.sum(),
+                    pi_d[:P].sum(), pi_d[P:].sum(), (pi_d[:P] > pi_d[P:]).double().sum(),
+                    kl.double().sum(), torch.tensor(float(kl.numel()), device=device),
+                ]).double()
+            return losses.mean()
+
+        return loss_fn
+
+    def _take(self, training: bool) -> torch.Tensor:
+        """The statistics gathered since the last call, summed over ranks; then reset."""
+        total = all_reduce_sum(self.stats[training]).clone()
+        self.stats[training].zero_()
+        return total
+
+    @staticmethod
+    def _summary(total: torch.Tensor) -> dict[str, float]:
+        pairs = max(total[0].item(), 1.0)
+        out = {name: total[i].item() / pairs for i, name in enumerate(STATS) if 0 < i < 9}
+        out["kl"] = total[9].item() / max(total[10].item(), 1.0)
+        return out
+
+    @torch.no_grad()
+    def validate(self, model: nn.Module, loss_fn: LossFn) -> dict[str, float]:
+        """DPO loss, preference accuracy, margin and KL on the held-out pairs, per task and
+        over all of them (pair-weighted); val_loss is the DPO loss."""
+        model.eval()
+        self._take(False)
+        out, totals = {}, []
+        for name, batches in self.val_sets.items():
+            for batch in batches:
+                loss_fn(batch)
+            totals.append(self._take(False))
+            task = self._summary(totals[-1])
+            out.update({f"val/{name}/{k}": task[k] for k in ("loss", "accuracy", "margin")})
+        model.train()
+        if totals:
+            summary = self._summary(torch.stack(totals).sum(0))
+            out["val_loss"] = summary.pop("loss")
+            out.update({f"val/{k}": v for k, v in summary.items()})
+        return out
+
+    def metrics(self) -> dict[str, float]:
+        return {**self.loader.metrics(),
+                **{f"dpo/{k}": v for k, v in self._summary(self._take(True)).items()}}
+
+    def describe(self) -> str:
+        tasks = ", ".join(f"{n} ({v['train']} pairs / {v['val']} held out, weight {v['weight']:g}"
+                          f"{', ' + str(v['dropped']) + ' dropped' if v['dropped'] else ''})"
+                          for n, v in self.info["tasks"].items())
+        return (f"dpo (beta {self.cfg.posttrain.beta:g}) on {tasks}; tokenizer "
+                f"{self.tokenizer.name}; reference: "
+                + ("the base (adapters off)" if self.cfg.lora.rank else "a frozen copy"))
