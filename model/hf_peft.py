@@ -1,7 +1,7 @@
 """A LoRA run's adapters in PEFT's format, which `peft.PeftModel.from_pretrained` loads onto the
 Hugging Face export of the base model (`python -m model.hf export`):
 
-    python -m model.hf_peft --run runs/sft-lora [--step N] --out hf/sft-adapter [--base hf/base]
+    python -m model.hf_peft --run runs/sft-lora [--step N] --out-dir hf/sft-adapter [--base hf/base]
 
     hf/sft-adapter/adapter_config.json          peft_type LORA, r, lora_alpha, target_modules...
     hf/sft-adapter/adapter_model.safetensors    base_model.model.model.layers.0.self_attn.
@@ -15,7 +15,7 @@ for the Llama and Qwen3 exports, whose projections are ours one to one. Exports 
 or split projections (Ernie's q/k rows, MoE experts) stop with an ExportError.
 
 The merged model (adapters folded into the weights) is the ordinary export of the run:
-`python -m model.hf export --run runs/sft-lora --out hf/sft` (model/load.py merges).
+`python -m model.hf export --run runs/sft-lora --out-dir hf/sft` (model/load.py merges).
 """
 
 from __future__ import annotations
@@ -97,17 +97,24 @@ def export_adapter(run: str | Path, out_dir: str | Path, step: int | None = None
     return out_dir
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """`--out-dir`: the adapter is a directory (--out names a file in every tool)."""
     parser = argparse.ArgumentParser(prog="python -m model.hf_peft",
                                      description="A LoRA run's adapters in PEFT's format.")
-    parser.add_argument("--run", required=True, help="run directory (or a checkpoint directory)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    parser.add_argument("--out", required=True, help="output directory (the PEFT adapter)")
+    parser.add_argument("--run", metavar="DIR", required=True,
+                        help="run directory (or a checkpoint directory)")
+    parser.add_argument("--step", metavar="N", type=int, default=None,
+                        help="checkpoint step (default: latest)")
+    parser.add_argument("--out-dir", metavar="DIR", required=True, help="the PEFT adapter directory")
     parser.add_argument("--base", default=None, help="base_model_name_or_path to record "
                         "(default: the run's checkpoint.init_from)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     try:
-        out = export_adapter(args.run, args.out, args.step, args.base)
+        out = export_adapter(args.run, args.out_dir, args.step, args.base)
     except (ExportError, FileNotFoundError) as e:
         raise SystemExit(f"error: {e}") from None
     print(f"wrote {out}/{ADAPTER_CONFIG} and {ADAPTER_WEIGHTS}")

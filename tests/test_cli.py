@@ -15,7 +15,7 @@ ENTRY_POINTS = [
     "train", "data.prepare", "bench.throughput", "bench.throughput_gpu", "bench.kernels",
     "bench.gpu_check",
     "bench.data", "eval.__main__", "eval.moe_load", "eval.contamination", "model.generate",
-    "model.hf", "model.hf_gguf", "parallel.checkpoint_dcp",
+    "model.hf", "model.hf_gguf", "model.hf_peft", "parallel.checkpoint_dcp",
 ]
 OVERRIDES = {"train", "data.prepare", "bench.throughput"}  # --section.key=value
 RUN_READERS = {"eval.__main__", "eval.moe_load", "model.generate"}  # run the model on --device
@@ -27,6 +27,7 @@ MINIMAL_ARGS = {
     "model.generate": ["--run", "nope"],
     "model.hf": ["export", "--run", "nope", "--out-dir", "nope"],
     "model.hf_gguf": ["--gguf", "nope", "--out-dir", "nope"],
+    "model.hf_peft": ["--run", "nope", "--out-dir", "nope"],
     "parallel.checkpoint_dcp": ["--run", "nope"],
 }
 KEBAB = re.compile(r"--[a-z0-9]+(-[a-z0-9]+)*")

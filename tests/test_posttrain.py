@@ -125,7 +125,7 @@ def test_lora_sft_checkpoints_adapters_resumes_exactly_and_exports(base, data, t
 
     base_hf, adapter = tmp_path / "base-hf", tmp_path / "adapter"
     export_run(base, base_hf)
-    hf_peft.main(["--run", str(run), "--out", str(adapter)])
+    hf_peft.main(["--run", str(run), "--out-dir", str(adapter)])
     model = transformers.AutoModelForCausalLM.from_pretrained(base_hf)
     model = peft.PeftModel.from_pretrained(model, str(adapter)).eval()
     with torch.no_grad():
