@@ -172,6 +172,14 @@ def test_dpo_raises_held_out_preference_accuracy(base, data, tmp_path, lora):
     assert vals(run, "val/kl")[24] > 0
     logged = [r for r in records(run) if "dpo/accuracy" in r]
     assert logged and all(0 <= r["dpo/accuracy"] <= 1 for r in logged)
+    # python -m eval scores the same held-out pairs against the same reference afterwards.
+    from eval.__main__ import main as eval_main
+
+    eval_main(["--run", str(run), "--no-perplexity", "--preference", "--out",
+               str(tmp_path / "pref.json")])
+    got = json.loads((tmp_path / "pref.json").read_text())["preference"]["pairs"]
+    assert got["pairs"] == 40 and got["accuracy"] == pytest.approx(acc[24], abs=1e-9)
+    assert got["margin"] == pytest.approx(margin[24], rel=1e-4, abs=1e-6)
 
 
 SHORT = {**LORA, "train.steps": 6, "train.val_every": 6, "checkpoint.every": 0}
