@@ -15,11 +15,13 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from common.device import resolve_device
 from job_config import JobConfig
 from model.checkpoint import (
     CONFIG_FILE,
+    MODEL_FILE,
     find_checkpoint,
     load_config_dict,
     load_model_state,
@@ -67,5 +69,22 @@ def load_base_weights(model: Transformer, base: str | Path, origin: str = "confi
     if not Path(base).exists():
         raise FileNotFoundError(f"{origin}: checkpoint.init_from = {str(base)!r} does not exist "
                                 "(the base model)")
-    weights, _, _ = load_model(base, model.embed.weight.device)
-    model.load_state_dict(weights.state_dict())
+    ckpt = resolve_checkpoint(base)
+    if load_job_config(ckpt).lora.rank:  # adapters on a base of its own: merged in a copy
+        weights, _, _ = load_model(ckpt, model.embed.weight.device)
+        model.load_state_dict(weights.state_dict())
+        return
+    # One tensor at a time: no second copy of the model in memory.
+    expected = model.state_dict()
+    with safe_open(str(ckpt / MODEL_FILE), framework="pt") as f:
+        names = set(f.keys())
+        if names != set(expected):
+            raise ValueError(f"{ckpt / MODEL_FILE}: missing {sorted(set(expected) - names)[:4]}, "
+                             f"unexpected {sorted(names - set(expected))[:4]}")
+        with torch.no_grad():
+            for name in names:
+                t = f.get_tensor(name)
+                if t.shape != expected[name].shape:
+                    raise ValueError(f"{ckpt / MODEL_FILE}: {name} has shape {tuple(t.shape)}, "
+                                     f"the model {tuple(expected[name].shape)}")
+                expected[name].copy_(t)
