@@ -209,7 +209,7 @@ class JobConfig:
 
     def validate(self) -> None:
         t = self.train
-        if t.seq_len > self.model.max_seq_len:
+        if t.objective == "pretrain" and t.seq_len > self.model.max_seq_len:  # else: the base's
             raise ConfigError(
                 f"train.seq_len = {t.seq_len} exceeds model.max_seq_len = {self.model.max_seq_len}"
             )
