@@ -194,7 +194,7 @@ def train(cfg: JobConfig) -> dict:
         if due(t.val_every, step):
             val = objective.validate(model, loss_fn)  # val_loss, and the objective's own
             last_val = val.get("val_loss")
-            log.log({"step": step, **val})
+            log.log({"step": step, **val, "time_s": time.time() - t_start})
             say(f"step {step:5d} | " + " ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
         if due(eval_every, step):
             metrics, summary = evaluate_benchmarks(step)
@@ -215,6 +215,7 @@ def train(cfg: JobConfig) -> dict:
         record = {
             "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm), "tokens": tokens_seen,
+            "time_s": time.time() - t_start, "cpu_s": time.process_time(),  # wall / CPU seconds
         }
         if due(t.log_every, step) or step == t.steps:
             # loads per expert (MoE), domains drawn (mixtures): both since the last log line
