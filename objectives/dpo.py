@@ -12,9 +12,10 @@ copy of checkpoint.init_from on every rank (unsharded: it runs no collectives).
 Logged (TRL's names without the prefix): rewards_chosen / rewards_rejected (beta * the
 log-ratio of each completion), margin (their difference), accuracy (the fraction of pairs whose
 chosen reward is higher; a tie counts one half, so the untrained model scores exactly 0.5),
-kl (the mean KL(pi || ref) of the next-token distributions at the completions' tokens, the
-implicit KL the beta term holds back), and logps_chosen / logps_rejected; for validation also
-logp_accuracy, how often pi alone gives the chosen completion the higher log-probability.
+kl (training: the mean KL(pi || ref) of the next-token distributions at the completions'
+tokens, the implicit KL the beta term holds back), and logps_chosen / logps_rejected; for
+validation also logp_accuracy, how often pi alone gives the chosen completion the higher
+log-probability. The reference's log-probabilities of the held-out pairs are computed once.
 
 A micro-batch of P pairs is one Batch of 2P rows: the chosen completions, then the rejected
 ones, each row padded to the longest (no packing: each row is one sequence's log-probability).
@@ -153,6 +154,7 @@ class DPO:
                                mesh.dp_rank, mesh.dp_size, device)
             for n, ex in val.items()
         }
+        self.val_refs: dict[str, list] = {}  # the reference's log p of each held-out row
         self.tokens_per_step = 2 * t.batch_size * t.seq_len  # at most: rows are cut to the longest
         self.stats = {True: torch.zeros(len(STATS), dtype=torch.float64, device=device),
                       False: torch.zeros(len(STATS), dtype=torch.float64, device=device)}
@@ -176,23 +178,30 @@ class DPO:
         ref_module, ref_context = self.reference(raw)
         cfg, device, stats = self.cfg, self.device, self.stats
 
-        def loss_fn(batch: Batch) -> torch.Tensor:
+        def pair_loss(batch: Batch, ref: torch.Tensor | None = None):
+            """(mean DPO loss, the reference's log p of each row (2P,)); `ref` given (the
+            reference is frozen: validation keeps them) skips the reference forward and KL."""
             inputs = batch.inputs.to(device, non_blocking=True)
             targets = batch.targets.to(device, non_blocking=True)
             P = inputs.shape[0] // 2
+            ref_all = None
             with autocast_context(cfg, device):
-                with torch.no_grad(), ref_context():
-                    ref_hidden = ref_module(inputs, return_hidden=True)
-                    ref_all, ref_tok = token_logps(ref_hidden, ref_module.output_weight, targets)
+                if ref is None:
+                    with torch.no_grad(), ref_context():
+                        ref_hidden = ref_module(inputs, return_hidden=True)
+                        ref_all, ref_tok = token_logps(ref_hidden, ref_module.output_weight,
+                                                       targets)
+                        ref = ref_tok.sum(-1)
                 hidden = model(inputs, return_hidden=True)  # (2P, T, dim)
                 pi_all, pi_tok = token_logps(hidden, raw.output_weight, targets)
-            pi, ref = pi_tok.sum(-1), ref_tok.sum(-1)  # (2P,) log p of each completion
+            pi = pi_tok.sum(-1)  # (2P,) log p of each completion
             rewards = beta * (pi - ref).detach()
             h = beta * ((pi[:P] - ref[:P]) - (pi[P:] - ref[P:]))
             losses = -(1 - eps) * F.logsigmoid(h) - eps * F.logsigmoid(-h)  # (P,)
             with torch.no_grad():
-                valid = targets != IGNORE_INDEX
-                kl = (pi_all.exp() * (pi_all - ref_all)).sum(-1)[valid]  # per completion token
+                kl = torch.zeros(0, device=device)
+                if ref_all is not None:  # per completion token: KL(pi || ref) of the next token
+                    kl = (pi_all.exp() * (pi_all - ref_all)).sum(-1)[targets != IGNORE_INDEX]
                 margin = rewards[:P] - rewards[P:]
                 pi_d = pi.detach()
                 stats[model.training] += torch.stack([
@@ -202,9 +211,10 @@ class DPO:
                     pi_d[:P].sum(), pi_d[P:].sum(), (pi_d[:P] > pi_d[P:]).double().sum(),
                     kl.double().sum(), torch.tensor(float(kl.numel()), device=device),
                 ]).double()
-            return losses.mean()
+            return losses.mean(), ref
 
-        return loss_fn
+        self._pair_loss = pair_loss
+        return lambda batch: pair_loss(batch)[0]
 
     def _take(self, training: bool) -> torch.Tensor:
         """The statistics gathered since the last call, summed over ranks; then reset."""
@@ -216,7 +226,8 @@ class DPO:
     def _summary(total: torch.Tensor) -> dict[str, float]:
         pairs = max(total[0].item(), 1.0)
         out = {name: total[i].item() / pairs for i, name in enumerate(STATS) if 0 < i < 9}
-        out["kl"] = total[9].item() / max(total[10].item(), 1.0)
+        if total[10] > 0:
+            out["kl"] = total[9].item() / total[10].item()
         return out
 
     @torch.no_grad()
@@ -227,8 +238,9 @@ class DPO:
         self._take(False)
         out, totals = {}, []
         for name, batches in self.val_sets.items():
-            for batch in batches:
-                loss_fn(batch)
+            refs = self.val_refs.setdefault(name, [None] * len(batches))
+            for i, batch in enumerate(batches):
+                _, refs[i] = self._pair_loss(batch, refs[i])  # the reference's, once
             totals.append(self._take(False))
             task = self._summary(totals[-1])
             out.update({f"val/{name}/{k}": task[k] for k in ("loss", "accuracy", "margin")})

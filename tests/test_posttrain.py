@@ -169,9 +169,9 @@ def test_dpo_raises_held_out_preference_accuracy(base, data, tmp_path, lora):
     acc, margin = vals(run, "val/accuracy"), vals(run, "val/margin")
     assert acc[0] == 0.5 and margin[0] == 0.0
     assert acc[24] >= 0.7 and margin[24] > 0.1, (acc, margin)
-    assert vals(run, "val/kl")[24] > 0
     logged = [r for r in records(run) if "dpo/accuracy" in r]
     assert logged and all(0 <= r["dpo/accuracy"] <= 1 for r in logged)
+    assert logged[0]["dpo/kl"] >= 0 and logged[-1]["dpo/kl"] > 1e-4  # it moved off the reference
     # python -m eval scores the same held-out pairs against the same reference afterwards.
     from eval.__main__ import main as eval_main
 
