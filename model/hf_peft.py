@@ -62,8 +62,10 @@ def peft_tensors(adapters: dict[str, torch.Tensor], model: ModelConfig) -> dict[
     return out
 
 
-def adapter_config(lora: LoRAConfig, target_modules: list[str], base: str) -> dict:
-    """adapter_config.json: what peft reads (missing keys take PEFT's defaults)."""
+def adapter_config(lora: LoRAConfig, target_modules: list[str], base: str,
+                   layers: list[int] | None = None) -> dict:
+    """adapter_config.json: what peft reads (missing keys take PEFT's defaults); `layers`:
+    the adapted blocks when not all of them (layers_to_transform)."""
     try:
         version = metadata.version("peft")
     except metadata.PackageNotFoundError:
@@ -74,6 +76,7 @@ def adapter_config(lora: LoRAConfig, target_modules: list[str], base: str) -> di
         "lora_dropout": lora.dropout, "target_modules": sorted(target_modules), "bias": "none",
         "fan_in_fan_out": False, "use_rslora": False, "init_lora_weights": True,
         "modules_to_save": None, "rank_pattern": {}, "alpha_pattern": {}, "inference_mode": True,
+        "layers_to_transform": layers, "layers_pattern": "layers" if layers else None,
     }
 
 
@@ -89,7 +92,9 @@ def export_adapter(run: str | Path, out_dir: str | Path, step: int | None = None
     adapters = {k: v for k, v in state.items() if ".lora_A." in k or ".lora_B." in k}
     tensors = peft_tensors(adapters, job.model)
     targets = {k.rsplit(".lora_", 1)[0].rsplit(".", 1)[1] for k in tensors}
-    config = adapter_config(job.lora, sorted(targets), base or job.checkpoint.init_from)
+    layers = sorted({int(k.split(".")[1]) for k in adapters})
+    config = adapter_config(job.lora, sorted(targets), base or job.checkpoint.init_from,
+                            layers if len(layers) < job.model.n_layers else None)
     out_dir = Path(out_dir)
     with atomic_dir(out_dir) as tmp:
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})

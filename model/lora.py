@@ -45,6 +45,10 @@ class LoRAConfig:
     # Hugging Face names (q_proj, ...), or ["all-linear"]. MLP targets skip MoE layers (their
     # experts are stacked tensors, not projections).
     targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
+    # Blocks to adapt (PEFT's layers_to_transform): [] for all, or indices, negative from the
+    # end ([-8, -7, ..., -1]: the last 8). Adapting only the top blocks also saves compute:
+    # nothing below the lowest adapter needs a backward pass.
+    layers: list[int] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if self.rank < 0:
@@ -107,7 +111,13 @@ class LoRALinear(nn.Linear):
 def _targets_in(model: nn.Module, cfg: LoRAConfig) -> Iterator[tuple[nn.Module, str, str]]:
     """(parent module, attribute, full name) of every projection `cfg` adapts."""
     wanted = cfg.our_targets()
+    n = len(model.blocks)
+    layers = {i % n for i in cfg.layers if -n <= i < n} if cfg.layers else set(range(n))
+    if cfg.layers and len(layers) != len(set(cfg.layers)):
+        raise ValueError(f"lora.layers = {cfg.layers}: the model has blocks 0..{n - 1}")
     for i, block in enumerate(model.blocks):
+        if i not in layers:
+            continue
         for parent, prefix in ((block.attn, "attn"), (block.mlp, "mlp")):
             for attr in wanted:
                 child = getattr(parent, attr, None)

@@ -85,15 +85,16 @@ def test_lora_checkpoint_holds_adapters_and_loads_merged(tmp_path, seed):
     torch.testing.assert_close(merged(tokens), want, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("targets", [["wq", "wv"], ["all-linear"]])
-def test_peft_loads_our_adapter_onto_the_transformers_model(tmp_path, seed, targets):
+@pytest.mark.parametrize("targets, layers", [(["wq", "wv"], []), (["all-linear"], []),
+                                            (["wk", "w_up"], [-1])])
+def test_peft_loads_our_adapter_onto_the_transformers_model(tmp_path, seed, targets, layers):
     """peft.PeftModel.from_pretrained(our adapter) on the transformers model of the base gives
     our merged model's logits (the interop the issue asks for, on a tiny Llama)."""
     import peft
 
     base = tiny_model(97, seed=2)
     hf = to_hf_llama(base)
-    lora = LoRAConfig(rank=4, alpha=8, targets=targets)
+    lora = LoRAConfig(rank=4, alpha=8, targets=targets, layers=layers)
     apply_lora(base, lora, seed=seed)
     _randomize_adapters(base, seed)
     job = JobConfig(model=base.cfg, lora=lora)
@@ -110,5 +111,5 @@ def test_peft_loads_our_adapter_onto_the_transformers_model(tmp_path, seed, targ
         theirs = peft_model(tokens).logits
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
     # Every adapter tensor was used: peft holds as many LoRA layers as we wrote.
-    layers = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A.default")]
-    assert len(layers) == len(config["target_modules"]) * base.cfg.n_layers
+    adapted = [n for n, _ in peft_model.named_modules() if n.endswith("lora_A.default")]
+    assert len(adapted) == len(config["target_modules"]) * (len(layers) or base.cfg.n_layers)
