@@ -32,14 +32,13 @@ from torch import nn
 
 from data.conversations import Pair, to_pair
 from data.loader import Batch
-from data.manifest import run_tokenizer
 from job_config import JobConfig
 from model.load import load_model
 from model.lora import adapters_disabled
 from model.loss import IGNORE_INDEX
-from objectives.chat_tokens import ChatTokenizer, resolve_template
-from objectives.sft import Example, check_batch, split_for_ranks
-from objectives.tasks import TaskMixture, load_tasks
+from objectives.chat_tokens import ChatTokenizer
+from objectives.sft import Example, split_for_ranks
+from objectives.tasks import TaskLoader, TaskMixture, describe_tasks, encode_tasks
 from parallel.dist import all_reduce_sum
 from parallel.parallelize import LossFn, autocast_context
 
@@ -88,40 +87,26 @@ def token_logps(hidden: torch.Tensor, output_weight: torch.Tensor, targets: torc
     return logp, picked * (targets != IGNORE_INDEX)
 
 
-class PairLoader:
-    """Global batches of `batch_size` pairs drawn from weighted tasks (objectives/tasks.py);
-    rank r takes its micro-batches of `micro_batch_size` pairs."""
+class PairLoader(TaskLoader):
+    """Global batches of `batch_size` pairs drawn from weighted tasks; a micro-batch of
+    `micro_batch_size` pairs is one Batch of twice as many rows."""
 
     def __init__(self, tasks: dict[str, list[PairExample]], weights: dict[str, float],
                  batch_size: int, micro_batch_size: int, rank: int, world_size: int, seed: int,
                  pad_id: int):
-        check_batch(batch_size, micro_batch_size, world_size)
-        self.mixture = TaskMixture(tasks, weights, seed)
-        self.batch_size, self.micro, self.rank, self.world = (batch_size, micro_batch_size,
-                                                              rank, world_size)
+        super().__init__(TaskMixture(tasks, weights, seed), batch_size, micro_batch_size, rank,
+                         world_size)
         self.pad_id = pad_id
-        self.accum_steps = batch_size // (micro_batch_size * world_size)
 
-    def next_step(self) -> list[Batch]:
-        pairs = [self.mixture.next() for _ in range(self.batch_size)]
-        out = []
-        for m in range(self.accum_steps):
-            start = (m * self.world + self.rank) * self.micro
-            out.append(pairs_to_batch(pairs[start : start + self.micro], self.pad_id))
-        return out
+    def next_item(self) -> PairExample:
+        return self.mixture.next()
+
+    def make_batch(self, pairs: list[PairExample]) -> Batch:
+        return pairs_to_batch(pairs, self.pad_id)
 
     @property
     def num_tokens(self) -> int:
         return sum(len(c[0]) + len(r[0]) for task in self.mixture.tasks for c, r in task)
-
-    def metrics(self) -> dict[str, float]:
-        return self.mixture.metrics()
-
-    def state_dict(self) -> dict:
-        return self.mixture.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.mixture.load_state_dict(state)
 
 
 class DPO:
@@ -131,38 +116,22 @@ class DPO:
             raise NotImplementedError("train.objective = 'dpo' runs on the native engine without "
                                       "tensor parallelism (parallel.engine = 'native', tp = 1)")
         self.cfg, self.device = cfg, device
-        self.tokenizer = run_tokenizer(cfg.data)
-        self.template = resolve_template(self.tokenizer, pc.chat_template)
-        chat = ChatTokenizer(self.tokenizer, self.template)
-        tasks = load_tasks(pc, to_pair)
-        capacity = t.seq_len + 1
-        self.dropped: dict[str, int] = {}
-
-        def encode(name: str, pairs: list[Pair]) -> list[PairExample]:
-            out = [pair_example(chat, p, capacity) for p in pairs]
-            self.dropped[name] = self.dropped.get(name, 0) + sum(e is None for e in out)
-            return [e for e in out if e is not None]
-
-        train = {n: encode(n, p) for n, p in tasks.train.items()}
-        val = {n: encode(n, p) for n, p in tasks.val.items()}
+        tasks = encode_tasks(cfg, to_pair, pair_example)
+        self.tokenizer, self.template = tasks.tokenizer, tasks.template
+        self.info = {**tasks.info, "beta": pc.beta}
         pad = self.tokenizer.eot_id
-        self.loader = PairLoader(train, tasks.weights, t.batch_size, t.micro_batch_size,
+        self.loader = PairLoader(tasks.train, tasks.weights, t.batch_size, t.micro_batch_size,
                                  mesh.dp_rank, mesh.dp_size, t.seed, pad)
         self.val_sets = {
             n: split_for_ranks([pairs_to_batch(ex[i : i + t.micro_batch_size], pad)
                                 for i in range(0, len(ex), t.micro_batch_size)],
                                mesh.dp_rank, mesh.dp_size, device)
-            for n, ex in val.items()
+            for n, ex in tasks.val.items()
         }
         self.val_refs: dict[str, list] = {}  # the reference's log p of each held-out row
         self.tokens_per_step = 2 * t.batch_size * t.seq_len  # at most: rows are cut to the longest
         self.stats = {True: torch.zeros(len(STATS), dtype=torch.float64, device=device),
                       False: torch.zeros(len(STATS), dtype=torch.float64, device=device)}
-        self.info = {"tasks": {n: {"train": len(train[n]), "val": len(val.get(n, [])),
-                                   "weight": tasks.weights[n], "dropped": self.dropped.get(n, 0)}
-                               for n in train},
-                     "val_tasks": sorted(val), "tokenizer": self.tokenizer.identity(),
-                     "chat_template": self.template, "beta": pc.beta}
 
     def reference(self, raw: nn.Module):
         """(module, context) computing the reference: the adapters switched off, or a frozen
@@ -256,9 +225,7 @@ class DPO:
                 **{f"dpo/{k}": v for k, v in self._summary(self._take(True)).items()}}
 
     def describe(self) -> str:
-        tasks = ", ".join(f"{n} ({v['train']} pairs / {v['val']} held out, weight {v['weight']:g}"
-                          f"{', ' + str(v['dropped']) + ' dropped' if v['dropped'] else ''})"
-                          for n, v in self.info["tasks"].items())
-        return (f"dpo (beta {self.cfg.posttrain.beta:g}) on {tasks}; tokenizer "
+        return (f"dpo (beta {self.cfg.posttrain.beta:g}) on {describe_tasks(self.info, 'pairs')}; "
+                f"tokenizer "
                 f"{self.tokenizer.name}; reference: "
                 + ("the base (adapters off)" if self.cfg.lora.rank else "a frozen copy"))

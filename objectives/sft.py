@@ -28,11 +28,9 @@ from torch import nn
 
 from data.conversations import to_messages
 from data.loader import Batch
-from data.manifest import run_tokenizer
 from job_config import JobConfig
 from model.loss import IGNORE_INDEX
-from objectives.chat_tokens import ChatTokenizer, resolve_template
-from objectives.tasks import TaskMixture, load_tasks
+from objectives.tasks import TaskLoader, TaskMixture, describe_tasks, encode_tasks
 from parallel.dist import all_reduce_max, all_reduce_sum
 from parallel.parallelize import LossFn, build_loss_fn
 
@@ -78,7 +76,7 @@ def pack(examples: list[Example], capacity: int, packing: bool) -> list[list[Exa
     return rows + ([row] if row else [])
 
 
-class SFTLoader:
+class SFTLoader(TaskLoader):
     """Training rows of packed conversations from weighted tasks (see the module docstring)."""
 
     def __init__(
@@ -86,14 +84,12 @@ class SFTLoader:
         batch_size: int, micro_batch_size: int, rank: int = 0, world_size: int = 1,
         seed: int = 0, packing: bool = True, pad_id: int = 0,
     ):
-        check_batch(batch_size, micro_batch_size, world_size)
-        self.mixture = TaskMixture(tasks, weights, seed)
-        self.seq_len, self.batch_size, self.micro = seq_len, batch_size, micro_batch_size
-        self.rank, self.world = rank, world_size
-        self.packing, self.pad_id = packing, pad_id
-        self.accum_steps = batch_size // (micro_batch_size * world_size)
+        super().__init__(TaskMixture(tasks, weights, seed), batch_size, micro_batch_size, rank,
+                         world_size)
+        self.seq_len, self.packing, self.pad_id = seq_len, packing, pad_id
 
-    def _row(self) -> list[Example]:
+    def next_item(self) -> list[Example]:
+        """The next row: conversations in draw order until the next does not fit."""
         row, used, capacity = [], 0, self.seq_len + 1
         while True:
             task, ex = self.mixture.peek()
@@ -103,36 +99,12 @@ class SFTLoader:
             used += len(ex[0])
             self.mixture.take(task)
 
-    def next_step(self) -> list[Batch]:
-        """This rank's `accum_steps` micro-batches of the next global batch of rows."""
-        rows = [self._row() for _ in range(self.batch_size)]
-        out = []
-        for m in range(self.accum_steps):
-            start = (m * self.world + self.rank) * self.micro
-            out.append(rows_to_batch(rows[start : start + self.micro], self.seq_len, self.pad_id,
-                                     self.packing))
-        return out
+    def make_batch(self, rows: list[list[Example]]) -> Batch:
+        return rows_to_batch(rows, self.seq_len, self.pad_id, self.packing)
 
     @property
     def num_tokens(self) -> int:
         return sum(len(x) for task in self.mixture.tasks for x, _ in task)
-
-    def metrics(self) -> dict[str, float]:
-        return self.mixture.metrics()
-
-    def state_dict(self) -> dict:
-        return self.mixture.state_dict()
-
-    def load_state_dict(self, state: dict) -> None:
-        self.mixture.load_state_dict(state)
-
-
-def check_batch(batch_size: int, micro_batch_size: int, world_size: int) -> None:
-    if batch_size % (micro_batch_size * world_size):
-        raise ValueError(
-            f"train.batch_size = {batch_size} must be a multiple of train.micro_batch_size "
-            f"({micro_batch_size}) x world size ({world_size})"
-        )
 
 
 def split_for_ranks(batches: list, rank: int, world: int, device: torch.device) -> list:
@@ -147,40 +119,20 @@ class SFT:
     def __init__(self, cfg: JobConfig, mesh, device: torch.device):
         t, pc = cfg.train, cfg.posttrain
         self.cfg, self.device = cfg, device
-        self.tokenizer = run_tokenizer(cfg.data)
-        if self.tokenizer.n_vocab > cfg.model.vocab_size:
-            raise ValueError(f"tokenizer {self.tokenizer.name} has {self.tokenizer.n_vocab} ids, "
-                             f"more than model.vocab_size = {cfg.model.vocab_size}")
-        self.template = resolve_template(self.tokenizer, pc.chat_template)
-        chat = ChatTokenizer(self.tokenizer, self.template)
-        tasks = load_tasks(pc, to_messages)
-        capacity = t.seq_len + 1
-        self.dropped: dict[str, int] = {}
-
-        def encode(name: str, conversations: list) -> list[Example]:
-            out = [to_example(*chat.encode(m), capacity) for m in conversations]
-            self.dropped[name] = self.dropped.get(name, 0) + sum(e is None for e in out)
-            return [e for e in out if e is not None]
-
-        train = {name: encode(name, convs) for name, convs in tasks.train.items()}
-        val = {name: encode(name, convs) for name, convs in tasks.val.items()}
+        tasks = encode_tasks(cfg, to_messages,
+                             lambda chat, messages, cap: to_example(*chat.encode(messages), cap))
+        self.tokenizer, self.template, self.info = tasks.tokenizer, tasks.template, tasks.info
         pad = self.tokenizer.eot_id
-        self.loader = SFTLoader(train, tasks.weights, t.seq_len, t.batch_size,
+        self.loader = SFTLoader(tasks.train, tasks.weights, t.seq_len, t.batch_size,
                                 t.micro_batch_size, mesh.dp_rank, mesh.dp_size, t.seed,
                                 pc.packing, pad)
         self.val_sets = {}
-        for name, examples in val.items():
-            rows = pack(examples, capacity, pc.packing)
+        for name, examples in tasks.val.items():
+            rows = pack(examples, t.seq_len + 1, pc.packing)
             batches = [rows_to_batch(rows[i : i + t.micro_batch_size], t.seq_len, pad, pc.packing)
                        for i in range(0, len(rows), t.micro_batch_size)]
             self.val_sets[name] = split_for_ranks(batches, mesh.dp_rank, mesh.dp_size, device)
         self.tokens_per_step = t.batch_size * t.seq_len
-        count = {n: len(e) for n, e in train.items()}
-        self.info = {"tasks": {n: {"train": count[n], "val": len(val.get(n, [])),
-                                   "weight": tasks.weights[n], "dropped": self.dropped.get(n, 0)}
-                               for n in train},
-                     "val_tasks": sorted(val), "tokenizer": self.tokenizer.identity(),
-                     "chat_template": self.template}
 
     def build_loss(self, model: nn.Module, raw: nn.Module) -> LossFn:
         # The language-model loss of pretraining: targets of -100 (not the assistant's) carry none.
@@ -208,9 +160,7 @@ class SFT:
         return self.loader.metrics()
 
     def describe(self) -> str:
-        tasks = ", ".join(f"{n} ({v['train']} train / {v['val']} held out, weight {v['weight']:g}"
-                          f"{', ' + str(v['dropped']) + ' dropped' if v['dropped'] else ''})"
-                          for n, v in self.info["tasks"].items())
         kind = "packed" if self.cfg.posttrain.packing else "padded"
-        return (f"sft on {tasks}; {self.loader.num_tokens:,} tokens, {kind} rows; tokenizer "
+        return (f"sft on {describe_tasks(self.info, 'conversations')}; "
+                f"{self.loader.num_tokens:,} tokens, {kind} rows; tokenizer "
                 f"{self.tokenizer.name} ({self.tokenizer.n_vocab} ids)")

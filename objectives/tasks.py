@@ -20,6 +20,8 @@ import numpy as np
 
 from data.conversations import HF_PREFIX, read_records
 from data.loader import parse_mixture
+from data.manifest import run_tokenizer
+from objectives.chat_tokens import ChatTokenizer, resolve_template
 
 
 @dataclass
@@ -79,6 +81,53 @@ def load_tasks(pc, convert: Callable) -> Tasks:
         val[name if name not in val else f"{name}-val"] = read_task(source, convert,
                                                                     pc.max_records)
     return Tasks(train, val, {task_name(s): w for s, w in weights.items()})
+
+
+@dataclass
+class EncodedTasks:
+    """A fine-tuning run's tasks tokenized: training and held-out examples per task."""
+
+    tokenizer: object
+    template: str
+    train: dict[str, list]
+    val: dict[str, list]
+    weights: dict[str, float]
+    info: dict  # for run_info.json: per task counts, weight, dropped; tokenizer; template
+
+
+def encode_tasks(cfg, convert: Callable, encode: Callable) -> EncodedTasks:
+    """Read the [posttrain] tasks (`convert(record, where)`), tokenize each item with the run's
+    tokenizer and chat template (`encode(chat, item, capacity)`, None to drop it: nothing left
+    to learn from once cut to seq_len + 1 tokens)."""
+    tokenizer = run_tokenizer(cfg.data)
+    if tokenizer.n_vocab > cfg.model.vocab_size:
+        raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.n_vocab} ids, more than "
+                         f"model.vocab_size = {cfg.model.vocab_size}")
+    template = resolve_template(tokenizer, cfg.posttrain.chat_template)
+    chat = ChatTokenizer(tokenizer, template)
+    tasks = load_tasks(cfg.posttrain, convert)
+    capacity = cfg.train.seq_len + 1
+    dropped: dict[str, int] = {}
+
+    def run(name: str, items: list) -> list:
+        out = [encode(chat, item, capacity) for item in items]
+        dropped[name] = dropped.get(name, 0) + sum(e is None for e in out)
+        return [e for e in out if e is not None]
+
+    train = {n: run(n, items) for n, items in tasks.train.items()}
+    val = {n: run(n, items) for n, items in tasks.val.items()}
+    info = {"tasks": {n: {"train": len(train[n]), "val": len(val.get(n, [])),
+                          "weight": tasks.weights[n], "dropped": dropped.get(n, 0)}
+                      for n in train},
+            "val_tasks": sorted(val), "tokenizer": tokenizer.identity(), "chat_template": template}
+    return EncodedTasks(tokenizer, template, train, val, tasks.weights, info)
+
+
+def describe_tasks(info: dict, items: str) -> str:
+    """'hh (2012 pairs / 300 held out, weight 1)' for the startup line."""
+    return ", ".join(f"{n} ({v['train']} {items} / {v['val']} held out, weight {v['weight']:g}"
+                     f"{', ' + str(v['dropped']) + ' dropped' if v['dropped'] else ''})"
+                     for n, v in info["tasks"].items())
 
 
 class TaskMixture:
@@ -149,3 +198,42 @@ class TaskMixture:
         self.draws = int(state["draws"])
         self.positions = np.array(state["positions"], np.int64)
         self.seen = np.array(state["seen"], np.int64)
+
+
+class TaskLoader:
+    """The loader interface (data/loader.py's) over a TaskMixture: each step a global batch of
+    `batch_size` items (packed rows, pairs) made by `next_item`, of which rank r takes the
+    micro-batches m * world + r; so every world size sees the same global batches."""
+
+    def __init__(self, mixture: TaskMixture, batch_size: int, micro_batch_size: int,
+                 rank: int = 0, world_size: int = 1):
+        if batch_size % (micro_batch_size * world_size):
+            raise ValueError(
+                f"train.batch_size = {batch_size} must be a multiple of train.micro_batch_size "
+                f"({micro_batch_size}) x world size ({world_size})"
+            )
+        self.mixture = mixture
+        self.batch_size, self.micro, self.rank, self.world = (batch_size, micro_batch_size,
+                                                              rank, world_size)
+        self.accum_steps = batch_size // (micro_batch_size * world_size)
+
+    def next_item(self):
+        raise NotImplementedError
+
+    def make_batch(self, items: list):
+        raise NotImplementedError
+
+    def next_step(self) -> list:
+        """This rank's `accum_steps` micro-batches of the next global batch."""
+        items = [self.next_item() for _ in range(self.batch_size)]
+        starts = [(m * self.world + self.rank) * self.micro for m in range(self.accum_steps)]
+        return [self.make_batch(items[s : s + self.micro]) for s in starts]
+
+    def metrics(self) -> dict[str, float]:
+        return self.mixture.metrics()
+
+    def state_dict(self) -> dict:
+        return self.mixture.state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        self.mixture.load_state_dict(state)
