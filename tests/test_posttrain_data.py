@@ -262,3 +262,28 @@ def test_padded_rows_hold_one_conversation(seed):
     for row in batch.targets:
         valid = (row != IGNORE_INDEX).nonzero()
         assert len(valid) > 0
+
+
+# --- configuration -----------------------------------------------------------------------------
+
+
+def test_posttraining_config_errors_name_the_field(tmp_path):
+    from job_config import ConfigError, load_config
+    from objectives import resolve_config
+
+    with pytest.raises(ConfigError, match="needs posttrain.data"):
+        load_config("configs/tiny.toml", ["--train.objective=sft"])
+    with pytest.raises(ConfigError, match="train.objective = 'rl'"):
+        load_config("configs/tiny.toml", ["--train.objective=rl"])
+    with pytest.raises(ConfigError, match="lora.targets"):
+        load_config("configs/tiny.toml", ['--lora.targets=["wz"]'])
+    with pytest.raises(ConfigError, match="native engine"):
+        load_config("configs/tiny.toml", ["--lora.rank=4", "--parallel.engine=deepspeed"])
+    with pytest.raises(ConfigError, match="posttrain.beta"):
+        load_config("configs/tiny.toml", ["--posttrain.beta=0"])
+    cfg = load_config("configs/tiny.toml", ["--train.objective=dpo", '--posttrain.data=["x"]'])
+    with pytest.raises(ConfigError, match="set checkpoint.init_from"):
+        resolve_config(cfg)
+    cfg.checkpoint.init_from = str(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match="no such directory"):
+        resolve_config(cfg)
