@@ -38,6 +38,7 @@ from parallel.dist import (
     gather_lines,
     init_distributed,
     memory_report,
+    peak_memory_gib,
 )
 from parallel.mesh import build_mesh, check_parallel
 from parallel.moe_balance import register_expert_bias_update
@@ -216,6 +217,7 @@ def train(cfg: JobConfig) -> dict:
             "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm), "tokens": tokens_seen,
             "time_s": time.time() - t_start, "cpu_s": time.process_time(),  # wall / CPU seconds
+            "peak_mem_gib": peak_memory_gib(device),  # this rank's, so far (before checkpoints)
         }
         if due(t.log_every, step) or step == t.steps:
             # loads per expert (MoE), domains drawn (mixtures): both since the last log line
