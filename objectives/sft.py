@@ -13,11 +13,11 @@ conversation computes what it would alone. Without packing a row holds one conve
 padded. A conversation longer than a row is cut to it; one left with no assistant token is
 dropped (and counted).
 
-The order is deterministic and independent of the world size, as in data/loader.py: draw k of
-the run picks its task with a generator seeded by (seed, k) (weights as in MixtureLoader), and
-takes that task's next conversation in a seeded order that changes every epoch; a global batch
-is `batch_size` rows, rank r taking its micro-batches' rows. The whole state is the number of
-draws and each task's (epoch, position), saved in checkpoints.
+The order is deterministic and independent of the world size, as in data/loader.py
+(objectives/tasks.py): draw k of the run picks its task by weight with a generator seeded by
+(seed, k) and takes that task's next conversation in a seeded order that changes every epoch;
+a global batch is `batch_size` rows, rank r taking its micro-batches' rows. The whole state is
+the number of draws and each task's (epoch, position), saved in checkpoints.
 """
 
 from __future__ import annotations
