@@ -22,9 +22,10 @@ import torch
 import torch.nn as nn
 
 from common.atomic import write_json, write_text
+from common.errors import PretrainError, run_cli
 from job_config import JobConfig, load_config, to_toml
-from model.checkpoint import find_checkpoint, resolve_checkpoint
-from model.load import load_base_weights
+from model.checkpoint import find_checkpoint, load_tokenizer_identity, resolve_checkpoint
+from model.load import load_base_weights, load_job_config
 from model.lora import apply_lora, count_parameters
 from model.moe import moe_metrics
 from model.transformer import build_model
@@ -50,8 +51,13 @@ from parallel.parallelize import (
 )
 from training.metrics import MetricsLog, Progress, environment_info, format_seconds, plot_losses
 from training.optim import build_optimizer, build_scheduler
+from training.resume import check_resume
 
 # --- the loop ---------------------------------------------------------------------------------
+
+
+class DivergedError(PretrainError, FloatingPointError):
+    """The loss became inf / nan."""
 
 
 class StopRequested:
@@ -115,6 +121,11 @@ def train(cfg: JobConfig) -> dict:
     # --- objective: what a step optimizes (pretrain, sft, dpo), its data and its loss ---
     objective = build_objective(cfg, mesh, device)
     loader = objective.loader
+    if ckpt is not None:  # model / data / tokenizer changes stop here, others are listed
+        notes = check_resume(ckpt, load_job_config(ckpt), cfg, objective.tokenizer_identity,
+                             load_tokenizer_identity(ckpt))
+        if is_main and notes:
+            print("\n".join(notes))
 
     # --- model, optimizer, loss ---
     # Built whole, then sharded in place: TP -> activation checkpointing -> compile -> FSDP/DDP.
@@ -177,7 +188,7 @@ def train(cfg: JobConfig) -> dict:
         }
         path = save_train_checkpoint(
             run_dir, step, model, raw, optimizer, scheduler, train_state, cfg.to_dict(),
-            cfg.checkpoint.keep, is_main,
+            cfg.checkpoint.keep, is_main, objective.tokenizer_identity,
         )
         say(f"checkpoint: {path}", flush=True)
 
@@ -212,7 +223,8 @@ def train(cfg: JobConfig) -> dict:
         progress.count(tokens_per_step)
         loss_value = all_reduce_mean(loss).item()
         if not math.isfinite(loss_value):
-            raise FloatingPointError(f"step {step}: loss is {loss_value}; lower optim.lr?")
+            raise DivergedError(f"step {step}: loss is {loss_value}; lower optim.lr? (resume "
+                                f"from the last checkpoint with --checkpoint.resume=latest)")
         record = {
             "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm), "tokens": tokens_seen,
@@ -258,4 +270,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

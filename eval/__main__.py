@@ -20,10 +20,9 @@ from pathlib import Path
 from common.atomic import write_json
 from common.cli import add_run_arguments, parse_device
 from common.device import resolve_device
-from data.shards import ShardError
+from common.errors import PretrainError
 from eval.models import (
     LogLikelihoodModel,
-    TokenizerMismatchError,
     TransformerLogLikelihood,
     load_hf,
     native_tokenizer,
@@ -31,7 +30,7 @@ from eval.models import (
 from eval.perplexity import evaluate_perplexity
 from eval.preference import evaluate_preference
 from eval.scoring import format_table, run_tasks
-from eval.tasks import TASKS, TaskDataError, get_task
+from eval.tasks import TASKS, get_task
 from model.checkpoint import load_config_dict
 from model.load import load_model
 
@@ -108,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     args.device = parse_device(parser, args.device)
     try:
         evaluate(args)
-    except (FileNotFoundError, TaskDataError, TokenizerMismatchError, ShardError) as e:
+    except (FileNotFoundError, PretrainError) as e:
         raise SystemExit(f"python -m eval: {e}") from None  # a clear message, no traceback
 
 

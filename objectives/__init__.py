@@ -9,6 +9,7 @@ Each objective gives train.py the same things, so the training loop never asks w
     objective.loader            next_step() -> micro-batches, state_dict / load_state_dict,
                                 metrics(), num_tokens (the loader interface of data/loader.py)
     objective.tokenizer         the run's tokenizer
+    objective.tokenizer_identity  what its checkpoints record (model.checkpoint.TOKENIZER_FILE)
     objective.tokens_per_step   token positions one step processes (for rates)
     objective.build_loss(model, raw) -> loss_fn(batch) -> mean loss of a micro-batch
     objective.validate(model, loss_fn) -> {"val_loss": ..., ...}   (every rank calls it)
@@ -40,6 +41,7 @@ OBJECTIVES = ("pretrain", "sft", "dpo")
 class Objective(Protocol):
     loader: object
     tokenizer: object
+    tokenizer_identity: dict | None
     tokens_per_step: int
     info: dict
 

@@ -117,6 +117,7 @@ class DPO:
                                       "tensor parallelism (parallel.engine = 'native', tp = 1)")
         self.cfg, self.device = cfg, device
         tasks = encode_tasks(cfg, to_pair, pair_example)
+        self.tokenizer_identity = tasks.tokenizer_identity
         self.tokenizer, self.template = tasks.tokenizer, tasks.template
         self.info = {**tasks.info, "beta": pc.beta}
         pad = self.tokenizer.eot_id

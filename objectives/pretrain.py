@@ -10,7 +10,7 @@ from torch import nn
 
 from data.loader import TokenStream, build_train_loader, validation_batches
 from data.manifest import load_manifest, manifest_tokenizer
-from job_config import JobConfig
+from job_config import ConfigError, JobConfig
 from parallel.dist import all_reduce_max, all_reduce_sum
 from parallel.parallelize import LossFn, build_loss_fn
 
@@ -22,7 +22,7 @@ class Pretrain:
         manifest = load_manifest(cfg.data.path)
         tok = manifest["tokenizer"]
         if tok["n_vocab"] > cfg.model.vocab_size:
-            raise ValueError(
+            raise ConfigError(
                 f"{cfg.data.path}/manifest.json: tokenizer {tok['name']!r} has {tok['n_vocab']} "
                 f"ids, more than model.vocab_size = {cfg.model.vocab_size}; raise model.vocab_size"
             )
@@ -39,6 +39,7 @@ class Pretrain:
         fewest = -all_reduce_max(torch.tensor(-float(len(val)), device=device)).item()
         self.val_batches = val[: int(fewest)]
         self.manifest, self.tok_info = manifest, tok
+        self.tokenizer_identity = {**tok, "data_path": cfg.data.path}  # in every checkpoint
         self.tokens_per_step = t.batch_size * t.seq_len
         self.info = {"manifest": manifest}
 

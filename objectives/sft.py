@@ -121,6 +121,7 @@ class SFT:
         self.cfg, self.device = cfg, device
         tasks = encode_tasks(cfg, to_messages,
                              lambda chat, messages, cap: to_example(*chat.encode(messages), cap))
+        self.tokenizer_identity = tasks.tokenizer_identity
         self.tokenizer, self.template, self.info = tasks.tokenizer, tasks.template, tasks.info
         pad = self.tokenizer.eot_id
         self.loader = SFTLoader(tasks.train, tasks.weights, t.seq_len, t.batch_size,

@@ -20,7 +20,9 @@ import numpy as np
 
 from data.conversations import HF_PREFIX, read_records
 from data.loader import parse_mixture
-from data.manifest import run_tokenizer
+from job_config import ConfigError
+from model.checkpoint import load_tokenizer_identity, resolve_checkpoint
+from model.load import checkpoint_tokenizer, load_job_config
 from objectives.chat_tokens import ChatTokenizer, resolve_template
 
 
@@ -88,6 +90,7 @@ class EncodedTasks:
     """A fine-tuning run's tasks tokenized: training and held-out examples per task."""
 
     tokenizer: object
+    tokenizer_identity: dict | None  # what the run's checkpoints record: the base's
     template: str
     train: dict[str, list]
     val: dict[str, list]
@@ -98,10 +101,12 @@ class EncodedTasks:
 def encode_tasks(cfg, convert: Callable, encode: Callable) -> EncodedTasks:
     """Read the [posttrain] tasks (`convert(record, where)`), tokenize each item with the run's
     tokenizer and chat template (`encode(chat, item, capacity)`, None to drop it: nothing left
-    to learn from once cut to seq_len + 1 tokens)."""
-    tokenizer = run_tokenizer(cfg.data)
+    to learn from once cut to seq_len + 1 tokens). The tokenizer is the base model's
+    (checkpoint.init_from), as its checkpoint records it."""
+    base = resolve_checkpoint(cfg.checkpoint.init_from)
+    tokenizer = checkpoint_tokenizer(base, load_job_config(base))
     if tokenizer.n_vocab > cfg.model.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer.name} has {tokenizer.n_vocab} ids, more than "
+        raise ConfigError(f"tokenizer {tokenizer.name} has {tokenizer.n_vocab} ids, more than "
                          f"model.vocab_size = {cfg.model.vocab_size}")
     template = resolve_template(tokenizer, cfg.posttrain.chat_template)
     chat = ChatTokenizer(tokenizer, template)
@@ -120,7 +125,8 @@ def encode_tasks(cfg, convert: Callable, encode: Callable) -> EncodedTasks:
                           "weight": tasks.weights[n], "dropped": dropped.get(n, 0)}
                       for n in train},
             "val_tasks": sorted(val), "tokenizer": tokenizer.identity(), "chat_template": template}
-    return EncodedTasks(tokenizer, template, train, val, tasks.weights, info)
+    return EncodedTasks(tokenizer, load_tokenizer_identity(base), template, train, val,
+                        tasks.weights, info)
 
 
 def describe_tasks(info: dict, items: str) -> str:

@@ -13,7 +13,7 @@ import pytest
 
 ENTRY_POINTS = [
     "train", "data.prepare", "bench.throughput", "bench.throughput_gpu", "bench.kernels",
-    "bench.gpu_check", "bench.posttrain_export",
+    "bench.gpu_check", "bench.hf_continue", "bench.faults", "bench.posttrain_export",
     "bench.data", "eval.__main__", "eval.moe_load", "eval.contamination", "model.generate",
     "model.hf", "model.hf_gguf", "model.hf_peft", "parallel.checkpoint_dcp",
 ]
