@@ -35,6 +35,9 @@ class DataConfig:
     tokenizer: str = "train"  # "train" (byte-level BPE on the corpus), a tiktoken name, or a file
     vocab_size: int = 4096  # size of the BPE trained when tokenizer = "train"
     tokenizer_train_bytes: int = 40_000_000  # corpus bytes sampled to train the BPE
+    # Script balance of that sample (data/scripts.py): each Unicode script gets the share
+    # n^a / sum n^a of the bytes (n: its bytes); 1 keeps the sample as it is, 0 evens scripts out.
+    tokenizer_script_balance: float = 1.0
     val_fraction: float = 0.02  # fraction of documents (by hash) held out for validation
     shard_tokens: int = 4_000_000  # tokens per shard file
     workers: int = 2  # tokenizer (and cleaning) processes; 0: all in this process

@@ -16,9 +16,10 @@ ENTRY_POINTS = [
     "bench.gpu_check", "bench.hf_continue", "bench.faults", "bench.posttrain_export",
     "bench.data", "eval.__main__", "eval.moe_load", "eval.contamination", "model.generate",
     "model.hf", "model.hf_gguf", "model.hf_peft", "parallel.checkpoint_dcp",
+    "data.tokenizer_report", "eval.glitch_tokens", "bench.tokenizers",
 ]
 OVERRIDES = {"train", "data.prepare", "bench.throughput"}  # --section.key=value
-RUN_READERS = {"eval.__main__", "eval.moe_load", "model.generate"}  # run the model on --device
+RUN_READERS = {"eval.__main__", "eval.moe_load", "model.generate", "eval.glitch_tokens"}  # run the model on --device
 # The least each tool needs to get past argparse (paths need not exist: parsing comes first).
 MINIMAL_ARGS = {
     "train": ["--config", "configs/tiny.toml"],
@@ -29,6 +30,8 @@ MINIMAL_ARGS = {
     "model.hf_gguf": ["--gguf", "nope", "--out-dir", "nope"],
     "model.hf_peft": ["--run", "nope", "--out-dir", "nope"],
     "parallel.checkpoint_dcp": ["--run", "nope"],
+    "data.tokenizer_report": ["--tokenizer", "nope", "--languages", "nope", "--out", "nope"],
+    "eval.glitch_tokens": ["--run", "nope"],
 }
 KEBAB = re.compile(r"--[a-z0-9]+(-[a-z0-9]+)*")
 
