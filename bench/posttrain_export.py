@@ -24,11 +24,11 @@ import torch
 
 from common.atomic import write_text
 from common.cli import add_run_arguments, parse_device
+from common.errors import run_cli
 from data.conversations import to_messages
-from data.manifest import run_tokenizer
 from model.hf import export_run
 from model.hf_peft import export_adapter
-from model.load import load_model
+from model.load import checkpoint_tokenizer, load_model
 from objectives.chat_tokens import ChatTokenizer, resolve_template
 from objectives.tasks import load_tasks
 
@@ -41,11 +41,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def held_out_ids(cfg, n: int) -> torch.Tensor:
+def held_out_ids(ckpt: Path, cfg, n: int) -> torch.Tensor:
     """(1, <= n) token ids of the run's first held-out conversation (or its first one)."""
     tasks = load_tasks(cfg.posttrain, to_messages)
     conversations = next(iter(tasks.val.values() or tasks.train.values()))
-    tokenizer = run_tokenizer(cfg.data)
+    tokenizer = checkpoint_tokenizer(ckpt, cfg)
     chat = ChatTokenizer(tokenizer, resolve_template(tokenizer, cfg.posttrain.chat_template))
     ids, _ = chat.encode(conversations[0])
     return torch.tensor([ids[:n]])
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     import transformers
 
     ours, cfg, ckpt = load_model(args.run, device, step=args.step)
-    tokens = held_out_ids(cfg, args.tokens).to(device)
+    tokens = held_out_ids(ckpt, cfg, args.tokens).to(device)
     with torch.no_grad():
         want = ours(tokens).float()
     rows = []
@@ -114,4 +114,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

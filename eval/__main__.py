@@ -133,14 +133,15 @@ def evaluate(args: argparse.Namespace) -> dict:
                 f"{ckpt}: val loss {ppl['val_loss']:.4f} | perplexity {ppl['perplexity']:.2f} | "
                 f"{ppl['bits_per_byte']:.4f} bits/byte over {ppl['tokens']:,} tokens"
             )
+        if tasks or args.preference:
+            tokenizer = native_tokenizer(ckpt, cfg, args.tokenizer)
         if args.preference:
-            results["preference"] = evaluate_preference(model, cfg, args.preference, device,
-                                                        args.batch_size)
+            results["preference"] = evaluate_preference(model, cfg, tokenizer, args.preference,
+                                                        device, args.batch_size)
             for name, r in results["preference"].items():
                 print(f"{ckpt}: preference {name}: " + ", ".join(
                     f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
         if tasks:
-            tokenizer = native_tokenizer(ckpt, cfg, args.tokenizer)
             lm = TransformerLogLikelihood(model, args.batch_size)
     if tasks:
         results.update(run_benchmarks(lm, tokenizer, tasks, args, ckpt))

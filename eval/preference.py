@@ -16,7 +16,7 @@ from __future__ import annotations
 import torch
 
 from data.conversations import to_pair
-from data.manifest import run_tokenizer
+from data.tokenizer import TokenizerLike
 from job_config import JobConfig
 from model.load import load_model
 from objectives.chat_tokens import ChatTokenizer, resolve_template
@@ -24,8 +24,9 @@ from objectives.dpo import pair_example, pairs_to_batch, token_logps
 from objectives.tasks import load_tasks, read_task, task_name
 
 
-def preference_sets(cfg: JobConfig, source: str) -> dict[str, list]:
-    """{task: [(chosen, rejected) examples]}: the run's held-out pairs ("heldout") or a file."""
+def preference_sets(cfg: JobConfig, tokenizer: TokenizerLike, source: str) -> dict[str, list]:
+    """{task: [(chosen, rejected) examples]}: the run's held-out pairs ("heldout") or a file,
+    rendered with the run's tokenizer and chat template."""
     if source == "heldout":
         if not cfg.posttrain.holdout:
             raise FileNotFoundError("--preference: the run held out no pairs (posttrain.holdout "
@@ -33,7 +34,6 @@ def preference_sets(cfg: JobConfig, source: str) -> dict[str, list]:
         pairs = load_tasks(cfg.posttrain, to_pair).val
     else:
         pairs = {task_name(source): read_task(source, to_pair)}
-    tokenizer = run_tokenizer(cfg.data)
     chat = ChatTokenizer(tokenizer, resolve_template(tokenizer, cfg.posttrain.chat_template))
     sets = {}
     for name, items in pairs.items():
@@ -49,16 +49,16 @@ def sequence_logps(model, batch, device: torch.device) -> torch.Tensor:
     return picked.sum(-1).double()  # (2P,)
 
 
-def evaluate_preference(model, cfg: JobConfig, source: str, device: torch.device,
-                        batch_size: int = 8) -> dict:
+def evaluate_preference(model, cfg: JobConfig, tokenizer: TokenizerLike, source: str,
+                        device: torch.device, batch_size: int = 8) -> dict:
     """{task: {pairs, accuracy, margin, logp_accuracy}} (accuracy and margin need a reference:
     the run's checkpoint.init_from)."""
     reference = load_model(cfg.checkpoint.init_from, device)[0] if cfg.checkpoint.init_from \
         else None
     beta = cfg.posttrain.beta
-    pad = run_tokenizer(cfg.data).eot_id
+    pad = tokenizer.eot_id
     out = {}
-    for name, examples in preference_sets(cfg, source).items():
+    for name, examples in preference_sets(cfg, tokenizer, source).items():
         logp, ref = [], []
         for i in range(0, len(examples), batch_size):
             batch = pairs_to_batch(examples[i : i + batch_size], pad)

@@ -28,6 +28,7 @@ import torch
 from safetensors.torch import save_file
 
 from common.atomic import atomic_dir, write_json
+from common.errors import run_cli
 from model.checkpoint import find_checkpoint, load_model_state, resolve_checkpoint
 from model.config import ModelConfig
 from model.hf_config import LLAMA, QWEN3, ExportError, hf_architecture
@@ -126,4 +127,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

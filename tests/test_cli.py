@@ -19,7 +19,8 @@ ENTRY_POINTS = [
     "data.tokenizer_report", "eval.glitch_tokens", "bench.tokenizers",
 ]
 OVERRIDES = {"train", "data.prepare", "bench.throughput"}  # --section.key=value
-RUN_READERS = {"eval.__main__", "eval.moe_load", "model.generate", "eval.glitch_tokens"}  # run the model on --device
+RUN_READERS = {"eval.__main__", "eval.moe_load", "model.generate", "eval.glitch_tokens",
+               "bench.posttrain_export"}  # run the model on --device
 # The least each tool needs to get past argparse (paths need not exist: parsing comes first).
 MINIMAL_ARGS = {
     "train": ["--config", "configs/tiny.toml"],
@@ -29,6 +30,7 @@ MINIMAL_ARGS = {
     "model.hf": ["export", "--run", "nope", "--out-dir", "nope"],
     "model.hf_gguf": ["--gguf", "nope", "--out-dir", "nope"],
     "model.hf_peft": ["--run", "nope", "--out-dir", "nope"],
+    "bench.posttrain_export": ["--run", "nope"],
     "parallel.checkpoint_dcp": ["--run", "nope"],
     "data.tokenizer_report": ["--tokenizer", "nope", "--languages", "nope", "--out", "nope"],
     "eval.glitch_tokens": ["--run", "nope"],
