@@ -40,7 +40,13 @@ class DataConfig:
     tokenizer_script_balance: float = 1.0
     val_fraction: float = 0.02  # fraction of documents (by hash) held out for validation
     shard_tokens: int = 4_000_000  # tokens per shard file
-    workers: int = 2  # tokenizer (and cleaning) processes; 0: all in this process
+    # Where the preparation's tasks run (data/executor.py): "local" processes or "ray".
+    executor: str = "local"
+    workers: int = 2  # local: processes (0: all in this one); ray: CPUs of a Ray started for the job
+    ray_address: str = ""  # ray: cluster to join ("auto", "ray://head:10001"); "": start one
+    task_retries: int = 3  # ray: reruns of a task whose worker died
+    docs_per_task: int = 1000  # documents per read/clean task: bounds each task's memory
+    dedup_partitions: int = 8  # a dedup task holds 1 / dedup_partitions of the dedup state
     max_bytes: int = 0  # stop reading sources after this many bytes (0: no limit)
     document_masking: bool = False  # loader yields per-token document ids for attention
     # Domain mixture for training: "prepared_dir=weight" entries; the loader draws each
@@ -145,15 +151,20 @@ class PostTrainConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the world of processes is split (see parallel/mesh.py): dp_replicate x dp_shard x tp
-    ranks; ep (expert parallel, MoE) is carved out of dp_shard."""
+    """How the world of processes is split (see parallel/mesh.py): pp x dp_replicate x dp_shard
+    x tp ranks; ep (expert parallel, MoE) borrows its ranks from dp_shard and tp."""
 
     backend: str = "auto"  # process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo
     engine: str = "native"  # native (PyTorch: DDP / FSDP2 / DTensor TP) | deepspeed (ZeRO)
     dp_replicate: int = 1  # data-parallel replicas (HSDP: FSDP inside a replica, DDP-like across)
     dp_shard: int = -1  # data-parallel ranks that shard parameters; -1: the rest of the world
     tp: int = 1  # tensor-parallel ranks (Megatron-style column/row split + sequence parallel)
-    ep: int = 1  # expert-parallel ranks for MoE layers; must divide dp_shard
+    # Expert-parallel ranks for MoE layers, borrowed from dp_shard (ep / tp of them) and the
+    # whole tensor-parallel group: a multiple of tp when tp > 1
+    ep: int = 1
+    pp: int = 1  # pipeline stages' ranks (torch.distributed.pipelining), outermost in the mesh
+    pp_schedule: str = "1F1B"  # 1F1B | GPipe | Interleaved1F1B | InterleavedZeroBubble
+    pp_stages_per_rank: int = 0  # model chunks per pp rank: 0 = 1, or 2 for interleaved ones
     data_parallel: str = "fsdp"  # fsdp (FSDP2 fully_shard) | ddp (DistributedDataParallel)
     activation_checkpointing: str = "none"  # none | selective (keep matmuls, recompute rest) | full
     param_dtype: str = "auto"  # FSDP2 compute dtype: auto (= train dtype) | float32 | bfloat16
@@ -172,7 +183,7 @@ class ParallelConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"parallel.{name} = {getattr(self, name)!r}: expected one of {allowed}")
-        for name in ("dp_replicate", "tp", "ep"):
+        for name in ("dp_replicate", "tp", "ep", "pp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name} = {getattr(self, name)}: expected >= 1")
         if self.dp_shard == 0 or self.dp_shard < -1:

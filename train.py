@@ -1,8 +1,9 @@
-"""The training entry point: config -> process group -> model -> data -> loop.
+"""The training entry point: config -> process group -> mesh -> data -> model -> loop.
 
     python train.py --config configs/tiny.toml                      # one process (CPU or GPU)
     torchrun --nproc_per_node 2 train.py --config configs/tiny.toml # data parallel (DDP)
     python train.py --config configs/tiny.toml --checkpoint.resume=latest
+    python train.py --config configs/moe-1b.toml --dry-run --world-size 64  # mesh + memory per rank
 
 Every step consumes one global batch of `train.batch_size` sequences, split over ranks and
 micro-batches (gradient accumulation), so the loss curve does not depend on the world size.
@@ -24,13 +25,18 @@ import torch.nn as nn
 from common.atomic import write_json, write_text
 from common.errors import PretrainError, run_cli
 from job_config import JobConfig, load_config, to_toml
-from model.checkpoint import find_checkpoint, load_tokenizer_identity, resolve_checkpoint
+from model.checkpoint import (
+    find_checkpoint,
+    load_model_state,
+    load_tokenizer_identity,
+    resolve_checkpoint,
+)
 from model.load import load_base_weights, load_job_config
 from model.lora import apply_lora, count_parameters
 from model.moe import moe_metrics
-from model.transformer import build_model
 from objectives import build_objective, resolve_config
-from parallel.checkpoint_dcp import load_train_checkpoint, save_train_checkpoint
+from parallel.build import build_adapted_model, build_parallel_model, build_train_step
+from parallel.checkpoint_dcp import load_model_weights, load_train_checkpoint, save_train_checkpoint
 from parallel.dist import (
     all_reduce_max,
     all_reduce_mean,
@@ -43,12 +49,7 @@ from parallel.dist import (
 )
 from parallel.mesh import build_mesh, check_parallel
 from parallel.moe_balance import register_expert_bias_update
-from parallel.parallelize import (
-    autocast_context,
-    forward_backward,
-    optimizer_step,
-    parallelize,
-)
+from parallel.parallelize import autocast_context
 from training.metrics import MetricsLog, Progress, environment_info, format_seconds, plot_losses
 from training.optim import build_optimizer, build_scheduler
 from training.resume import check_resume
@@ -128,21 +129,35 @@ def train(cfg: JobConfig) -> dict:
             print("\n".join(notes))
 
     # --- model, optimizer, loss ---
-    # Built whole, then sharded in place: TP -> activation checkpointing -> compile -> FSDP/DDP.
-    raw = build_model(cfg.model, device, seed=t.seed)
-    if cfg.checkpoint.init_from:  # weights only, e.g. an imported HF model; when resuming, the
-        load_base_weights(raw, cfg.checkpoint.init_from)  # checkpoint replaces what it holds
-    adapted = apply_lora(raw, cfg.lora, seed=t.seed)  # LoRA: base frozen; nothing at rank 0
+    adapted: list[str] = []  # the LoRA-wrapped projections
+    if cfg.lora.rank > 0:
+        # LoRA wraps plain modules: built whole, the base loaded (a resumed run's checkpoint
+        # holds only the adapters), adapters added, then TP / FSDP / DDP as usual.
+        def adapt(raw: nn.Module) -> None:
+            load_base_weights(raw, cfg.checkpoint.init_from)
+            adapted.extend(apply_lora(raw, cfg.lora, seed=t.seed))  # base frozen
+
+        pm = build_adapted_model(cfg, mesh, device, adapt)
+    else:
+        # Built on the meta device, parallelized (pipeline stages, TP, EP, FSDP), then only
+        # this rank's shards are allocated and initialized (the values of an unsharded init).
+        pm = build_parallel_model(cfg, mesh, device)
+        if cfg.checkpoint.init_from and ckpt is None:  # weights only, e.g. an imported model
+            load_model_weights(pm.raw, load_model_state(resolve_checkpoint(cfg.checkpoint.init_from)))
+    raw, model = pm.raw, pm.model
     trainable, total = count_parameters(raw)
-    model: nn.Module = parallelize(raw, mesh, cfg, device)
     optimizer = build_optimizer(raw, cfg.optim, device)  # over the sharded parameters
     scheduler = build_scheduler(optimizer, t.steps, cfg.optim)
-    register_expert_bias_update(optimizer, raw)  # MoE "bias" balancing; a no-op otherwise
+    # MoE "bias" balancing with the loads of every rank of this pipeline stage; a no-op otherwise
+    register_expert_bias_update(optimizer, raw, mesh.stage_group)
     if cfg.parallel.engine == "deepspeed":
         from parallel.deepspeed_engine import initialize
 
         model = initialize(raw, optimizer, scheduler, cfg, mesh.dp_size, device)
-    loss_fn = objective.build_loss(model, raw)
+    # loss of a micro-batch (the objective's), the step's forward + backward, clip + AdamW:
+    # chosen for this layout
+    step_fns = build_train_step(model, pm, cfg, device, objective.build_loss)
+    loss_fn = step_fns.loss_fn
     evaluate_benchmarks = benchmark_evaluator(cfg, raw, device, objective.tokenizer)
     eval_every = t.eval_every if evaluate_benchmarks else 0
     start_step, tokens_seen = 0, 0
@@ -214,10 +229,10 @@ def train(cfg: JobConfig) -> dict:
             say(f"step {step:5d} | {summary}", flush=True)
         if step >= t.steps:
             break
-        loss = forward_backward(model, raw, loss_fn, loader.next_step())
+        loss = step_fns.forward_backward(loader.next_step())
         # clip, step (and its hooks: the MoE bias update), zero grads, schedule; DeepSpeed
         # stepped inside the last backward
-        grad_norm = optimizer_step(model, optimizer, scheduler, raw, cfg.optim.grad_clip)
+        grad_norm = step_fns.optimizer_step(optimizer, scheduler, cfg.optim.grad_clip)
         step += 1
         tokens_seen += tokens_per_step
         progress.count(tokens_per_step)
@@ -261,12 +276,23 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Any other --section.key=value overrides a config field (--optim.lr=1e-3).",
     )
     parser.add_argument("--config", required=True, help="TOML job config, e.g. configs/tiny.toml")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the mesh and each rank's memory for --world-size ranks, "
+                             "building the model on the meta device only, and exit")
+    parser.add_argument("--world-size", type=int, default=0,
+                        help="with --dry-run: the number of ranks (default: torchrun's, or 1)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args, overrides = build_parser().parse_known_args(argv)
-    train(load_config(args.config, overrides))
+    cfg = load_config(args.config, overrides)
+    if args.dry_run:
+        from parallel.dry_run import dry_run
+
+        print(dry_run(cfg, args.world_size or env_world_size()))
+        return
+    train(cfg)
 
 
 if __name__ == "__main__":

@@ -31,9 +31,12 @@ class Pretrain:
             cfg.data, manifest, t.seq_len, t.batch_size, t.micro_batch_size,
             mesh.dp_rank, mesh.dp_size, t.seed, eot_id,
         )  # ranks of one tensor-parallel group read the same batch
+        # Every rank validates on its own batches: at least one each (val_batches rounded up
+        # to a multiple of the data-parallel ranks).
+        n_val = -(-t.val_batches // mesh.dp_size) * mesh.dp_size
         val = validation_batches(
             TokenStream(cfg.data.path, "val", manifest), t.seq_len, t.micro_batch_size,
-            t.val_batches, mesh.dp_rank, mesh.dp_size, eot_id,
+            n_val, mesh.dp_rank, mesh.dp_size, eot_id,
         )
         # Sharded models run collectives in forward: every rank validates as many batches.
         fewest = -all_reduce_max(torch.tensor(-float(len(val)), device=device)).item()
