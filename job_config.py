@@ -24,6 +24,7 @@ from data.pii import PIIConfig
 from data.pipeline import DEFAULT_STAGES
 from data.quality import QualityConfig
 from model.config import ModelConfig, model_config
+from model.lora import LoRAConfig
 
 
 @dataclass
@@ -93,6 +94,10 @@ class TrainConfig:
     eval_tasks: list[str] = field(default_factory=list)  # benchmarks scored while training
     eval_every: int = 0  # score eval_tasks every N steps (and at the end); 0: never
     eval_limit: int = 200  # first N items of each task (0: all)
+    # What a step optimizes (objectives/): pretrain (next token on data.path's shards), sft
+    # (chat conversations, loss on the assistant's tokens) or dpo (preference pairs); sft and dpo
+    # fine-tune checkpoint.init_from and read [posttrain].
+    objective: str = "pretrain"
 
 
 @dataclass
@@ -114,6 +119,34 @@ class LoggingConfig:
     wandb: bool = False  # log to Weights & Biases (offline mode when no API key is set)
     wandb_project: str = "pretrain"
     plot: bool = True  # write loss.png into the run directory
+
+
+@dataclass
+class PostTrainConfig:
+    """Data and settings of the fine-tuning objectives (train.objective = sft | dpo)."""
+
+    # Tasks: "source" or "source=weight"; a source is a .jsonl / .jsonl.gz / .json file or
+    # hf:NAME[:CONFIG]:SPLIT (data/conversations.py lists the record shapes). Each task is
+    # drawn by weight / sum and named after its file (or dataset) for the per-task metrics.
+    data: list[str] = field(default_factory=list)
+    holdout: int = 0  # records of each task held out (seeded) for validation
+    val_data: list[str] = field(default_factory=list)  # extra held-out sources, one task each
+    max_records: int = 0  # read at most N records of each source (0: all)
+    # "" (the tokenizer's own chat template; the default one when it has none), "default"
+    # (objectives/chat_tokens.py DEFAULT_TEMPLATE), or a .jinja file
+    chat_template: str = ""
+    packing: bool = True  # sft: pack conversations into rows, attention masked per conversation
+    beta: float = 0.1  # dpo: strength of the pull towards the reference (the KL coefficient)
+    label_smoothing: float = 0.0  # dpo: assumed fraction of flipped labels (cDPO), < 0.5
+
+    def __post_init__(self) -> None:
+        if self.holdout < 0 or self.max_records < 0:
+            raise ValueError("posttrain.holdout and posttrain.max_records must be >= 0")
+        if self.beta <= 0:
+            raise ValueError(f"posttrain.beta = {self.beta}: expected > 0")
+        if not 0.0 <= self.label_smoothing < 0.5:
+            raise ValueError(f"posttrain.label_smoothing = {self.label_smoothing}: expected "
+                             "0 <= label_smoothing < 0.5")
 
 
 @dataclass
@@ -168,6 +201,8 @@ class JobConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    posttrain: PostTrainConfig = field(default_factory=PostTrainConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)  # adapters (model/lora.py); rank 0: off
 
     @classmethod
     def from_dict(cls, raw: dict, origin: str = "config") -> JobConfig:
@@ -192,7 +227,7 @@ class JobConfig:
 
     def validate(self) -> None:
         t = self.train
-        if t.seq_len > self.model.max_seq_len:
+        if t.objective == "pretrain" and t.seq_len > self.model.max_seq_len:  # else: the base's
             raise ConfigError(
                 f"train.seq_len = {t.seq_len} exceeds model.max_seq_len = {self.model.max_seq_len}"
             )
@@ -203,6 +238,13 @@ class JobConfig:
             raise ConfigError(
                 f"data.stages = {self.data.stages}: each at most once, from {DEFAULT_STAGES}"
             )
+        if t.objective not in ("pretrain", "sft", "dpo"):
+            raise ConfigError(f"train.objective = {t.objective!r}: expected pretrain, sft or dpo")
+        if t.objective != "pretrain" and not self.posttrain.data:
+            raise ConfigError(f"train.objective = {t.objective!r} needs posttrain.data")
+        if self.lora.rank and (self.parallel.engine == "deepspeed" or self.parallel.tp > 1):
+            raise ConfigError("lora.rank > 0 runs on the native engine without tensor "
+                              "parallelism (parallel.engine = 'native', parallel.tp = 1)")
         for name in ("steps", "seq_len", "batch_size", "micro_batch_size"):
             if getattr(t, name) <= 0:
                 raise ConfigError(f"train.{name} = {getattr(t, name)}: expected a positive integer")

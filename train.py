@@ -24,32 +24,32 @@ import torch.nn as nn
 
 from common.atomic import write_json, write_text
 from common.errors import PretrainError, run_cli
-from data.loader import TokenStream, build_train_loader, validation_batches
-from data.manifest import load_manifest, manifest_tokenizer
-from job_config import ConfigError, JobConfig, load_config, to_toml
+from job_config import JobConfig, load_config, to_toml
 from model.checkpoint import (
     find_checkpoint,
     load_model_state,
     load_tokenizer_identity,
     resolve_checkpoint,
 )
-from model.load import load_job_config
+from model.load import load_base_weights, load_job_config
+from model.lora import apply_lora, count_parameters
 from model.moe import moe_metrics
-from parallel.build import build_parallel_model, build_train_step
+from objectives import build_objective, resolve_config
+from parallel.build import build_adapted_model, build_parallel_model, build_train_step
 from parallel.checkpoint_dcp import load_model_weights, load_train_checkpoint, save_train_checkpoint
 from parallel.dist import (
     all_reduce_max,
     all_reduce_mean,
-    all_reduce_sum,
     cleanup,
     env_world_size,
     gather_lines,
     init_distributed,
     memory_report,
+    peak_memory_gib,
 )
 from parallel.mesh import build_mesh, check_parallel
 from parallel.moe_balance import register_expert_bias_update
-from parallel.parallelize import LossFn, autocast_context
+from parallel.parallelize import autocast_context
 from training.metrics import MetricsLog, Progress, environment_info, format_seconds, plot_losses
 from training.optim import build_optimizer, build_scheduler
 from training.resume import check_resume
@@ -76,19 +76,7 @@ class StopRequested:
         print(f"\nsignal {signum}: saving a checkpoint at the end of this step", flush=True)
 
 
-@torch.no_grad()
-def validate(model: nn.Module, loss_fn: LossFn, batches, device: torch.device) -> float:
-    model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
-    for batch in batches:
-        total[0] += loss_fn(batch).double()
-        total[1] += 1
-    model.train()
-    total = all_reduce_sum(total)
-    return (total[0] / total[1]).item()
-
-
-def benchmark_evaluator(cfg: JobConfig, raw: nn.Module, device: torch.device):
+def benchmark_evaluator(cfg: JobConfig, raw: nn.Module, device: torch.device, tokenizer):
     """A function step -> {metric: value} scoring train.eval_tasks on the model (every rank
     scores the same items: a sharded model needs all ranks in each forward), or None."""
     t = cfg.train
@@ -98,7 +86,6 @@ def benchmark_evaluator(cfg: JobConfig, raw: nn.Module, device: torch.device):
     from eval.scoring import evaluate_task, flat_metrics, summary_line
     from eval.tasks import load_task
 
-    tokenizer = manifest_tokenizer(cfg.data.path)
     benchmarks = {name: load_task(name, limit=t.eval_limit or None) for name in t.eval_tasks}
 
     def evaluate(step: int) -> tuple[dict, str]:
@@ -114,6 +101,7 @@ def benchmark_evaluator(cfg: JobConfig, raw: nn.Module, device: torch.device):
 
 
 def train(cfg: JobConfig) -> dict:
+    cfg = resolve_config(cfg)  # fine-tuning: the base's architecture and tokenizer
     t = cfg.train
     dims = check_parallel(cfg, env_world_size())  # a bad mesh stops here, before any setup
     dist_info = init_distributed(t.device, cfg.parallel.backend)
@@ -131,42 +119,33 @@ def train(cfg: JobConfig) -> dict:
             else resolve_checkpoint(cfg.checkpoint.resume)
         )
 
-    # --- data ---
-    manifest = load_manifest(cfg.data.path)
-    tok = manifest["tokenizer"]
-    tokenizer_identity = {**tok, "data_path": cfg.data.path}  # recorded in every checkpoint
+    # --- objective: what a step optimizes (pretrain, sft, dpo), its data and its loss ---
+    objective = build_objective(cfg, mesh, device)
+    loader = objective.loader
     if ckpt is not None:  # model / data / tokenizer changes stop here, others are listed
-        notes = check_resume(ckpt, load_job_config(ckpt), cfg, tok, load_tokenizer_identity(ckpt))
+        notes = check_resume(ckpt, load_job_config(ckpt), cfg, objective.tokenizer_identity,
+                             load_tokenizer_identity(ckpt))
         if is_main and notes:
             print("\n".join(notes))
-    if tok["n_vocab"] > cfg.model.vocab_size:
-        raise ConfigError(
-            f"{cfg.data.path}/manifest.json: tokenizer {tok['name']!r} has {tok['n_vocab']} ids, "
-            f"more than model.vocab_size = {cfg.model.vocab_size}; raise model.vocab_size"
-        )
-    eot_id = tok["eot_id"] if cfg.data.document_masking else None
-    loader = build_train_loader(  # one dataset, or the weighted domains of data.mixture
-        cfg.data, manifest, t.seq_len, t.batch_size, t.micro_batch_size,
-        mesh.dp_rank, mesh.dp_size, t.seed, eot_id,
-    )  # ranks of one tensor-parallel group read the same batch
-    # Every rank validates on its own batches: at least one each (val_batches rounded up to a
-    # multiple of the data-parallel ranks).
-    n_val = -(-t.val_batches // mesh.dp_size) * mesh.dp_size
-    val_batches = validation_batches(
-        TokenStream(cfg.data.path, "val", manifest), t.seq_len, t.micro_batch_size,
-        n_val, mesh.dp_rank, mesh.dp_size, eot_id,
-    )
-    # Sharded models run collectives in forward: every rank validates the same number of batches.
-    fewest = -all_reduce_max(torch.tensor(-float(len(val_batches)), device=device)).item()
-    val_batches = val_batches[: int(fewest)]
 
     # --- model, optimizer, loss ---
-    # Built on the meta device, parallelized (pipeline stages, TP, EP, FSDP), then only this
-    # rank's shards are allocated and initialized (the values of an unsharded init).
-    pm = build_parallel_model(cfg, mesh, device)
+    adapted: list[str] = []  # the LoRA-wrapped projections
+    if cfg.lora.rank > 0:
+        # LoRA wraps plain modules: built whole, the base loaded (a resumed run's checkpoint
+        # holds only the adapters), adapters added, then TP / FSDP / DDP as usual.
+        def adapt(raw: nn.Module) -> None:
+            load_base_weights(raw, cfg.checkpoint.init_from)
+            adapted.extend(apply_lora(raw, cfg.lora, seed=t.seed))  # base frozen
+
+        pm = build_adapted_model(cfg, mesh, device, adapt)
+    else:
+        # Built on the meta device, parallelized (pipeline stages, TP, EP, FSDP), then only
+        # this rank's shards are allocated and initialized (the values of an unsharded init).
+        pm = build_parallel_model(cfg, mesh, device)
+        if cfg.checkpoint.init_from and ckpt is None:  # weights only, e.g. an imported model
+            load_model_weights(pm.raw, load_model_state(resolve_checkpoint(cfg.checkpoint.init_from)))
     raw, model = pm.raw, pm.model
-    if cfg.checkpoint.init_from and ckpt is None:  # weights only, e.g. an imported HF model
-        load_model_weights(raw, load_model_state(resolve_checkpoint(cfg.checkpoint.init_from)))
+    trainable, total = count_parameters(raw)
     optimizer = build_optimizer(raw, cfg.optim, device)  # over the sharded parameters
     scheduler = build_scheduler(optimizer, t.steps, cfg.optim)
     # MoE "bias" balancing with the loads of every rank of this pipeline stage; a no-op otherwise
@@ -175,10 +154,11 @@ def train(cfg: JobConfig) -> dict:
         from parallel.deepspeed_engine import initialize
 
         model = initialize(raw, optimizer, scheduler, cfg, mesh.dp_size, device)
-    # loss of a micro-batch, the step's forward + backward, clip + AdamW: chosen for this layout
-    step_fns = build_train_step(model, pm, cfg, device)
+    # loss of a micro-batch (the objective's), the step's forward + backward, clip + AdamW:
+    # chosen for this layout
+    step_fns = build_train_step(model, pm, cfg, device, objective.build_loss)
     loss_fn = step_fns.loss_fn
-    evaluate_benchmarks = benchmark_evaluator(cfg, raw, device)
+    evaluate_benchmarks = benchmark_evaluator(cfg, raw, device, objective.tokenizer)
     eval_every = t.eval_every if evaluate_benchmarks else 0
     start_step, tokens_seen = 0, 0
     if ckpt is not None:
@@ -192,14 +172,15 @@ def train(cfg: JobConfig) -> dict:
     if is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / "config.toml", to_toml(cfg))
-        write_json(run_dir / "run_info.json", {"env": env, "manifest": manifest})
+        write_json(run_dir / "run_info.json", {"env": env, **objective.info})
         print(f"run {run_dir} | {json.dumps(env)}")
         print(to_toml(cfg))
         print(
             f"model: {cfg.model.num_params() / 1e6:.2f}M parameters "
-            f"({cfg.model.num_params(active=True) / 1e6:.2f}M active per token) | "
-            f"data: {loader.num_tokens:,} train tokens, tokenizer {tok['name']} "
-            f"({tok['n_vocab']} ids) | {loader.accum_steps} micro-batches x {mesh.dp_size} "
+            f"({cfg.model.num_params(active=True) / 1e6:.2f}M active per token), "
+            f"{trainable:,} trainable ({100 * trainable / total:.2f}%"
+            f"{f', LoRA on {len(adapted)} projections' if adapted else ''}) | "
+            f"data: {objective.describe()} | {loader.accum_steps} micro-batches x {mesh.dp_size} "
             f"data-parallel ranks x {t.micro_batch_size} sequences x {t.seq_len} tokens per step"
             + (f" | resuming from {ckpt} at step {start_step}" if ckpt else "")
         )
@@ -222,7 +203,7 @@ def train(cfg: JobConfig) -> dict:
         }
         path = save_train_checkpoint(
             run_dir, step, model, raw, optimizer, scheduler, train_state, cfg.to_dict(),
-            cfg.checkpoint.keep, is_main, tokenizer_identity,
+            cfg.checkpoint.keep, is_main, objective.tokenizer_identity,
         )
         say(f"checkpoint: {path}", flush=True)
 
@@ -231,16 +212,17 @@ def train(cfg: JobConfig) -> dict:
 
     # --- loop: validate, evaluate, step, log, checkpoint, stop ---
     stop = StopRequested()
-    tokens_per_step = t.batch_size * t.seq_len
+    tokens_per_step = objective.tokens_per_step
     step = start_step
     last_val = None
     t_start = time.time()
     model.train()
     while True:
         if due(t.val_every, step):
-            last_val = validate(model, loss_fn, val_batches, device)
-            log.log({"step": step, "val_loss": last_val, "val_ppl": math.exp(min(last_val, 50))})
-            say(f"step {step:5d} | val loss {last_val:.4f}", flush=True)
+            val = objective.validate(model, loss_fn)  # val_loss, and the objective's own
+            last_val = val.get("val_loss")
+            log.log({"step": step, **val, "time_s": time.time() - t_start})
+            say(f"step {step:5d} | " + " ".join(f"{k} {v:.4f}" for k, v in val.items()), flush=True)
         if due(eval_every, step):
             metrics, summary = evaluate_benchmarks(step)
             log.log({"step": step, **metrics})
@@ -261,11 +243,13 @@ def train(cfg: JobConfig) -> dict:
         record = {
             "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm), "tokens": tokens_seen,
+            "time_s": time.time() - t_start, "cpu_s": time.process_time(),  # wall / CPU seconds
+            "peak_mem_gib": peak_memory_gib(device),  # this rank's, so far (before checkpoints)
         }
         if due(t.log_every, step) or step == t.steps:
             # loads per expert (MoE), domains drawn (mixtures): both since the last log line
             record.update(moe_metrics(raw))
-            record.update(loader.metrics())
+            record.update(objective.metrics())  # mixture seen, the objective's (DPO rewards)
             say(progress.line(record), flush=True)
         log.log(record)
         stop_now = all_reduce_max(torch.tensor(float(stop.flag), device=device)).item() > 0

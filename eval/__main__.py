@@ -8,6 +8,7 @@ training shards. The results of a run go into the run: <run>/eval/step_<N>.json.
     python -m eval --run runs/tiny                                  # perplexity only
     python -m eval --run runs/tiny --tasks hellaswag,lambada --limit 500 --out results.json
     python -m eval --hf exported/ --tasks all                       # an exported model
+    python -m eval --run runs/dpo --no-perplexity --preference      # held-out pairs (DPO)
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from eval.models import (
     native_tokenizer,
 )
 from eval.perplexity import evaluate_perplexity
+from eval.preference import evaluate_preference
 from eval.scoring import format_table, run_tasks
 from eval.tasks import TASKS, get_task
 from model.checkpoint import load_config_dict
@@ -51,6 +53,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batches", type=int, default=0, help="0: every validation window")
     parser.add_argument("--no-perplexity", action="store_true", help="benchmarks only")
     add_quantize_arguments(parser)
+    parser.add_argument(
+        "--preference", metavar="FILE", nargs="?", const="heldout", default=None,
+        help="preference accuracy on a pairs file, or (no FILE) on the run's held-out pairs "
+        "(eval/preference.py)",
+    )
     add_benchmark_arguments(parser)
     return parser
 
@@ -97,8 +104,10 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--step picks a checkpoint of --run; a --hf directory has none")
     if args.hf and args.quantize:
         parser.error("--quantize applies to a run of ours (--run), not to a --hf directory")
-    if (args.hf or args.no_perplexity) and not args.tasks:
-        parser.error("--hf and --no-perplexity need --tasks")
+    if (args.hf or args.no_perplexity) and not (args.tasks or args.preference):
+        parser.error("--hf and --no-perplexity need --tasks (or --preference for a run)")
+    if args.hf and args.preference:
+        parser.error("--preference scores a run (--run DIR): it needs the run's reference")
     args.device = parse_device(parser, args.device)
     try:
         evaluate(args)
@@ -132,8 +141,15 @@ def evaluate(args: argparse.Namespace) -> dict:
                 f"{ckpt}: val loss {ppl['val_loss']:.4f} | perplexity {ppl['perplexity']:.2f} | "
                 f"{ppl['bits_per_byte']:.4f} bits/byte over {ppl['tokens']:,} tokens"
             )
-        if tasks:
+        if tasks or args.preference:
             tokenizer = native_tokenizer(ckpt, cfg, args.tokenizer)
+        if args.preference:
+            results["preference"] = evaluate_preference(model, cfg, tokenizer, args.preference,
+                                                        device, args.batch_size)
+            for name, r in results["preference"].items():
+                print(f"{ckpt}: preference {name}: " + ", ".join(
+                    f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
+        if tasks:
             lm = TransformerLogLikelihood(model, args.batch_size)
     if tasks:
         results.update(run_benchmarks(lm, tokenizer, tasks, args, ckpt))

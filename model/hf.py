@@ -96,7 +96,7 @@ from model.hf_names import (
     has_qkv_biases,
     to_hf_state_dict,
 )
-from model.load import checkpoint_tokenizer, load_job_config
+from model.load import checkpoint_tokenizer, load_job_config, load_model
 
 SAFETENSORS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -271,7 +271,10 @@ def export_run(
 def checkpoint_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
     """The consolidated model state dict (our names) of a checkpoint directory. A checkpoint
     that holds only a sharded torch.distributed.checkpoint (a `.metadata` file in it or in a
-    folder of it) stops with the command that consolidates it."""
+    folder of it) stops with the command that consolidates it. A LoRA run's checkpoint holds
+    the adapters: its model is the base with them merged (model/load.py)."""
+    if load_job_config(ckpt).lora.rank:
+        return load_model(ckpt)[0].state_dict()
     if not (ckpt / MODEL_FILE).exists() and any(ckpt.glob("**/.metadata")):
         raise ExportError(
             f"{ckpt} holds a sharded (DCP) checkpoint but no {MODEL_FILE}: consolidate it "

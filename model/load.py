@@ -7,6 +7,11 @@ weights loaded (model/checkpoint.py moves the files; this module builds the mode
 
 A quantized checkpoint (written by `python -m inference.quantize`) holds quantization.json and
 the packed weights; it loads into a quantized model of the same shape.
+
+A checkpoint holds the parameters its run trained: a LoRA run's holds only the adapters, and
+its config names the base (checkpoint.init_from), itself any checkpoint load_model reads (a
+pretrained or imported model, or a fine-tuned one, adapters merged). The base is loaded, the
+adapters applied and merged: the result is a plain model either way.
 """
 
 from __future__ import annotations
@@ -14,14 +19,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 from common.device import resolve_device
-from common.errors import read_json
+from common.errors import MissingFileError, read_json
 from data.manifest import manifest_tokenizer, run_tokenizer
 from data.tokenizer import TokenizerError, TokenizerLike, TokenizerMismatchError, load_tokenizer
 from job_config import JobConfig
 from model.checkpoint import (
     CONFIG_FILE,
+    MODEL_FILE,
     TOKENIZER_FILE,
     CheckpointError,
     find_checkpoint,
@@ -31,6 +38,7 @@ from model.checkpoint import (
     resolve_checkpoint,
 )
 from model.init import init_buffers_
+from model.lora import apply_lora, merge_lora
 from model.quant import GROUP_SIZES, MODES, QUANT_FILE, quantize_model
 from model.transformer import Transformer, build_model
 
@@ -78,20 +86,69 @@ def load_model(
     else:
         model = build_model(cfg.model, device, seed=None)  # the checkpoint fills it
     state = load_model_state(ckpt)
+    base_needed = set(model.state_dict()) - set(state)
+    if base_needed and cfg.checkpoint.init_from and cfg.lora.rank:
+        # a LoRA run holds its adapters only: the frozen parameters are its base's
+        load_base_weights(model, cfg.checkpoint.init_from, f"{ckpt / CONFIG_FILE}")
+    else:
+        base_needed = set()
+    if saved is None:  # a quantized checkpoint was written from the merged model
+        apply_lora(model, cfg.lora)  # nothing without adapters
     shapes = {n: tuple(t.shape) for n, t in model.state_dict().items()}
     wrong = {n: (tuple(t.shape), shapes[n]) for n, t in state.items()
              if n in shapes and tuple(t.shape) != shapes[n]}
-    missing, unexpected = sorted(set(shapes) - set(state)), sorted(set(state) - set(shapes))
+    missing = sorted(set(shapes) - set(state) - base_needed)
+    unexpected = sorted(set(state) - set(shapes))
     if missing or unexpected or wrong:
         raise CheckpointError(
-            f"{ckpt / 'model.safetensors'} does not fit the model of {ckpt / CONFIG_FILE}: "
+            f"{ckpt / MODEL_FILE} does not fit the model of {ckpt / CONFIG_FILE}: "
             f"missing {missing[:5]}, unexpected {unexpected[:5]}, shapes (file, config) "
             f"{dict(list(wrong.items())[:5])}")
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=False)  # all but the base's, checked above
+    merge_lora(model)
+    model.requires_grad_(True)
     if saved is None and quantize is not None:
         quantize_model(model, quantize, group_size)
     model.eval()
     return model, cfg, ckpt
+
+
+def load_base_weights(model: Transformer, base: str | Path, origin: str = "config") -> None:
+    """Load into `model` the weights of checkpoint or run directory `base` (any checkpoint
+    `load_model` reads; a LoRA one merged). The tensors' names and shapes must agree."""
+    if not Path(base).exists():
+        raise MissingFileError(f"{origin}: checkpoint.init_from = {str(base)!r} does not exist "
+                               "(the base model)")
+    ckpt = resolve_checkpoint(base)
+    if load_job_config(ckpt).lora.rank:  # adapters on a base of its own: merged in a copy
+        weights, _, _ = load_model(ckpt, model.embed.weight.device)
+        model.load_state_dict(weights.state_dict())
+        return
+    # One tensor at a time: no second copy of the model in memory.
+    expected = model.state_dict()
+    path = ckpt / MODEL_FILE
+    if not path.exists():
+        raise MissingFileError(f"{path} is missing (the base model, checkpoint.init_from of "
+                               f"{origin})")
+    try:
+        f = safe_open(str(path), framework="pt")
+    except Exception as e:  # SafetensorError, OSError: a damaged or foreign file
+        raise CheckpointError(f"{path}: not a readable safetensors file ({type(e).__name__}: "
+                              f"{str(e)[:200]})") from None
+    with f:
+        names = set(f.keys())
+        if names != set(expected):
+            raise CheckpointError(f"{path}: missing {sorted(set(expected) - names)[:4]}, "
+                                  f"unexpected {sorted(names - set(expected))[:4]} (the base "
+                                  f"model, checkpoint.init_from of {origin})")
+        with torch.no_grad():
+            for name in names:
+                t = f.get_tensor(name)
+                if t.shape != expected[name].shape:
+                    raise CheckpointError(f"{path}: {name} has shape {tuple(t.shape)}, the model "
+                                          f"{tuple(expected[name].shape)} (checkpoint.init_from "
+                                          f"of {origin})")
+                expected[name].copy_(t)
 
 
 def checkpoint_tokenizer(ckpt: Path, cfg: JobConfig, spec: str | None = None) -> TokenizerLike:

@@ -4,6 +4,8 @@ chosen once at setup so train.py's loop never asks which layout it runs:
     build_parallel_model: Transformer on the meta device -> this rank's pipeline stages (pp > 1)
         -> parallelize (TP -> EP -> activation checkpointing -> compile -> FSDP2) -> allocate and
         initialize only this rank's shards (parallel/meta_init.py) -> DDP around it if asked
+    build_adapted_model: the model built whole, changed in place (LoRA adapters around plain
+        modules), then parallelized the same way; no pipeline or expert parallelism
     build_train_step: loss_fn (validation), forward_backward (the micro-batches of a step: the
         gradient-accumulation loop, or the pipeline schedule), optimizer_step (the reductions
         of parallel/grads.py, clipping to the global norm, AdamW, schedule)
@@ -20,9 +22,9 @@ from torch import nn
 
 from data.loader import Batch
 from job_config import JobConfig
-from model.transformer import Transformer
+from model.transformer import Transformer, build_model
 from parallel.grads import GradSync
-from parallel.mesh import MeshInfo
+from parallel.mesh import MeshInfo, ParallelConfigError
 from parallel.meta_init import materialize
 from parallel.parallelize import (
     LossFn,
@@ -83,6 +85,26 @@ def build_parallel_model(
     return ParallelModel(wrap_ddp(raw, mesh, cfg, device), raw, grads, None, aux_scale)
 
 
+def build_adapted_model(
+    cfg: JobConfig, mesh: MeshInfo, device: torch.device, adapt: Callable[[nn.Module], None]
+) -> ParallelModel:
+    """The model built whole on `device` from cfg.train.seed, `adapt(model)` (e.g. load the
+    base, wrap projections in LoRA adapters: modules that sharding must see), then TP ->
+    activation checkpointing -> compile -> FSDP2 or DDP. Frozen parameters get no gradients."""
+    d = mesh.dims
+    if d.pp > 1 or d.ep > 1:
+        raise ParallelConfigError(
+            f"parallel.pp = {d.pp}, parallel.ep = {d.ep}: an adapted (LoRA) model is built "
+            "whole and trains under FSDP / DDP / TP only (pp = ep = 1)")
+    raw = build_model(cfg.model, device, seed=cfg.train.seed)
+    adapt(raw)
+    replicated = parallelize(raw, mesh, cfg, device)
+    grads = GradSync(raw, stage_size=d.world_size)
+    if replicated:
+        grads.sums.append((sorted(set(replicated)), mesh.tp_mesh.get_group()))
+    return ParallelModel(wrap_ddp(raw, mesh, cfg, device), raw, grads, None, 1.0 / d.tp)
+
+
 @dataclass
 class TrainStep:
     loss_fn: LossFn  # one micro-batch -> its mean loss (validation)
@@ -90,11 +112,19 @@ class TrainStep:
     optimizer_step: Callable[..., float]  # (optimizer, scheduler, grad_clip) -> gradient norm
 
 
-def build_train_step(model: nn.Module, pm: ParallelModel, cfg: JobConfig, device: torch.device) -> TrainStep:
-    """`model`: what the loop calls (pm.model, or the DeepSpeed engine around pm.raw)."""
+def build_train_step(
+    model: nn.Module, pm: ParallelModel, cfg: JobConfig, device: torch.device,
+    build_loss: Callable[[nn.Module, nn.Module], LossFn] | None = None,
+) -> TrainStep:
+    """`model`: what the loop calls (pm.model, or the DeepSpeed engine around pm.raw);
+    `build_loss(model, raw)`: the objective's loss (default: next-token prediction)."""
     step = functools.partial(optimizer_step, model, pm.grads)
     if pm.pipeline is not None:
+        if cfg.train.objective != "pretrain":
+            raise ParallelConfigError(
+                f"train.objective = {cfg.train.objective!r} with parallel.pp = {cfg.parallel.pp}: "
+                "pipeline stages compute the pretraining loss only (use pp = 1)")
         return TrainStep(pm.pipeline.loss_fn, pm.pipeline.forward_backward, step)
-    loss_fn = build_loss_fn(model, pm.raw, cfg, device)
+    loss_fn = (build_loss or functools.partial(build_loss_fn, cfg=cfg, device=device))(model, pm.raw)
     fb = functools.partial(forward_backward, model, pm.raw, loss_fn, aux_scale=pm.aux_scale)
     return TrainStep(loss_fn, fb, step)

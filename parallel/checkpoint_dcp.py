@@ -65,6 +65,17 @@ DCP_DIR = "dcp"
 FULL = StateDictOptions(full_state_dict=True, cpu_offload=True)
 
 
+def has_frozen(raw: nn.Module) -> bool:
+    """Some parameters frozen: a LoRA run, whose checkpoints hold only the adapters."""
+    return any(not p.requires_grad for p in raw.parameters())
+
+
+def model_options(raw: nn.Module, **kw) -> StateDictOptions:
+    """The model's trainable tensors only: frozen parameters (a LoRA run's base) are neither
+    saved nor expected back; they come from checkpoint.init_from (model/load.py)."""
+    return StateDictOptions(ignore_frozen_params=True, strict=not has_frozen(raw), **kw)
+
+
 def _world() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 
@@ -90,10 +101,14 @@ def save_train_checkpoint(
             full = deepspeed_engine.consolidated_state_dict(model)  # + scheduler in deepspeed/
         else:
             train_state = dict(train_state, scheduler=scheduler.state_dict())
-            sharded = {"model": get_model_state_dict(raw),
+            sharded = {"model": get_model_state_dict(raw, options=model_options(raw)),
                        "optimizer": get_optimizer_state_dict(raw, optimizer)}
             dcp.save(sharded, checkpoint_id=tmp / DCP_DIR)
-            full = None  # rank 0 reads the whole model back from the shards (any layout)
+            if has_frozen(raw):  # LoRA: the adapters only (collective; rank 0 gets them)
+                full = get_model_state_dict(raw, options=model_options(
+                    raw, full_state_dict=True, cpu_offload=True))
+            else:
+                full = None  # rank 0 reads the whole model back from the shards (any layout)
         barrier()  # every shard is on disk before rank 0 commits
         if is_main:
             if full is None:
@@ -103,7 +118,8 @@ def save_train_checkpoint(
     elif is_main:
         optim = get_optimizer_state_dict(raw, optimizer, options=FULL)
         train_state = dict(train_state, optimizer=optim, scheduler=scheduler.state_dict())
-        save_checkpoint(run_dir, step, raw.state_dict(), train_state, config, keep,
+        model_state = get_model_state_dict(raw, options=model_options(raw))
+        save_checkpoint(run_dir, step, model_state, train_state, config, keep,
                         tokenizer=tokenizer)
     barrier()
     return final
@@ -122,7 +138,7 @@ def load_train_checkpoint(ckpt: Path, model: nn.Module, raw: nn.Module, optimize
         return state
     if (ckpt / DCP_DIR).is_dir():
         # Targets in the current layout: DCP reads the slices each rank owns.
-        sharded = {"model": get_model_state_dict(raw),
+        sharded = {"model": get_model_state_dict(raw, options=model_options(raw)),
                    "optimizer": get_optimizer_state_dict(raw, optimizer)}
         try:
             dcp.load(sharded, checkpoint_id=ckpt / DCP_DIR)
@@ -130,14 +146,18 @@ def load_train_checkpoint(ckpt: Path, model: nn.Module, raw: nn.Module, optimize
             first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
             raise CheckpointError(f"{ckpt / DCP_DIR}: not a readable sharded checkpoint "
                                   f"({type(e).__name__}: {first})") from None
-        set_model_state_dict(raw, sharded["model"])
+        set_model_state_dict(raw, sharded["model"], options=model_options(raw))
         set_optimizer_state_dict(raw, optimizer, sharded["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         return state
     if (ckpt / "deepspeed").is_dir():
         raise ValueError(f"{ckpt} was saved by parallel.engine = 'deepspeed'; resume it with that engine")
     # Full tensors on every rank; each keeps its own shard (of its pipeline stage's part).
-    load_model_weights(raw, load_model_state(ckpt), where=ckpt / MODEL_FILE)
+    if has_frozen(raw):  # LoRA: the checkpoint holds the adapters, init_from the base
+        set_model_state_dict(raw, load_model_state(ckpt),
+                             options=model_options(raw, full_state_dict=True))
+    else:
+        load_model_weights(raw, load_model_state(ckpt), where=ckpt / MODEL_FILE)
     optim = state.get("optimizer")
     if optim is None:
         raise ValueError(f"{ckpt}/train_state.pt holds no optimizer state")

@@ -99,16 +99,21 @@ def cleanup() -> None:
         _created_group = False
 
 
+def peak_memory_gib(device: torch.device) -> float:
+    """This rank's peak memory so far: CUDA allocation, or the process's RSS on CPU (GiB)."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def memory_report(device: torch.device) -> str:
     """This rank's memory: peak CUDA allocation, or the process's peak RSS on CPU."""
     if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device) / 2**30
         reserved = torch.cuda.max_memory_reserved(device) / 2**30
-        return f"peak allocated {peak:.2f} GiB, reserved {reserved:.2f} GiB"
-    import resource
-
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
-    return f"peak RSS {rss:.2f} GiB"
+        return f"peak allocated {peak_memory_gib(device):.2f} GiB, reserved {reserved:.2f} GiB"
+    return f"peak RSS {peak_memory_gib(device):.2f} GiB"
 
 
 def env_world_size() -> int:

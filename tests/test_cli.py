@@ -13,16 +13,17 @@ import pytest
 
 ENTRY_POINTS = [
     "train", "data.prepare", "bench.throughput", "bench.throughput_gpu", "bench.kernels",
-    "bench.gpu_check", "bench.hf_continue", "bench.faults",
-    "bench.data", "bench.data_scale", "eval.__main__", "eval.moe_load", "eval.contamination", "model.generate",
-    "model.hf", "model.hf_gguf", "parallel.checkpoint_dcp", "data.tokenizer_report",
-    "eval.glitch_tokens", "bench.tokenizers",
+    "bench.gpu_check", "bench.hf_continue", "bench.faults", "bench.posttrain_export",
+    "bench.data", "bench.data_scale", "eval.__main__", "eval.moe_load", "eval.contamination",
+    "model.generate",
+    "model.hf", "model.hf_gguf", "model.hf_peft", "parallel.checkpoint_dcp",
+    "data.tokenizer_report", "eval.glitch_tokens", "bench.tokenizers",
     "inference.serve", "inference.quantize", "inference.watermark",
     "bench.generate", "bench.watermark", "bench.quant",
 ]
 OVERRIDES = {"train", "data.prepare", "bench.throughput"}  # --section.key=value
 RUN_READERS = {"eval.__main__", "eval.moe_load", "model.generate", "eval.glitch_tokens",
-               "inference.serve"}  # run the model on --device
+               "inference.serve", "bench.posttrain_export"}  # run the model on --device
 # The least each tool needs to get past argparse (paths need not exist: parsing comes first).
 MINIMAL_ARGS = {
     "train": ["--config", "configs/tiny.toml"],
@@ -31,6 +32,8 @@ MINIMAL_ARGS = {
     "model.generate": ["--run", "nope"],
     "model.hf": ["export", "--run", "nope", "--out-dir", "nope"],
     "model.hf_gguf": ["--gguf", "nope", "--out-dir", "nope"],
+    "model.hf_peft": ["--run", "nope", "--out-dir", "nope"],
+    "bench.posttrain_export": ["--run", "nope"],
     "parallel.checkpoint_dcp": ["--run", "nope"],
     "data.tokenizer_report": ["--tokenizer", "nope", "--languages", "nope", "--out", "nope"],
     "eval.glitch_tokens": ["--run", "nope"],
