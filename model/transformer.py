@@ -121,7 +121,10 @@ class Block(nn.Module):
 class LayerKVCache:
     k: torch.Tensor  # (B, Hkv, T_max, D)
     v: torch.Tensor
-    pos: int = 0  # tokens already in the cache
+    pos: int = 0  # slots already filled (the same for every row)
+    # (B, T_max) bool, False for slots no query may see: the padding of rows shorter than the
+    # batch's widest, when rows of different lengths share one cache (eval/, batched decoding).
+    key_mask: torch.Tensor | None = None
 
     def attend(self, q, k, v):
         """Append k, v (B, Hkv, t, D) at self.pos and attend q (B, H, t, D) to the whole prefix."""
@@ -130,8 +133,10 @@ class LayerKVCache:
         self.k[:, :, self.pos : end] = k
         self.v[:, :, self.pos : end] = v
         keys, values = self.k[:, :, :end], self.v[:, :, :end]
-        # Query i sits at absolute position pos + i and sees keys 0 .. pos + i.
+        # Query i sits in slot pos + i and sees slots 0 .. pos + i.
         mask = torch.ones(t, end, dtype=torch.bool, device=q.device).tril(diagonal=self.pos)
+        if self.key_mask is not None:
+            mask = mask & self.key_mask[:, None, None, :end]  # (B, 1, t, end)
         self.pos = end
         gqa = q.shape[1] != keys.shape[1]
         return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, enable_gqa=gqa)
@@ -189,19 +194,26 @@ class Transformer(nn.Module):
         doc_ids: torch.Tensor | None = None,
         return_hidden: bool = False,
         cache: list[LayerKVCache] | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """tokens: (B, T) int ids -> logits (B, T, V), or hidden states (B, T, dim).
 
         doc_ids: optional (B, T) document ids for document-masked attention.
         cache: per-layer KV caches for incremental decoding (positions continue from cache.pos).
+        positions: optional (B, T) RoPE position of each token (default: cache.pos + t), for
+        rows of different lengths in one cache (a row's pad slots hidden by cache.key_mask).
         """
         B, T = tokens.shape
         start = cache[0].pos if cache is not None else 0
-        if start + T > self.cfg.max_seq_len:
+        end = start + T if positions is None else int(positions.max()) + 1
+        if end > self.cfg.max_seq_len:
             raise ValueError(
-                f"sequence of {start + T} tokens exceeds model.max_seq_len = {self.cfg.max_seq_len}"
+                f"sequence of {end} tokens exceeds model.max_seq_len = {self.cfg.max_seq_len}"
             )
-        cos, sin = self.rope_cos[start : start + T], self.rope_sin[start : start + T]
+        if positions is None:
+            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, head_dim)
         x = self.embed(tokens)
         for i, block in enumerate(self.blocks):
             x = block(x, cos, sin, doc_ids, None if cache is None else cache[i])
