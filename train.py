@@ -88,7 +88,8 @@ def benchmark_evaluator(cfg: JobConfig, raw: nn.Module, device: torch.device):
     t = cfg.train
     if not (t.eval_tasks and t.eval_every):
         return None
-    from eval import harness
+    from eval.models import TransformerLogLikelihood
+    from eval.scoring import evaluate_task, flat_metrics, summary_line
     from eval.tasks import load_task
 
     tokenizer = manifest_tokenizer(cfg.data.path)
@@ -96,12 +97,12 @@ def benchmark_evaluator(cfg: JobConfig, raw: nn.Module, device: torch.device):
 
     def evaluate(step: int) -> tuple[dict, str]:
         with autocast_context(cfg, device):
-            lm = harness.TransformerLogLikelihood(raw, batch_size=t.micro_batch_size)
+            lm = TransformerLogLikelihood(raw, batch_size=t.micro_batch_size)
             results = {
-                name: harness.evaluate_task(lm, tokenizer, name, items, progress=False)
+                name: evaluate_task(lm, tokenizer, name, items, progress=False)
                 for name, items in benchmarks.items()
             }
-        return harness.flat_metrics(results), harness.summary_line(results)
+        return flat_metrics(results), summary_line(results)
 
     return evaluate
 
@@ -266,10 +267,17 @@ def train(cfg: JobConfig) -> dict:
     return {"val_loss": last_val, "step": step}
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Train a Transformer language model.")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="train.py", description="Train a Transformer language model.",
+        epilog="Any other --section.key=value overrides a config field (--optim.lr=1e-3).",
+    )
     parser.add_argument("--config", required=True, help="TOML job config, e.g. configs/tiny.toml")
-    args, overrides = parser.parse_known_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, overrides = build_parser().parse_known_args(argv)
     train(load_config(args.config, overrides))
 
 

@@ -1,7 +1,7 @@
 """Throughput of the data cleaning stages, next to tokenization alone, on one machine in one run.
 
     python -m bench.data                       # the Python standard library (~31 MB of .py)
-    python -m bench.data --max-mb 8 --workers 2 --source path/to/corpus.jsonl
+    python -m bench.data --max-mb 8 --workers 2 --source path/to/corpus.jsonl --out data.json
 
 Prints MB/s (UTF-8 input bytes per second) of: each stage alone, the whole pipeline, tokenization
 alone, and cleaning + tokenization end to end; first in this process on one core (wall clock and
@@ -57,15 +57,20 @@ def timed(pipe: Pipeline, docs: list, workers: int) -> tuple[float, float]:
     return time.perf_counter() - w0, time.process_time() - c0
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m bench.data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", default="stdlib", help="a data.sources spec")
     parser.add_argument("--max-mb", type=float, default=0, help="use the first N MB (0: all)")
     parser.add_argument("--workers", type=int, default=2, help="processes for the parallel runs")
     parser.add_argument("--tokenizer", default="train")
     parser.add_argument("--vocab-size", type=int, default=4096)
-    parser.add_argument("--json", help="also write the results to this file")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out", metavar="FILE", default=None,
+                        help="also write the results as JSON to FILE (default: print only)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
 
     docs, size = [], 0
     for doc in iter_documents(args.source, SourceErrors()):
@@ -143,8 +148,8 @@ def main(argv: list[str] | None = None) -> dict:
         "ratio_cpu": ratio_cpu, "ratio_wall": ratio_wall, "stages": full.stats_dict(),
         "tokens": tokenized.stats[0].counts.get("tokens", 0),
     }
-    if args.json:
-        write_json(args.json, result)
+    if args.out:
+        write_json(args.out, result)
     tmp.cleanup()
     return result
 

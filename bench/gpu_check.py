@@ -2,7 +2,7 @@
 needs a GPU, in at most 8 minutes on one H200.
 
     bash scripts/gpu_check.sh                       # on the device machine: everything under $OUT
-    python -m bench.gpu_check --out DIR             # the same on any CUDA machine
+    python -m bench.gpu_check --out-dir DIR         # the same on any CUDA machine
     python -m bench.gpu_check --parts attention     # some parts only (a rerun)
     python -m bench.gpu_check --smoke               # this CPU: interpreter, tiny shapes (tested)
 
@@ -27,8 +27,9 @@ kernel (KERNELS_AUTOTUNE_CONFIGS, kernels/_common.py) so compilation fits; the l
 config won (TRITON_PRINT_AUTOTUNING=1).
 
 Writes gpu-check-<device>.md (targets, parts, tables) and gpu-check-<device>.jsonl (every row)
-to --results (default bench/results/), and copies both, with the log gpu-check.log, to --out
-(default $OUT). --smoke writes only to --out or a new temporary directory, never to the repo.
+to --results-dir (default bench/results/), and copies both, with the log gpu-check.log, to
+--out-dir (default $OUT). --smoke writes only to --out-dir or a new temporary directory, never to
+the repo.
 
 Device procedure (a session whose device `status` says can_start_another: true):
   1. Here first: `python -m pytest -x -q tests/test_gpu_check.py` (the smoke run passes).
@@ -453,15 +454,17 @@ def render(rows: dict[str, list[dict]], status: dict[str, dict], args, total_s: 
 # ------------------------------------------------------------------------------- entry point
 
 
-def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.gpu_check", description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--smoke", action="store_true", help="the CPU: interpreter, tiny shapes")
     p.add_argument("--parts", nargs="+", choices=list(PARTS), default=list(PARTS))
-    p.add_argument("--out", type=Path, default=None,
+    p.add_argument("--out-dir", metavar="DIR", type=Path, default=None,
                    help="log and copies of the tables (default $OUT; --smoke: a temporary dir)")
-    p.add_argument("--results", type=Path, default=None,
-                   help="where the tables go (default bench/results/; --smoke: --out)")
+    p.add_argument("--results-dir", metavar="DIR", type=Path, default=None,
+                   help="where the tables go (default bench/results/; --smoke: --out-dir)")
     p.add_argument("--autotune-configs", type=int, default=2,
                    help="configs each kernel autotunes over (0: all of them)")
     p.add_argument("--deadline", type=float, default=450, help="seconds: no part starts after")
@@ -470,7 +473,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part", choices=list(PARTS), help=argparse.SUPPRESS)  # child mode
     p.add_argument("--rows", help=argparse.SUPPRESS)
     p.add_argument("--budget", type=float, help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser().parse_args(argv)
     args.argv = argv
     if args.part:
         run_part_here(args)
@@ -485,10 +493,10 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.gpu_check needs a CUDA GPU; --smoke checks the script on the CPU")
         return 2
     env_out = os.environ.get("OUT")
-    out = args.out or (Path(env_out) if env_out else None)
+    out = args.out_dir or (Path(env_out) if env_out else None)
     if out is None:
         out = Path(tempfile.mkdtemp(prefix="gpu-check-")) if args.smoke else RESULTS_DIR
-    results = args.results or (out if args.smoke else RESULTS_DIR)
+    results = args.results_dir or (out if args.smoke else RESULTS_DIR)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.monotonic()
     with open(out / "gpu-check.log", "w") as log, tempfile.TemporaryDirectory() as work:

@@ -392,8 +392,11 @@ def render(device_name: str, att_rows: list[dict], loss_rows: list[dict], args) 
     return "\n".join(lines) + "\n"
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.kernels", description=__doc__,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
     p.add_argument("--smoke", action="store_true",
                    help="no GPU needed: tiny shapes under TRITON_INTERPRET=1, nothing written")
     p.add_argument("--seq-lens", type=int, nargs="+",
@@ -408,12 +411,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", choices=["bfloat16", "float16"], default="bfloat16")
     p.add_argument("--skip-attention", action="store_true")
     p.add_argument("--skip-loss", action="store_true")
-    p.add_argument("--out", type=Path, default=None, help="results file (default: by device)")
+    p.add_argument("--out", metavar="FILE", type=Path, default=None,
+                   help="the results table (default: bench/results/kernels-<device>.md)")
     p.add_argument("--compile-check", action="store_true",
                    help="no GPU needed: compile the attention kernels for sm_90 and report "
                    "wgmma use and register spills (add --all-configs for every autotune config)")
     p.add_argument("--all-configs", action="store_true")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
 
     if args.compile_check:
         if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):

@@ -1,6 +1,10 @@
 """Training throughput and model FLOPs utilization (MFU) per config.
 
-    python -m bench.throughput --configs configs/tiny.toml configs/gpt2-124m.toml
+    python -m bench.throughput --configs configs/tiny.toml configs/gpt2-124m.toml [--device auto]
+        [--out FILE] [--section.key=value ...]
+
+Writes a Markdown table to --out (default: bench/results/throughput-<device>.md); the
+`--section.key=value` overrides apply to every config.
 
 MFU is measured against the peak of a large matmul timed in the same run (fp32 on the CPU, bf16
 on a GPU), so the figure means the same thing on any machine: the fraction of what this device
@@ -13,10 +17,13 @@ from __future__ import annotations
 import argparse
 import platform
 import time
+from pathlib import Path
 
 import torch
 
-from bench.tables import write_table
+from bench.tables import RESULTS_DIR, write_table
+from common.atomic import write_text
+from common.cli import parse_device
 from data.loader import Batch
 from job_config import load_config
 from model.transformer import build_model
@@ -88,15 +95,26 @@ def train_throughput(config: str, device: torch.device, steps: int, warmup: int,
     return cfg, tokens_per_s, cfg.model.flops_per_token(t.seq_len) * tokens_per_s
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.throughput", description=__doc__.split("\n\n")[0],
+        epilog="Any other --section.key=value overrides every config's field.",
+    )
     parser.add_argument("--configs", nargs="+", default=["configs/tiny.toml"])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--out", default="bench/results", help="folder for the results table")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N] (default: auto)")
+    parser.add_argument(
+        "--out", metavar="FILE", default=None,
+        help="the results table (default: bench/results/throughput-<device>.md)",
+    )
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
-    device = torch.device(args.device)
+    device = parse_device(parser, args.device)
     name = device_name(device)
     peak = matmul_peak(device)
     rows = []
@@ -121,7 +139,12 @@ def main(argv: list[str] | None = None) -> None:
         ]
     )
     print(table)
-    path = write_table(args.out, "throughput", name, table)
+    if args.out:
+        path = Path(args.out)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_text(path, table)
+    else:
+        path = write_table(RESULTS_DIR, "throughput", name, table)
     print(f"wrote {path}")
 
 

@@ -107,7 +107,9 @@ def bench_one(size: str, compile_: bool, ac: str, args, device: torch.device, wo
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.throughput_gpu", description=__doc__.split("\n\n")[0]
+    )
     parser.add_argument("--sizes", nargs="+", default=["gpt2-124m", "llama-1b"], choices=list(SHAPES))
     parser.add_argument("--compile", nargs="+", default=["off", "on"], choices=["off", "on"])
     parser.add_argument("--ac", nargs="+", default=["none", "selective", "full"],
@@ -118,7 +120,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=0, help="micro-batch per GPU (0: default)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "throughput_gpu.jsonl"))
+    parser.add_argument(
+        "--out", metavar="FILE", default=str(Path(__file__).parent / "results" / "throughput_gpu.jsonl"),
+        help="JSON lines file each result is appended to (default: bench/results/throughput_gpu.jsonl)",
+    )
     parser.add_argument("--smoke", action="store_true",
                         help="check the script on the CPU: tiny model, 2 steps, nothing recorded")
     return parser

@@ -1,4 +1,5 @@
-"""Convert a tiktoken encoding (ours or OpenAI's) to a Hugging Face `tokenizer.json`, and back.
+"""Convert a tiktoken encoding (ours or OpenAI's) to a Hugging Face `tokenizer.json`, and back;
+and `HFTokenizer`, any `tokenizer.json` used directly behind our Tokenizer interface.
 
 tiktoken splits text with a regex, then merges each piece's bytes pairwise, always merging the
 adjacent pair whose concatenation has the lowest rank. A Hugging Face byte-level BPE does the same
@@ -196,6 +197,33 @@ def from_hf_tokenizer(path: str | Path, name: str = "hf") -> tiktoken.Encoding:
         )
     pat_str = tiktoken_pattern(pat_str)
     return tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens=specials)
+
+
+class HFTokenizer:
+    """Any Hugging Face `tokenizer.json` behind our Tokenizer interface (encode / decode /
+    eot_id / n_vocab), e.g. to score an exported model with the tokenizer exported with it.
+    Encodes without special tokens, as `Tokenizer.encode` does."""
+
+    def __init__(self, path: str | Path, eot_token: str = EOT):
+        from tokenizers import Tokenizer  # optional dependency ([hf] extra)
+
+        path = Path(path)
+        file = path / TOKENIZER_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} not found (an exported model has a tokenizer.json)")
+        self.tok = Tokenizer.from_file(str(file))
+        self.name = file.parent.name
+        self.n_vocab = self.tok.get_vocab_size(with_added_tokens=True)
+        eot = self.tok.token_to_id(eot_token)
+        if eot is None:
+            raise ValueError(f"{file}: no {eot_token} token")
+        self.eot_id = eot
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids) -> str:
+        return self.tok.decode(list(ids), skip_special_tokens=False)
 
 
 def _merge_order(merges: list[tuple[str, str]], vocab: dict[str, int]) -> list[int]:

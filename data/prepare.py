@@ -224,11 +224,18 @@ def prepare(cfg: DataConfig, dry_run: bool = False) -> dict:
     return manifest
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m data.prepare", description=__doc__.split("\n\n")[0],
+        epilog="Any other --data.key=value overrides a field of the config's [data] section.",
+    )
     parser.add_argument("--config", help="TOML job config (its [data] section is used)")
     parser.add_argument("--dry-run", action="store_true", help="statistics only, no shards")
-    args, overrides = parser.parse_known_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args, overrides = build_parser().parse_known_args(argv)
     cfg = load_config(args.config, overrides)
     prepare(cfg.data, dry_run=args.dry_run)
 

@@ -1,9 +1,9 @@
-"""python -m eval --run DIR [--step N] | --checkpoint PATH | --hf DIR [--tasks ...] [--out FILE]
+"""python -m eval --run DIR [--step N] | --hf DIR [--tasks ...] [--device auto] [--out FILE]
 
 Perplexity and bits per byte of a trained run on its validation shards, and zero-shot
 benchmarks (HellaSwag, LAMBADA, ARC-Easy/Challenge, PIQA, Winogrande) scored as
 lm-evaluation-harness scores them, each item checked for contamination against the run's
-training shards.
+training shards. The results of a run go into the run: <run>/eval/step_<N>.json.
 
     python -m eval --run runs/tiny                                  # perplexity only
     python -m eval --run runs/tiny --tasks hellaswag,lambada --limit 500 --out results.json
@@ -13,69 +13,112 @@ training shards.
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
 
-import torch
-
 from common.atomic import write_json
+from common.cli import add_run_arguments, parse_device
+from common.device import resolve_device
 from data.shards import ShardError
-from eval.harness import (
+from eval.models import (
+    LogLikelihoodModel,
     TokenizerMismatchError,
     TransformerLogLikelihood,
-    add_benchmark_arguments,
     load_hf,
     native_tokenizer,
-    parse_tasks,
-    run_benchmarks,
 )
 from eval.perplexity import evaluate_perplexity
-from eval.tasks import TaskDataError
-from model.checkpoint import find_checkpoint, resolve_checkpoint
+from eval.scoring import format_table, run_tasks
+from eval.tasks import TASKS, TaskDataError, get_task
+from model.checkpoint import load_config_dict
 from model.load import load_model
 
+EVAL_DIR = "eval"  # <run>/eval/<checkpoint name>.json
 
-def main(argv: list[str] | None = None) -> None:
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m eval", description=__doc__.split("\n\n")[1],
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__.split("\n\n")[2],
     )
-    parser.add_argument("--run", help="run directory (its newest checkpoint, or --step)")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    parser.add_argument("--checkpoint", help="a checkpoint directory (or a run directory)")
-    parser.add_argument("--hf", help="a Hugging Face model directory (e.g. an export)")
+    add_run_arguments(
+        parser, run_required=False,
+        out_help="write the results as JSON to FILE (default with --run: "
+        "<run>/eval/step_<N>.json; with --hf: print only)",
+    )
+    parser.add_argument("--hf", metavar="DIR", help="a Hugging Face model directory (an export)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-batches", type=int, default=0, help="0: every validation window")
     parser.add_argument("--no-perplexity", action="store_true", help="benchmarks only")
-    parser.add_argument("--out", default=None, help="write the results as JSON here")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     add_benchmark_arguments(parser)
+    return parser
+
+
+def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
+    """The zero-shot benchmark options (read by `run_benchmarks`)."""
+    g = parser.add_argument_group("zero-shot benchmarks")
+    g.add_argument(
+        "--tasks", default="",
+        help=f"comma-separated benchmark tasks ({', '.join(TASKS)}), or 'all'",
+    )
+    g.add_argument("--limit", type=int, default=None, help="first N items of each task")
+    g.add_argument(
+        "--benchmark-dir", metavar="DIR", default=None,
+        help="benchmark files: <benchmark-dir>/<task>/... (default: ../shared/benchmarks, "
+        "data_cache/benchmarks, then the Hugging Face hub)",
+    )
+    g.add_argument(
+        "--tokenizer", default=None,
+        help="tiktoken name or .tiktoken file (default: the run's; for --hf: its tokenizer.json)",
+    )
+    g.add_argument(
+        "--contamination", default="auto",
+        help="prepared data dir whose train shards are checked for benchmark n-grams; 'auto': "
+        "the checkpoint's data.path when it has train shards; 'off': no check",
+    )
+    g.add_argument(
+        "--dirty-threshold", type=float, default=None,
+        help="an item is dirty when this fraction of its n-grams is in the training data "
+        "(default: any n-gram)",
+    )
+    g.add_argument(
+        "--log-samples", action="store_true",
+        help="include every item's log-likelihoods (and dirty flag) in the JSON",
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
-    if sum(bool(x) for x in (args.run, args.checkpoint, args.hf)) != 1:
-        parser.error("give exactly one of --run DIR, --checkpoint PATH or --hf DIR")
+    if bool(args.run) == bool(args.hf):
+        parser.error("give exactly one of --run DIR or --hf DIR")
+    if args.hf and args.step is not None:
+        parser.error("--step picks a checkpoint of --run; a --hf directory has none")
     if (args.hf or args.no_perplexity) and not args.tasks:
         parser.error("--hf and --no-perplexity need --tasks")
+    args.device = parse_device(parser, args.device)
     try:
         evaluate(args)
     except (FileNotFoundError, TaskDataError, TokenizerMismatchError, ShardError) as e:
         raise SystemExit(f"python -m eval: {e}") from None  # a clear message, no traceback
 
 
-def evaluate(args: argparse.Namespace) -> None:
+def evaluate(args: argparse.Namespace) -> dict:
+    """Run what `args` asks for, print it, write the JSON report; returns the report."""
     tasks = parse_tasks(args.tasks)  # an unknown task stops here, before loading a model
+    device = resolve_device(args.device)
 
     results: dict = {}
     if args.hf:
-        lm, tokenizer = load_hf(args.hf, args.device, args.tokenizer, args.batch_size)
+        lm, tokenizer = load_hf(args.hf, device, args.tokenizer, args.batch_size)
         results["hf"] = str(args.hf)
         ckpt = None
     else:
-        ckpt = find_checkpoint(args.run, args.step) if args.run else args.checkpoint
-        model, cfg, ckpt = load_model(resolve_checkpoint(ckpt), args.device)
+        model, cfg, ckpt = load_model(args.run, device, step=args.step)
         results["checkpoint"] = str(ckpt)
         if not args.no_perplexity:
             ppl = evaluate_perplexity(
-                model, cfg.data.path, cfg.train.seq_len, args.batch_size, args.max_batches,
-                args.device,
+                model, cfg.data.path, cfg.train.seq_len, args.batch_size, args.max_batches, device
             )
             results.update(ppl)
             print(
@@ -87,10 +130,65 @@ def evaluate(args: argparse.Namespace) -> None:
             lm = TransformerLogLikelihood(model, args.batch_size)
     if tasks:
         results.update(run_benchmarks(lm, tokenizer, tasks, args, ckpt))
-    if args.out:
-        out = Path(args.out)
+    out = Path(args.out) if args.out else results_path(ckpt) if ckpt else None
+    if out is not None:
         write_json(out, results)
         print(f"wrote {out}")
+    return results
+
+
+def results_path(ckpt: Path) -> Path:
+    """<run>/eval/step_<N>.json for <run>/checkpoints/step_<N> (beside a checkpoint directory
+    that is not inside a run's checkpoints/)."""
+    run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return run / EVAL_DIR / f"{ckpt.name}.json"
+
+
+def parse_tasks(spec: str) -> list[str]:
+    """'hellaswag,lambada' or 'all' -> names; an unknown name stops before any slow work."""
+    names = list(TASKS) if spec.strip() == "all" else [t.strip() for t in spec.split(",")]
+    names = [n for n in names if n]
+    for name in names:
+        get_task(name)
+    return names
+
+
+def contamination_dir(option: str, ckpt: Path | None) -> Path | None:
+    """--contamination: a dir, 'off', or 'auto' (the checkpoint's data.path if it still has
+    train shards; nothing for a Hugging Face model, whose training data is unknown)."""
+    if option == "off":
+        return None
+    if option != "auto":
+        return Path(option)
+    if ckpt is None:
+        return None
+    data_path = Path(load_config_dict(ckpt)["data"]["path"])
+    return data_path if any(data_path.glob("train_*.bin")) else None
+
+
+def run_benchmarks(
+    lm: LogLikelihoodModel,
+    tokenizer,
+    tasks: Sequence[str],
+    args: argparse.Namespace,
+    ckpt: Path | None = None,
+) -> dict:
+    """Score `tasks` with the options of `add_benchmark_arguments`; print the table; return
+    {"tasks": per-task results, "contamination": settings} for the JSON report."""
+    check_dir = contamination_dir(args.contamination, ckpt)
+    results = run_tasks(
+        lm, tokenizer, tasks, args.limit, args.benchmark_dir, check_dir, args.dirty_threshold,
+        log_samples=args.log_samples,
+    )
+    print(format_table(results))
+    return {
+        "tasks": results,
+        "limit": args.limit,
+        "contamination": {
+            "data_dir": str(check_dir) if check_dir else None,
+            "threshold": args.dirty_threshold if args.dirty_threshold is not None else "any",
+        },
+    }
 
 
 if __name__ == "__main__":

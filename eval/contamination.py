@@ -22,7 +22,9 @@ a billion-n-gram index and ten thousand items.
 
 from __future__ import annotations
 
+import argparse
 import json
+import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -30,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.atomic import atomic_path, write_json
+from data.manifest import manifest_tokenizer
 from data.normalize import combine_ngrams, match_bytes, ngram_hashes, word_hashes, word_spans
 from eval.tasks import TASKS
 
@@ -255,28 +258,33 @@ def load_or_build_index(
             if len(index) == meta.get("count"):
                 return index
     if tokenizer is None:
-        from data.manifest import manifest_tokenizer
-
         tokenizer = manifest_tokenizer(data_dir)
     # Build every task's n in the same pass: decoding the shards is the expensive part.
     return build_indexes(data_dir, tokenizer, set(TASK_NGRAM_N.values()) | {n}, progress)[n]
 
 
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.contamination",
+        description="Build the n-gram indexes of a prepared data dir's train shards (python -m "
+        "eval builds the one it needs on demand; this builds every task's n in one pass).",
+    )
+    parser.add_argument(
+        "--data", metavar="DIR", required=True,
+        help="prepared data dir (train_*.bin + manifest.json); the indexes are written there",
+    )
+    parser.add_argument("--n", type=int, nargs="+", default=sorted(set(TASK_NGRAM_N.values())),
+                        help="n-gram sizes (default: every task's)")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> None:
-    """python -m eval.contamination DATA_DIR: build the n-gram indexes of a prepared dir."""
-    import argparse
-    import time
-
-    from data.manifest import manifest_tokenizer
-
-    parser = argparse.ArgumentParser(description=main.__doc__)
-    parser.add_argument("data_dir", help="prepared data dir (train_*.bin + manifest.json)")
-    parser.add_argument("--n", type=int, nargs="+", default=sorted(set(TASK_NGRAM_N.values())))
-    args = parser.parse_args(argv)
+    """python -m eval.contamination --data DIR: build the n-gram indexes of a prepared dir."""
+    args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    indexes = build_indexes(args.data_dir, manifest_tokenizer(args.data_dir), args.n)
+    indexes = build_indexes(args.data, manifest_tokenizer(args.data), args.n)
     for n, index in indexes.items():
-        size = (Path(args.data_dir) / f"ngrams_{n}.npy").stat().st_size
+        size = (Path(args.data) / f"ngrams_{n}.npy").stat().st_size
         print(f"ngrams_{n}.npy: {len(index):,} distinct {n}-grams, {size / 1e6:.1f} MB")
     print(f"built in {time.perf_counter() - start:.1f}s")
 

@@ -1,9 +1,11 @@
 """How evenly a trained Mixture-of-Experts model spreads held-out tokens over its experts.
 
     python -m eval.moe_load --run runs/moe-tiny [--step N] [--sequences 128] [--seq-len 128]
+        [--device auto] [--out FILE]
 
 Routes random windows of the run's validation shards through the model and prints, per MoE
-layer, the fraction of token slots each expert received and the busiest / idlest ratio.
+layer, the fraction of token slots each expert received and the busiest / idlest ratio
+(`--out`: also as JSON).
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from common.atomic import write_json
+from common.cli import add_run_arguments, parse_device
 from data.shards import read_shard
 from model.load import load_model
 from model.moe import moe_layers, moe_metrics
@@ -34,17 +38,23 @@ def load_balance_report(model: nn.Module, tokens: torch.Tensor, batch: int = 16)
     return moe_metrics(model)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m eval.moe_load", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", required=True, help="run directory or checkpoint directory")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: newest)")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda[:N]")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m eval.moe_load", description=__doc__.split("\n\n")[0]
+    )
+    add_run_arguments(parser, out_help="also write the report as JSON to FILE (default: print only)")
     parser.add_argument("--sequences", type=int, default=128, help="random validation windows")
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+    return parser
 
-    model, cfg, ckpt = load_model(args.run, args.device, step=args.step)
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = parse_device(parser, args.device)
+
+    model, cfg, ckpt = load_model(args.run, device, step=args.step)
     if not cfg.model.is_moe:
         raise SystemExit(f"{ckpt}: model.n_experts = 0, not a Mixture-of-Experts model")
     shards = sorted(Path(cfg.data.path).glob("val_*.bin"))
@@ -56,7 +66,6 @@ def main(argv: list[str] | None = None) -> None:
     # Windows at random offsets over the whole split, so that no single file dominates.
     starts = torch.randint(0, len(val) - T, (args.sequences,), generator=gen).tolist()
     tokens = torch.stack([torch.from_numpy(val[s : s + T].astype("int64")) for s in starts])
-    device = next(model.parameters()).device
     report = load_balance_report(model, tokens.to(device))
     print(f"{ckpt}: {tokens.numel():,} validation tokens, balancing = {cfg.model.moe_balance!r}")
     for name, _ in moe_layers(model):
@@ -66,6 +75,9 @@ def main(argv: list[str] | None = None) -> None:
             f"expert {' '.join(f'{f:.3f}' for f in fracs)}"
         )
     print(f"  worst layer max/min load: {report['moe/max_min_ratio']:.2f}")
+    if args.out:
+        write_json(Path(args.out), {"checkpoint": str(ckpt), "tokens": tokens.numel(), **report})
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -302,7 +302,7 @@ def load_task(
     else:
         root = Path(data_dir) if data_dir is not None else default_data_dir()
         expected = " or ".join(" + ".join(names) for names in spec.files)
-        where = f"put {expected} in {root / name}/ (or pass --data-dir)"
+        where = f"put {expected} in {root / name}/ (or pass --benchmark-dir)"
         if not allow_download:
             raise TaskDataError(f"task {name!r}: no local data file; {where}")
         try:

@@ -2,6 +2,7 @@
 
     python -m model.generate --run runs/tiny --prompt "def " --max-new-tokens 200
     python -m model.generate --run runs/tiny --temperature 0          # greedy
+    python -m model.generate --run runs/tiny --step 400 --num-samples 4 --out samples.json
 
 Sampling: temperature, then top-k, then top-p (nucleus) filtering of the next-token distribution.
 """
@@ -9,9 +10,12 @@ Sampling: temperature, then top-k, then top-p (nucleus) filtering of the next-to
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 import torch
 
+from common.atomic import write_json
+from common.cli import add_run_arguments, parse_device
 from data.manifest import manifest_tokenizer
 from model.load import load_model
 from model.transformer import Transformer
@@ -65,9 +69,13 @@ def generate(
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description="Sample text from a trained run.")
-    parser.add_argument("--run", required=True, help="run directory or checkpoint directory")
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m model.generate", description="Sample text from a trained run."
+    )
+    add_run_arguments(
+        parser, out_help="also write the samples as JSON to FILE (default: print only)"
+    )
     parser.add_argument("--prompt", default="", help="text to continue (default: start a document)")
     parser.add_argument("--max-new-tokens", type=int, default=200)
     parser.add_argument("--temperature", type=float, default=0.8, help="0: greedy")
@@ -75,14 +83,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-p", type=float, default=0.95)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--num-samples", type=int, default=1)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = parser.parse_args(argv)
+    return parser
 
-    model, cfg, ckpt = load_model(args.run, args.device)
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    device = parse_device(parser, args.device)
+
+    model, cfg, ckpt = load_model(args.run, device, step=args.step)
     tokenizer = manifest_tokenizer(cfg.data.path)
     prompt = tokenizer.encode(args.prompt) if args.prompt else []
     prompt = [tokenizer.eot_id] + prompt  # every document starts right after an end-of-text
-    gen = torch.Generator(device=args.device).manual_seed(args.seed)
+    gen = torch.Generator(device=device).manual_seed(args.seed)
+    samples = []
     for i in range(args.num_samples):
         ids = generate(
             model, prompt, args.max_new_tokens, args.temperature, args.top_k, args.top_p,
@@ -90,8 +104,13 @@ def main(argv: list[str] | None = None) -> None:
         )
         if ids and ids[-1] == tokenizer.eot_id:
             ids = ids[:-1]
+        samples.append(args.prompt + tokenizer.decode(ids))
         print(f"--- sample {i + 1} from {ckpt} ---")
-        print(args.prompt + tokenizer.decode(ids))
+        print(samples[-1])
+    if args.out:
+        settings = {k: getattr(args, k) for k in ("prompt", "temperature", "top_k", "top_p", "seed")}
+        write_json(Path(args.out), {"checkpoint": str(ckpt), **settings, "samples": samples})
+        print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

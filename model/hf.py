@@ -1,7 +1,7 @@
 """Export to / import from the Hugging Face transformers format, with no custom code.
 
-    python -m model.hf export --run runs/tiny [--step N] --out hf/tiny [--max-shard-size 5GB]
-    python -m model.hf import --hf hf/tiny --out runs/from-hf
+    python -m model.hf export --run runs/tiny [--step N] --out-dir hf/tiny [--max-shard-size 5GB]
+    python -m model.hf import --hf hf/tiny --out-dir runs/from-hf
 
 Which transformers class a model becomes (the first row that fits):
 
@@ -315,35 +315,43 @@ def _transformers_version() -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """`--out-dir`, not `--out`: both commands write a directory (--out names a file in every
+    tool, common/cli.py)."""
     parser = argparse.ArgumentParser(prog="python -m model.hf", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     ex = sub.add_parser("export", help="a run's checkpoint -> Hugging Face directory")
-    ex.add_argument("--run", required=True, help="run directory (holds checkpoints/)")
-    ex.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
-    ex.add_argument("--out", required=True, help="output directory")
+    ex.add_argument("--run", metavar="DIR", required=True, help="run directory (holds checkpoints/)")
+    ex.add_argument("--step", metavar="N", type=int, default=None,
+                    help="checkpoint step (default: latest)")
+    ex.add_argument("--out-dir", metavar="DIR", required=True, help="Hugging Face model directory")
     ex.add_argument("--tokenizer", default=None, help="tokenizer spec (default: the run's)")
     ex.add_argument("--no-tokenizer", action="store_true", help="write no tokenizer files")
     ex.add_argument("--max-shard-size", default="5GB", help="shard above this size (5GB)")
     dtypes = sorted(DTYPES) + sorted(DTYPE_ALIASES)
     ex.add_argument("--dtype", default=None, choices=dtypes, help="default: the checkpoint's")
-    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    ex.add_argument("--overwrite", action="store_true", help="replace a non-empty --out-dir")
     im = sub.add_parser("import", help="Hugging Face directory -> run directory")
-    im.add_argument("--hf", required=True, help="Hugging Face model directory")
-    im.add_argument("--out", required=True, help="output run directory")
+    im.add_argument("--hf", metavar="DIR", required=True, help="Hugging Face model directory")
+    im.add_argument("--out-dir", metavar="DIR", required=True, help="output run directory")
     im.add_argument("--dtype", default=None, choices=dtypes, help="default: the files' dtype")
-    im.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    im.add_argument("--overwrite", action="store_true", help="replace a non-empty --out-dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = build_parser()
     args = parser.parse_args(argv)
     try:
         if args.command == "export":
             arch = export_run(
-                args.run, args.out, args.step, args.tokenizer, args.max_shard_size, args.dtype,
+                args.run, args.out_dir, args.step, args.tokenizer, args.max_shard_size, args.dtype,
                 args.overwrite, with_tokenizer=not args.no_tokenizer,
             )
-            print(f"wrote {arch} to {args.out}")
+            print(f"wrote {arch} to {args.out_dir}")
         else:
-            cfg = import_hf(args.hf, args.out, args.dtype, args.overwrite)
-            print(f"wrote {args.out}/checkpoints/step_000000 ({cfg.num_params():,} parameters)")
+            cfg = import_hf(args.hf, args.out_dir, args.dtype, args.overwrite)
+            print(f"wrote {args.out_dir}/checkpoints/step_000000 ({cfg.num_params():,} parameters)")
     except (ExportError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}") from None
 

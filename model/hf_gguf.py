@@ -1,8 +1,8 @@
 """A GGUF file (llama.cpp's format) -> a plain Hugging Face model directory, via transformers'
 own GGUF reader (needs the `gguf` and `accelerate` packages: `pip install -e ".[gguf]"`).
 
-    python -m model.hf_gguf --gguf path/to/model.Q4_1.gguf --out hf/model
-    python -m model.hf import --hf hf/model --out runs/model     # then one of our runs
+    python -m model.hf_gguf --gguf path/to/model.Q4_1.gguf --out-dir hf/model
+    python -m model.hf import --hf hf/model --out-dir runs/model     # then one of our runs
 
 transformers dequantizes the GGUF tensors to fp32 and keeps a `quantization_config` that would
 make every later load go back to the GGUF file; the weights are loaded into a fresh model of
@@ -69,13 +69,17 @@ def gguf_to_hf(gguf_file: str | Path, out_dir: str | Path) -> Path:
     return out_dir
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m model.hf_gguf", description=__doc__.split("\n\n")[0])
     parser.add_argument("--gguf", required=True, help="a .gguf file, or package:NAME for one shipped in a package")
-    parser.add_argument("--out", required=True, help="the Hugging Face directory to write")
-    args = parser.parse_args(argv)
+    parser.add_argument("--out-dir", metavar="DIR", required=True, help="the Hugging Face directory to write")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     gguf = packaged_gguf(args.gguf.removeprefix("package:")) if args.gguf.startswith("package:") else args.gguf
-    print(f"wrote {gguf_to_hf(gguf, args.out)}")
+    print(f"wrote {gguf_to_hf(gguf, args.out_dir)}")
 
 
 if __name__ == "__main__":

@@ -213,15 +213,22 @@ def consolidate_checkpoint(ckpt: Path, overwrite: bool = False) -> Path:
     return out
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
+    """--run DIR [--step N]; no --out: the result is the checkpoint's own model.safetensors."""
     parser = argparse.ArgumentParser(
         prog="python -m parallel.checkpoint_dcp",
         description="Consolidate a checkpoint's sharded (DCP) model into its model.safetensors.",
     )
-    parser.add_argument("--run", required=True, help="run directory, or a checkpoint directory")
-    parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    parser.add_argument("--run", metavar="DIR", required=True,
+                        help="run directory, or a checkpoint directory")
+    parser.add_argument("--step", metavar="N", type=int, default=None,
+                        help="checkpoint step (default: latest)")
     parser.add_argument("--overwrite", action="store_true", help="replace model.safetensors")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     try:
         ckpt = resolve_checkpoint(args.run) if args.step is None else find_checkpoint(args.run, args.step)
         out = consolidate_checkpoint(ckpt, args.overwrite)

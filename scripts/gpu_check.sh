@@ -7,4 +7,4 @@ cd "$(dirname "$0")/.."
 export OUT="${OUT:-/tmp/gpu-check}"
 export PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 mkdir -p "$OUT"
-exec python3 -m bench.gpu_check --out "$OUT" "$@"
+exec python3 -m bench.gpu_check --out-dir "$OUT" "$@"

@@ -6,7 +6,8 @@ import math
 
 import pytest
 
-from eval.harness import TokenizerMismatchError, evaluate_task, load_native
+from eval.models import TokenizerMismatchError, load_native
+from eval.scoring import evaluate_task
 from eval.tasks import load_task
 from tests.helpers import BENCHMARKS, to_hf_llama
 
@@ -111,7 +112,7 @@ def test_cli_hf_export_scores_as_native(run, tmp_path):
     to_hf_llama(lm.model).save_pretrained(hf_dir)
     args = ["--tasks", "hellaswag,lambada", "--limit", "12", "--contamination", "off",
             "--log-samples"]
-    native = _cli(["--checkpoint", str(run / "run"), "--no-perplexity", *args], tmp_path)
+    native = _cli(["--run", str(run / "run"), "--no-perplexity", *args], tmp_path)
     exported = _cli(["--hf", str(hf_dir), "--tokenizer", tok.source, *args], tmp_path)
     for task in ("hellaswag", "lambada"):
         a, b = native["tasks"][task]["metrics"]["all"], exported["tasks"][task]["metrics"]["all"]
@@ -130,7 +131,7 @@ def test_cli_stops_with_clear_messages(run, tmp_path, monkeypatch):
     with pytest.raises(SystemExit, match="unknown task 'hellaswagg'"):
         _cli(["--run", str(run / "run"), "--tasks", "hellaswag,hellaswagg"], tmp_path)
     with pytest.raises(SystemExit, match=r"task 'piqa'.*valid.jsonl \+ valid-labels.lst"):
-        _cli(["--run", str(run / "run"), "--tasks", "piqa", "--data-dir", str(tmp_path),
+        _cli(["--run", str(run / "run"), "--tasks", "piqa", "--benchmark-dir", str(tmp_path),
               "--no-perplexity"], tmp_path)
     other = tmp_path / "other.tiktoken"
     from data.tokenizer import train_bpe

@@ -10,16 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from eval.harness import (
-    HFLogLikelihood,
-    LogLikelihoodModel,
-    TransformerLogLikelihood,
-    encode_pair,
-    evaluate_task,
-    flat_metrics,
-    format_table,
-    item_requests,
-)
+from eval.models import HFLogLikelihood, LogLikelihoodModel, TransformerLogLikelihood
+from eval.scoring import encode_pair, evaluate_task, flat_metrics, format_table, item_requests
 from eval.tasks import load_task
 from tests.helpers import BENCHMARKS, small_tokenizer, tiny_model, to_hf_llama, train_briefly
 
@@ -235,7 +227,7 @@ def test_clean_dirty_split_and_training_mode_restored(tok, trained):
 def test_hf_tokenizer_json_behind_our_interface(tmp_path):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
-    from eval.harness import HFTokenizer
+    from data.hf_tokenizer import HFTokenizer
 
     texts = [json.loads(line)["text"] for line in
              (BENCHMARKS / "lambada" / "lambada_test.jsonl").read_text().splitlines()[:100]]

@@ -19,7 +19,7 @@ from kernels._common import _first_configs, autotune_limit
 
 def test_smoke_run_writes_tables_and_reports_failures(tmp_path):
     before = sorted(RESULTS_DIR.iterdir()) if RESULTS_DIR.exists() else []
-    rc = gpu_check.main(["--smoke", "--out", str(tmp_path), "--inject-failure", "loss"])
+    rc = gpu_check.main(["--smoke", "--out-dir", str(tmp_path), "--inject-failure", "loss"])
     assert rc == 1  # a part failed
     assert (sorted(RESULTS_DIR.iterdir()) if RESULTS_DIR.exists() else []) == before
     assert sorted(p.name for p in tmp_path.iterdir()) == [

@@ -256,7 +256,7 @@ def test_inexpressible_dense_layers_in_mixtral(tmp_path):
     save_checkpoint(tmp_path / "run", 1, random_model(cfg).state_dict(), {},
                     JobConfig(model=cfg).to_dict())
     with pytest.raises(SystemExit, match="moe_every = 2 .dense MLP layers between MoE layers"):
-        hf.main(["export", "--run", str(tmp_path / "run"), "--out", str(tmp_path / "hf"),
+        hf.main(["export", "--run", str(tmp_path / "run"), "--out-dir", str(tmp_path / "hf"),
                  "--no-tokenizer"])
     assert not (tmp_path / "hf").exists()
 
@@ -330,7 +330,7 @@ def test_cli_export_generates_like_model_generate(tmp_path, capsys, tiny_data):
                    "--max-new-tokens", "40"])
     want = capsys.readouterr().out.split("---\n", 1)[1].removesuffix("\n")
 
-    hf.main(["export", "--run", str(run), "--out", str(tmp_path / "hf"), "--step", "10"])
+    hf.main(["export", "--run", str(run), "--out-dir", str(tmp_path / "hf"), "--step", "10"])
     model, info, warnings = load_hf(tmp_path / "hf")
     assert not any(info.values()) and warnings == []
     hf_tok = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
@@ -365,7 +365,7 @@ def test_import_of_transformers_saved_model(tmp_path, name):
     from model import hf
     from model.load import load_model
 
-    hf.main(["import", "--hf", str(tmp_path / "theirs"), "--out", str(tmp_path / "run")])
+    hf.main(["import", "--hf", str(tmp_path / "theirs"), "--out-dir", str(tmp_path / "run")])
     model, job, _ = load_model(tmp_path / "run")
     assert job.model == model_config_from_hf(config.to_dict())[0]
     ids = torch.randint(0, VOCAB, (2, 21))

@@ -1,6 +1,7 @@
 """An MoE run through train.py: it trains, logs the per-layer MoE metrics, and resumes exactly,
 balancing bias state included."""
 
+import json
 import shutil
 from pathlib import Path
 
@@ -43,9 +44,12 @@ def test_moe_run_resumes_exactly_with_its_bias(tiny_data, tmp_path, capsys):
     # The load report CLI reads the run and its validation data.
     from eval.moe_load import main as load_report
 
-    load_report(["--run", str(ref), "--sequences", "8", "--seq-len", "32"])
+    load_report(["--run", str(ref), "--sequences", "8", "--seq-len", "32",
+                 "--out", str(tmp_path / "load.json")])
     out = capsys.readouterr().out
     assert "256 validation tokens" in out and "layer1: max/min load" in out
+    report = json.loads((tmp_path / "load.json").read_text())
+    assert report["tokens"] == 256 and f"max/min load {report['moe/layer1/max_min_ratio']:.2f}" in out
 
     # Resume from the step-4 checkpoint into a fresh run directory.
     ckpt = ref / "checkpoints" / "step_000004"

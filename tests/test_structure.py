@@ -4,6 +4,7 @@ cadence, and no source file outgrows a sitting (550 lines outside kernels/)."""
 from __future__ import annotations
 
 import ast
+import re
 import sys
 from pathlib import Path
 
@@ -145,3 +146,23 @@ def test_no_source_file_over_550_lines():
         if n > 550:
             long.append(f"{rel}: {n} lines")
     assert not long, "split along its seams: " + ", ".join(long)
+
+
+def test_readme_layout_names_every_module():
+    """The README's layout map lists every module of the packages, under its folder."""
+    readme = (REPO / "README.md").read_text()
+    block = readme.split("## Layout", 1)[1].split("```")[1]
+    listed: dict[str, set[str]] = {}
+    folder = ""
+    for line in block.splitlines():
+        if line and not line.startswith(" "):
+            folder = line.split()[0].rstrip("/") if line.split()[0].endswith("/") else ""
+        listed.setdefault(folder, set()).update(re.findall(r"[\w]+\.py", line))
+    missing = [
+        f"{path.parent.name}/{path.name}"
+        for pkg in ("common", "training", "model", "data", "parallel", "eval", "kernels", "bench")
+        for path in sorted((REPO / pkg).glob("*.py"))
+        if path.name != "__init__.py" and path.name not in listed.get(pkg, set())
+    ]
+    missing += [f"tests/{n}" for n in ("helpers.py",) if n not in listed.get("tests", set())]
+    assert not missing, f"README.md's layout map does not name: {missing}"

@@ -117,6 +117,22 @@ def test_eval_and_generate_cli_on_a_trained_run(tiny_data, tmp_path):
                           capture_output=True, text=True)
     assert "def " in proc.stdout
 
+    # Without --out the results go into the run: <run>/eval/step_<N>.json, the same numbers.
+    from eval.__main__ import main as evaluate
+    from model.generate import main as sample
+
+    evaluate(["--run", str(run), "--step", "4", "--max-batches", "2"])
+    in_run = json.loads((run / "eval" / "step_000004.json").read_text())
+    assert in_run["checkpoint"] == results["checkpoint"] and in_run["tokens"] == results["tokens"]
+    assert in_run["val_loss"] == pytest.approx(results["val_loss"], rel=1e-6)
+    assert sorted(p.name for p in (run / "eval").iterdir()) == ["step_000004.json"]  # no temp
+    # model.generate --out: the samples it printed, as JSON.
+    sample(["--run", str(run), "--step", "4", "--prompt", "def ", "--max-new-tokens", "10",
+            "--temperature", "0", "--num-samples", "2", "--out", str(tmp_path / "s.json")])
+    samples = json.loads((tmp_path / "s.json").read_text())
+    assert samples["temperature"] == 0 and len(samples["samples"]) == 2
+    assert samples["samples"][0] == samples["samples"][1] and samples["samples"][0].startswith("def ")
+
 
 def test_init_from_starts_a_fresh_run_from_trained_weights(tiny_data, tmp_path):
     first, second = tmp_path / "first", tmp_path / "second"

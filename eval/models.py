@@ -1,0 +1,249 @@
+"""The models a benchmark scores: anything that turns token pairs into log-likelihoods.
+
+`LogLikelihoodModel` is all eval/scoring.py needs of a model. `TransformerLogLikelihood` wraps our
+native Transformer, `HFLogLikelihood` a Hugging Face causal LM, so an exported model can be
+compared with the native one on identical token requests. `load_native` / `load_hf` return a
+scorer with the tokenizer it must be scored with: a checkpoint's tokenizer is checked to be the
+one its run was trained with, a Hugging Face directory's is its own tokenizer.json.
+
+A task type that needs more of a model than log-likelihoods (generation) adds its protocol here,
+beside `LogLikelihoodModel`, and an adapter method to each model class.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+
+from common.device import resolve_device
+from data.hf_tokenizer import HFTokenizer
+from data.manifest import manifest_tokenizer
+from data.tokenizer import load_tokenizer
+from model.load import load_model
+
+TokenRequest = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
+
+
+@runtime_checkable
+class LogLikelihoodModel(Protocol):
+    """Scores continuations: for each (context, continuation) token pair, the sum over the
+    continuation's tokens of log p(token | everything before it), and whether every
+    continuation token is the model's argmax (greedy) prediction."""
+
+    max_seq_len: int
+
+    def loglikelihood(self, requests: list[TokenRequest]) -> list[tuple[float, bool]]: ...
+
+
+class _BatchedLogLikelihood(ABC):
+    """lm-eval's `_loglikelihood_tokens` for a model that maps tokens (B, T) -> logits (B, T, V).
+
+    Requests are sorted by total length (longest first, so an out-of-memory shows at once),
+    batched, right-padded to the longest in the batch. The model input is
+    (context + continuation)[-(max_seq_len + 1):][:-1], i.e. the context is truncated on the
+    left so the whole continuation is always scored (a continuation longer than max_seq_len
+    keeps its last max_seq_len tokens, with a warning). Right padding is safe for a causal model:
+    no real position attends to a pad.
+    """
+
+    def __init__(self, max_seq_len: int, batch_size: int, device: torch.device):
+        self.max_seq_len = max_seq_len
+        self.batch_size = batch_size
+        self.device = device
+
+    @abstractmethod
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens (B, T) int64 on self.device -> logits (B, T, V)."""
+
+    def logits_at(self, tokens: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
+        """Logits (N, V) at positions (rows[k], cols[k]) only; override to skip the rest."""
+        return self.logits(tokens)[rows, cols]
+
+    @torch.inference_mode()
+    def loglikelihood(self, requests: list[TokenRequest]) -> list[tuple[float, bool]]:
+        inputs, targets, too_long = [], [], 0
+        for i, (ctx, cont) in enumerate(requests):
+            if not cont:
+                raise ValueError(f"request {i}: empty continuation")
+            if not ctx:
+                raise ValueError(f"request {i}: empty context (encode_pair puts eot there)")
+            inputs.append((list(ctx) + list(cont))[-(self.max_seq_len + 1) :][:-1])
+            if len(cont) > self.max_seq_len:
+                # Only the last max_seq_len continuation tokens can be predicted inside the
+                # window; score those (lm-eval has no defined behaviour here). Rare: it needs
+                # an answer longer than the model's context.
+                too_long += 1
+                cont = cont[-self.max_seq_len :]
+            targets.append(list(cont))
+        if too_long:
+            warnings.warn(
+                f"{too_long} continuation(s) longer than max_seq_len {self.max_seq_len}: "
+                "scored on their last max_seq_len tokens",
+                stacklevel=2,
+            )
+        order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
+        results: list[tuple[float, bool] | None] = [None] * len(requests)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start : start + self.batch_size]
+            width = len(inputs[batch[0]])  # longest first: the batch's padded width
+            tokens = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, i in enumerate(batch):
+                tokens[row, : len(inputs[i])] = torch.tensor(inputs[i])
+            # Position t predicts token t + 1, so a continuation of n_cont tokens is predicted
+            # by the last n_cont input positions. Take those positions of every sequence as one
+            # (N, V) block (N = total continuation tokens): one log_softmax and one device ->
+            # host copy per batch.
+            rows, cols, target = [], [], []
+            for row, i in enumerate(batch):
+                n_in, n_cont = len(inputs[i]), len(targets[i])
+                rows += [row] * n_cont
+                cols += range(n_in - n_cont, n_in)
+                target += targets[i]
+            dev = self.device
+            rows_t = torch.tensor(rows, device=dev)
+            target_t = torch.tensor(target, device=dev)
+            logits = self.logits_at(tokens.to(dev), rows_t, torch.tensor(cols, device=dev))
+            logprobs = F.log_softmax(logits.float(), dim=-1)  # (N, V)
+            picked = logprobs.gather(1, target_t[:, None]).squeeze(1).double()  # (N,)
+            missed = (logprobs.argmax(-1) != target_t).double()  # (N,) 1 where not greedy
+            zeros = torch.zeros(len(batch), dtype=torch.float64, device=dev)
+            sums = zeros.index_add(0, rows_t, picked)  # (B,) summed log-likelihood per request
+            misses = zeros.index_add(0, rows_t, missed)
+            for row, (ll, miss) in enumerate(zip(sums.tolist(), misses.tolist())):
+                results[batch[row]] = (ll, miss == 0)
+        return results  # type: ignore[return-value]
+
+
+class TransformerLogLikelihood(_BatchedLogLikelihood):
+    """Our model/transformer.py Transformer (forward(tokens) -> logits (B, T, V))."""
+
+    def __init__(self, model: torch.nn.Module, batch_size: int = 16):
+        device = next(model.parameters()).device
+        super().__init__(model.cfg.max_seq_len, batch_size, device)
+        self.model = model
+
+    def loglikelihood(self, requests: list[TokenRequest]) -> list[tuple[float, bool]]:
+        # Eval mode while scoring, then back to what it was (eval runs inside training too).
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return super().loglikelihood(requests)
+        finally:
+            self.model.train(was_training)
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(tokens)
+
+    def logits_at(self, tokens: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
+        # Project only the scored positions: (B, T, V) logits would be 8 GB at batch 16,
+        # 2048 tokens and a 128k vocabulary in bf16.
+        hidden = self.model(tokens, return_hidden=True)  # (B, T, dim)
+        return F.linear(hidden[rows, cols], self.model.output_weight)  # (N, V)
+
+
+class HFLogLikelihood(_BatchedLogLikelihood):
+    """A Hugging Face AutoModelForCausalLM (e.g. our export loaded by transformers)."""
+
+    def __init__(self, model, batch_size: int = 16, max_seq_len: int | None = None):
+        device = next(model.parameters()).device
+        max_len = max_seq_len or model.config.max_position_embeddings
+        super().__init__(max_len, batch_size, device)
+        self.model = model.eval()
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        **kw,
+    ) -> HFLogLikelihood:
+        import transformers
+        from transformers import AutoModelForCausalLM  # optional dependency ([hf] extra)
+
+        # transformers renamed torch_dtype to dtype in 4.56.
+        major, minor = (int(x) for x in transformers.__version__.split(".")[:2])
+        key = "dtype" if (major, minor) >= (4, 56) else "torch_dtype"
+        model = AutoModelForCausalLM.from_pretrained(path, **{key: dtype})
+        return cls(model.to(resolve_device(device)), **kw)
+
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=tokens).logits
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a model and the tokenizer to score it with (used by `python -m eval`)
+# ---------------------------------------------------------------------------------------------
+
+
+class TokenizerMismatchError(ValueError):
+    """The tokenizer at hand is not the one the checkpoint was trained with."""
+
+
+def check_checkpoint_tokenizer(ckpt: Path, tokenizer, model_vocab_size: int) -> None:
+    """Stop when `tokenizer` differs from the one the checkpoint's run was trained with.
+
+    The run's tokenizer identity is in `<run>/run_info.json` (the data manifest train.py saved
+    at the start of the run); the tokenizer at hand comes from today's data dir, which may have
+    been re-prepared since. Scores with another tokenizer would be meaningless.
+    """
+    info_path = Path(ckpt).parent.parent / "run_info.json"
+    if info_path.is_file():
+        trained = json.loads(info_path.read_text()).get("manifest", {}).get("tokenizer")
+        here = tokenizer.identity()
+        if trained and trained.get("sha256") != here["sha256"]:
+            raise TokenizerMismatchError(
+                f"checkpoint {ckpt} was trained with tokenizer {trained.get('name')!r} "
+                f"({trained.get('n_vocab')} ids, sha256 {trained.get('sha256', '')[:12]}, see "
+                f"{info_path}), but the tokenizer given is {here['name']!r} ({here['n_vocab']} "
+                f"ids, sha256 {here['sha256'][:12]}); evaluate with the run's data dir or "
+                f"tokenizer file"
+            )
+    if tokenizer.n_vocab > model_vocab_size:
+        raise TokenizerMismatchError(
+            f"checkpoint {ckpt}: the tokenizer has {tokenizer.n_vocab} ids but the model only "
+            f"{model_vocab_size} (model.vocab_size): not the tokenizer it was trained with"
+        )
+
+
+def native_tokenizer(ckpt: Path, cfg, tokenizer_spec: str | None = None):
+    """The tokenizer to score a checkpoint with: `tokenizer_spec` (tiktoken name or .tiktoken
+    file) or its data dir's; checked to be the one the run was trained with."""
+    if tokenizer_spec is not None:
+        tokenizer = load_tokenizer(tokenizer_spec)
+    else:
+        tokenizer = manifest_tokenizer(cfg.data.path)
+    check_checkpoint_tokenizer(ckpt, tokenizer, cfg.model.vocab_size)
+    return tokenizer
+
+
+def load_native(
+    checkpoint: str | Path,
+    device: str | torch.device = "cpu",
+    tokenizer_spec: str | None = None,
+    batch_size: int = 16,
+    step: int | None = None,
+) -> tuple[TransformerLogLikelihood, object, Path]:
+    """(scorer, tokenizer, checkpoint dir) for a checkpoint dir or a run dir (its checkpoint
+    `step`, default the newest); see `native_tokenizer` for the tokenizer."""
+    model, cfg, ckpt = load_model(checkpoint, device, step=step)
+    tokenizer = native_tokenizer(ckpt, cfg, tokenizer_spec)
+    return TransformerLogLikelihood(model, batch_size), tokenizer, ckpt
+
+
+def load_hf(
+    path: str | Path,
+    device: str | torch.device = "cpu",
+    tokenizer_spec: str | None = None,
+    batch_size: int = 16,
+) -> tuple[HFLogLikelihood, object]:
+    """(scorer, tokenizer) for a Hugging Face model dir; the tokenizer is the dir's
+    tokenizer.json unless `tokenizer_spec` names one of ours."""
+    tokenizer = load_tokenizer(tokenizer_spec) if tokenizer_spec else HFTokenizer(path)
+    return HFLogLikelihood.from_pretrained(path, device, batch_size=batch_size), tokenizer

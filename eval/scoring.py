@@ -1,0 +1,242 @@
+"""Zero-shot benchmark scoring, as lm-evaluation-harness scores log-likelihood tasks.
+
+Pipeline for one task: items (eval/tasks.py) -> string pairs (context, continuation) -> token
+pairs (`encode_pair`, lm-eval's `_encode_pair`) -> summed log-likelihood and "is greedy" per pair
+from any `LogLikelihoodModel` (eval/models.py) -> per-item metrics (`item_scores`) -> means over
+all, clean and dirty items (`aggregate`). `run_tasks` loads and scores several tasks with the
+contamination check; `summary_line`, `flat_metrics` and `format_table` report the results.
+
+Seams for more task types: a new kind of task builds its requests in `item_requests` (today
+one (context, continuation) pair per choice) and its metrics in `item_scores` (which switches on
+the task's `kind`); a task that generates needs a model protocol beside `LogLikelihoodModel` in
+eval/models.py; an aggregate over tasks (a CORE-style score) reads `run_tasks`' results.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from eval.contamination import dirty_flags, load_or_build_index, normalize_words
+from eval.models import LogLikelihoodModel, TokenRequest
+from eval.tasks import Item, get_task, load_task
+
+# ---------------------------------------------------------------------------------------------
+# Strings -> token requests
+# ---------------------------------------------------------------------------------------------
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> TokenRequest:
+    """lm-eval's `_encode_pair`: trailing spaces of the context move to the continuation; the
+    context and context + continuation are each encoded whole and the continuation is the tail
+    where they differ in length (so a merge across the boundary is tokenized as in the whole
+    string). An empty context is the end-of-text token, as lm-eval does."""
+    if context == "":
+        return [tokenizer.eot_id], tokenizer.encode(continuation)
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tokenizer.encode(context + continuation)
+    context_enc = tokenizer.encode(context)
+    return context_enc, whole[len(context_enc) :]
+
+
+def item_requests(tokenizer, item: Item) -> list[TokenRequest]:
+    return [encode_pair(tokenizer, c, x) for c, x in zip(item.contexts, item.continuations)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Metrics
+# ---------------------------------------------------------------------------------------------
+
+
+def item_scores(kind: str, item: Item, results: Sequence[tuple[float, bool]]) -> dict[str, float]:
+    """Per-item metrics. Multiple choice: acc = argmax of summed log-likelihood (first on ties,
+    like np.argmax), acc_norm = argmax of log-likelihood / choice length in characters.
+    LAMBADA: acc = all target tokens greedy; loglik feeds the perplexity."""
+    lls = np.array([r[0] for r in results])
+    if kind == "loglikelihood":
+        return {"acc": float(results[0][1]), "loglik": float(lls[0])}
+    return {
+        "acc": float(np.argmax(lls) == item.gold),
+        "acc_norm": float(np.argmax(lls / np.array(item.choice_lengths)) == item.gold),
+    }
+
+
+def aggregate(
+    metrics: Sequence[str], scores: Sequence[dict[str, float]]
+) -> dict[str, float | None]:
+    """Means (with lm-eval's standard error: sample std / sqrt(n)) and perplexity =
+    exp(-mean summed log-likelihood)."""
+    out: dict[str, float | None] = {"n": len(scores)}
+    for m in metrics:
+        if not scores:
+            out[m] = None  # an empty subset (e.g. no dirty items): JSON null, not NaN
+            continue
+        if m == "perplexity":
+            out[m] = math.exp(-float(np.mean([s["loglik"] for s in scores])))
+            continue
+        values = np.array([s[m] for s in scores])
+        out[m] = float(values.mean())
+        if len(values) > 1:
+            out[m + "_stderr"] = float(values.std(ddof=1) / math.sqrt(len(values)))
+    return out
+
+
+def evaluate_task(
+    model: LogLikelihoodModel,
+    tokenizer,
+    task: str,
+    items: Sequence[Item],
+    dirty: Sequence[bool] | None = None,
+    progress: bool = True,
+    chunk_requests: int = 2048,
+    log_samples: bool = False,
+) -> dict:
+    """Score one task. Returns {"task", "metrics": {"all", "clean", "dirty"} each {n, metric:
+    value, ...}, "dirty_fraction", "items_per_s"}; clean/dirty are present when `dirty` is given.
+
+    Items are sent to the model in chunks of about `chunk_requests` requests (sorted by length
+    inside the chunk), which keeps padding low and lets the progress bar count items.
+    `log_samples` adds "samples": per item its index, gold, log-likelihoods and greedy flags.
+    """
+    spec = get_task(task)
+    scores: list[dict[str, float]] = []
+    samples: list[dict] = []
+    start = time.perf_counter()
+    bar = tqdm(total=len(items), desc=task, unit="item", disable=not progress, leave=False)
+    i = 0
+    while i < len(items):
+        chunk, requests, counts = [], [], []
+        while i < len(items) and (not requests or len(requests) < chunk_requests):
+            reqs = item_requests(tokenizer, items[i])
+            chunk.append(items[i])
+            requests += reqs
+            counts.append(len(reqs))
+            i += 1
+        results = model.loglikelihood(requests)
+        offset = 0
+        for item, count in zip(chunk, counts):
+            mine = results[offset : offset + count]
+            scores.append(item_scores(spec.kind, item, mine))
+            if log_samples:
+                samples.append({
+                    "index": item.index, "gold": item.gold,
+                    "loglik": [r[0] for r in mine], "greedy": [r[1] for r in mine],
+                })
+            offset += count
+        bar.update(len(chunk))
+    bar.close()
+    elapsed = time.perf_counter() - start
+    out = {
+        "task": task,
+        "metrics": {"all": aggregate(spec.metrics, scores)},
+        "items_per_s": len(items) / max(elapsed, 1e-9),
+    }
+    if dirty is not None:
+        if len(dirty) != len(items):
+            raise ValueError(f"{len(dirty)} dirty flags for {len(items)} items")
+        clean = [s for s, d in zip(scores, dirty) if not d]
+        out["metrics"]["clean"] = aggregate(spec.metrics, clean)
+        out["metrics"]["dirty"] = aggregate(spec.metrics, [s for s, d in zip(scores, dirty) if d])
+        out["dirty_fraction"] = float(np.mean(dirty)) if len(dirty) else 0.0
+        out["ngram_n"] = spec.ngram_n
+        for sample, flag in zip(samples, dirty):
+            sample["dirty"] = flag
+    if log_samples:
+        out["samples"] = samples
+    return out
+
+
+def run_tasks(
+    model: LogLikelihoodModel,
+    tokenizer,
+    tasks: Sequence[str],
+    limit: int | None = None,
+    data_dir: str | Path | None = None,
+    contamination_dir: str | Path | None = None,
+    dirty_threshold: float | None = None,
+    progress: bool = True,
+    log_samples: bool = False,
+) -> dict[str, dict]:
+    """Load and score several tasks; with `contamination_dir` (a prepared data dir with train
+    shards) each item is checked against the n-gram index stored there (built if missing)."""
+    for name in tasks:  # fail on a bad name before any slow work
+        get_task(name)
+    results = {}
+    for name in tasks:
+        items = load_task(name, data_dir, limit)
+        dirty, n = None, get_task(name).ngram_n
+        if contamination_dir is not None:
+            # The shards are decoded with their own data dir's tokenizer (not necessarily the
+            # model's, e.g. for a Hugging Face model checked against some corpus).
+            index = load_or_build_index(contamination_dir, n, progress=progress)
+            dirty = dirty_flags([it.text for it in items], index, dirty_threshold)
+        results[name] = evaluate_task(
+            model, tokenizer, name, items, dirty, progress, log_samples=log_samples
+        )
+        if dirty is not None:
+            # Items with fewer than n words have no n-gram and are never flagged.
+            short = sum(len(normalize_words(it.text)) < n for it in items)
+            results[name]["too_short_to_check"] = short
+    return results
+
+
+def summary_line(results: dict[str, dict]) -> str:
+    """"hellaswag acc_norm 0.2612 | lambada acc 0.0213 ppl 2345.1" for a training log line."""
+    parts = []
+    for name, r in results.items():
+        m = r["metrics"]["all"]
+        main = "acc_norm" if "acc_norm" in m else "acc"
+        text = f"{name} {main} {m[main]:.4f}"
+        if "perplexity" in m:
+            text += f" ppl {m['perplexity']:.1f}"
+        parts.append(text)
+    return " | ".join(parts)
+
+
+def flat_metrics(results: dict[str, dict], prefix: str = "eval") -> dict[str, float]:
+    """{"eval/hellaswag/acc_norm": 0.31, "eval/hellaswag/clean/acc_norm": ..., ...} for logging."""
+    flat: dict[str, float] = {}
+    for name, r in results.items():
+        for subset, m in r["metrics"].items():
+            tag = f"{prefix}/{name}" if subset == "all" else f"{prefix}/{name}/{subset}"
+            for key, value in m.items():
+                if value is not None and not key.endswith("_stderr"):
+                    flat[f"{tag}/{key}"] = value
+        if "dirty_fraction" in r:
+            flat[f"{prefix}/{name}/dirty_fraction"] = r["dirty_fraction"]
+    return flat
+
+
+def format_table(results: dict[str, dict]) -> str:
+    """A plain-text table: one row per task and subset (all / clean / dirty)."""
+    header = (
+        f"{'task':<14} {'subset':<6} {'n':>6} {'acc':>14} {'acc_norm':>14} {'ppl':>9} "
+        f"{'dirty%':>7}"
+    )
+    lines = [header, "-" * len(header)]
+    for name, r in results.items():
+        for subset, m in r["metrics"].items():
+
+            def cell(key: str, m=m) -> str:
+                if m.get(key) is None:
+                    return "-"
+                err = m.get(key + "_stderr")
+                return f"{m[key]:.4f}" + (f"±{err:.4f}" if err is not None else "")
+
+            ppl = m.get("perplexity")
+            ppl = "-" if ppl is None else f"{ppl:.2f}" if ppl < 1e5 else f"{ppl:.3g}"
+            show_dirty = subset == "all" and "dirty_fraction" in r
+            dirty = f"{100 * r['dirty_fraction']:.1f}" if show_dirty else ""
+            lines.append(
+                f"{name:<14} {subset:<6} {m['n']:>6} {cell('acc'):>14} {cell('acc_norm'):>14} "
+                f"{ppl:>9} {dirty:>7}"
+            )
+    return "\n".join(lines)
