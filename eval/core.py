@@ -101,18 +101,21 @@ def core_available(data_dir: str | Path | None = None) -> tuple[list[str], list[
     return ok, missing
 
 
-def load_core_task(name: str, data_dir: str | Path | None = None, limit=None) -> list[Item]:
-    """A CORE task's items; HellaSwag from llm-foundry's file if present, else rebuilt from ours
-    (query = lm-eval's preprocessed context, choices = the endings)."""
+def core_docs(name: str, data_dir: str | Path | None = None) -> list[dict]:
+    """A CORE task's documents; HellaSwag from llm-foundry's file if present, else rebuilt from
+    ours (query = lm-eval's preprocessed context, choices = the endings)."""
     t = CORE_TASKS[name]
     if t.derived_from is not None and not (icl_root(data_dir) / t.task.path).is_file():
-        docs = [
+        return [
             {"query": it.contexts[0], "choices": [c[1:] for c in it.continuations],
              "gold": it.gold}
             for it in load_task(t.derived_from, data_dir, allow_download=False)
         ]
-        return icl_items(t.task, docs, limit)
-    return icl_items(t.task, load_icl_docs(t.task, data_dir), limit)
+    return load_icl_docs(t.task, data_dir)
+
+
+def load_core_task(name: str, data_dir: str | Path | None = None, limit=None) -> list[Item]:
+    return icl_items(CORE_TASKS[name].task, core_docs(name, data_dir), limit)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -220,32 +220,31 @@ def score_human_eval(
 
 
 def evaluate_generation(
-    lm: CachedLM,
+    lm,
     tokenizer,
     task: str,
     items: Sequence[GenItem],
-    max_seq_len: int,
-    device: torch.device,
     dirty: Sequence[bool] | None = None,
-    batch_size: int = 8,
-    max_new_tokens: int | None = None,
     progress: bool = True,
     log_samples: bool = False,
+    max_new_tokens: int | None = None,
+    sandbox_workers: int = 2,
 ) -> dict:
-    """Generate for every item, score, and aggregate like eval/scoring.py's evaluate_task:
-    {"task", "metrics": {"all", "clean", "dirty"}, "items_per_s", ...}."""
+    """Generate for every item with `lm` (eval/models.py's GenerativeModel), score, and
+    aggregate as eval/scoring.py's evaluate_task: {"task", "metrics": {"all", "clean",
+    "dirty"}, "items_per_s", ...}."""
     from tqdm import tqdm
 
-    from eval.harness import aggregate
+    from eval.scoring import aggregate
 
     spec = GENERATION_TASKS[task]
-    new = max_new_tokens or spec.max_new_tokens
+    # At most half the window for the answer: the prompt keeps the rest.
+    new = min(max_new_tokens or spec.max_new_tokens, lm.max_seq_len // 2)
     start = time.perf_counter()
     bar = tqdm(total=len(items), desc=task, unit="item", disable=not progress, leave=False)
-    ids = greedy_generate(
-        lm, [tokenizer.encode(it.prompt) for it in items], min(new, max_seq_len // 2),
-        max_seq_len, device, batch_size, stop_at(tokenizer, spec.stops, tokenizer.eot_id),
-        bar.update,
+    ids = lm.generate(
+        [tokenizer.encode(it.prompt) for it in items], new,
+        stop_at(tokenizer, spec.stops, tokenizer.eot_id), bar.update,
     )
     bar.close()
     eot = tokenizer.eot_id
@@ -255,7 +254,7 @@ def evaluate_generation(
     if task == "gsm8k":
         scores = [gsm8k_score(c, it.target) for c, it in zip(completions, items)]
     else:
-        scores = score_human_eval(items, completions)
+        scores = score_human_eval(items, completions, workers=sandbox_workers)
     out = {
         "task": task,
         "metrics": {"all": aggregate(spec.metrics, scores)},

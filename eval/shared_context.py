@@ -13,15 +13,13 @@ instead of one (fp32 results agree to rounding). Requests whose input is longer 
 model's window are truncated per request in lm-eval, which no shared prefix can express: such
 a group, a group of one request, and a group with no shared prefix go to the standard path.
 
-Any model plugs in through `CachedLM` (below: our Transformer and a Hugging Face causal LM);
-greedy generation (eval/generation.py) decodes through the same four methods.
+Any model plugs in through `CachedLM` (eval/models.py: our Transformer and a Hugging Face causal
+LM); greedy generation (eval/generation.py) decodes through the same four methods.
 """
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import torch
@@ -50,79 +48,6 @@ class CachedLM(Protocol):
     def extend(self, state: Any, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor: ...
-
-
-class TransformerCachedLM:
-    """Our model/transformer.py Transformer, with its LayerKVCache (key_mask, positions)."""
-
-    def __init__(self, model: torch.nn.Module):
-        self.model = model
-
-    def prefill(self, tokens: torch.Tensor, extra: int):
-        cache = self.model.new_cache(tokens.shape[0], tokens.shape[1] + extra)
-        return cache, self.model(tokens, cache=cache, return_hidden=True)
-
-    def select(self, cache, rows: torch.Tensor, lengths: torch.Tensor):
-        from model.transformer import LayerKVCache
-
-        filled, slots = cache[0].pos, cache[0].k.shape[2]
-        slot = torch.arange(slots, device=rows.device)
-        # (R, slots): a prefix slot is real below the row's length; every slot after the
-        # prefill (the tokens `extend` appends) is real.
-        key_mask = (slot[None] < lengths[:, None]) | (slot[None] >= filled)
-        return [LayerKVCache(c.k[rows], c.v[rows], c.pos, key_mask) for c in cache]
-
-    def extend(self, state, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return self.model(tokens, cache=state, positions=positions, return_hidden=True)
-
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.model.output_weight)
-
-
-@dataclass
-class _HFState:
-    cache: Any  # transformers DynamicCache
-    mask: torch.Tensor  # (R, slots so far) 1 = a real key
-
-
-class HFCachedLM:
-    """A Hugging Face causal LM: its base model with past_key_values, an attention mask with
-    the pad slots zeroed and explicit position_ids; the output embedding projects."""
-
-    def __init__(self, model):
-        if getattr(model.config, "final_logit_softcapping", None):
-            raise ValueError(
-                f"{type(model).__name__} caps its logits: projecting hidden states with the "
-                "output embedding alone would not give its logits"
-            )
-        self.model = model
-        self.base = model.base_model
-        self.head = model.get_output_embeddings()
-        # transformers 5.2x renamed the forward's past_key_values to cache.
-        params = inspect.signature(self.base.forward).parameters
-        self.cache_key = "cache" if "cache" in params else "past_key_values"
-
-    def prefill(self, tokens: torch.Tensor, extra: int):
-        out = self.base(input_ids=tokens, use_cache=True)
-        return (out[self.cache_key], tokens.shape[1]), out.last_hidden_state
-
-    def select(self, cache, rows: torch.Tensor, lengths: torch.Tensor) -> _HFState:
-        past, filled = cache
-        past.batch_select_indices(rows)  # in place: the prefill's cache is used once
-        slot = torch.arange(filled, device=rows.device)
-        return _HFState(past, (slot[None] < lengths[:, None]).long())
-
-    def extend(self, state: _HFState, tokens: torch.Tensor, positions: torch.Tensor):
-        ones = torch.ones(tokens.shape, dtype=state.mask.dtype, device=tokens.device)
-        state.mask = torch.cat([state.mask, ones], dim=1)
-        out = self.base(
-            input_ids=tokens, attention_mask=state.mask, position_ids=positions,
-            use_cache=True, **{self.cache_key: state.cache},
-        )
-        return out.last_hidden_state
-
-    def project(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.head(hidden)
 
 
 # ---------------------------------------------------------------------------------------------
