@@ -96,8 +96,9 @@ def write_lm_eval_task(task: IclTask, docs: list[dict], limit: int | None, folde
 
 
 def run_lm_eval(hf_dir: str | Path, folders: dict[str, Path], batch_size: int, device: str) -> dict:
-    """lm-eval's HFLM on the task folders: {task name: {idx: (lls, acc, acc_norm)}} and the
-    seconds it took (model loading excluded)."""
+    """lm-eval's HFLM on the task folders: {"samples": {task name: {idx: (lls, acc,
+    acc_norm)}}, "seconds" / "cpu_seconds": {task name: wall / CPU seconds of its
+    simple_evaluate} (import and model loading excluded)}."""
     from lm_eval import simple_evaluate
     from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
@@ -106,18 +107,19 @@ def run_lm_eval(hf_dir: str | Path, folders: dict[str, Path], batch_size: int, d
               add_bos_token=False)
     # Only our folders: indexing lm-eval's thousands of built-in task files takes minutes here.
     manager = TaskManager(include_path=[str(f) for f in folders.values()], include_defaults=False)
-    out, seconds = {}, {}
+    out, seconds, cpu_seconds = {}, {}, {}
     for name in folders:
-        start = time.perf_counter()
+        start, cpu = time.perf_counter(), time.process_time()
         res = simple_evaluate(model=lm, tasks=[name], task_manager=manager, log_samples=True,
                               bootstrap_iters=0, verbosity="ERROR")
         seconds[name] = time.perf_counter() - start
+        cpu_seconds[name] = time.process_time() - cpu
         per_doc = {}
         for s in res["samples"][name]:
             lls = [float(r[0][0]) for r in s["resps"]]
             per_doc[s["doc"]["idx"]] = (lls, s["acc"], s.get("acc_norm"))
         out[name] = per_doc
-    return {"samples": out, "seconds": seconds}
+    return {"samples": out, "seconds": seconds, "cpu_seconds": cpu_seconds}
 
 
 def compare(task: IclTask, ours: dict, items: list, theirs: dict[int, tuple]) -> dict:

@@ -229,6 +229,7 @@ def evaluate_generation(
     log_samples: bool = False,
     max_new_tokens: int | None = None,
     sandbox_workers: int = 2,
+    sandbox_timeout_s: float = 10.0,
 ) -> dict:
     """Generate for every item with `lm` (eval/models.py's GenerativeModel), score, and
     aggregate as eval/scoring.py's evaluate_task: {"task", "metrics": {"all", "clean",
@@ -254,7 +255,7 @@ def evaluate_generation(
     if task == "gsm8k":
         scores = [gsm8k_score(c, it.target) for c, it in zip(completions, items)]
     else:
-        scores = score_human_eval(items, completions, workers=sandbox_workers)
+        scores = score_human_eval(items, completions, sandbox_timeout_s, sandbox_workers)
     out = {
         "task": task,
         "metrics": {"all": aggregate(spec.metrics, scores)},

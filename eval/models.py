@@ -219,6 +219,14 @@ class HFLogLikelihood(_BatchedLogLikelihood):
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=tokens).logits
 
+    def logits_at(self, tokens: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
+        if self.cached is None:  # logits not a projection of the hidden states alone
+            return super().logits_at(tokens, rows, cols)
+        # Project only the scored positions (the full (B, T, V) logits are most of the cost
+        # at SmolLM2's 49k vocabulary).
+        hidden = self.cached.base(input_ids=tokens).last_hidden_state  # (B, T, dim)
+        return self.cached.project(hidden[rows, cols])
+
 
 # ---------------------------------------------------------------------------------------------
 # The KV-cache adapters (eval/shared_context.py's CachedLM)
