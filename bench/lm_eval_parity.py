@@ -29,6 +29,7 @@ from eval.core import CORE_TASKS, core_docs
 from eval.icl import IclTask, fewshot_table, icl_items, load_icl_docs
 from eval.probes import PROBE_TASKS
 from eval.scoring import evaluate_task
+from eval.suite import icl_info
 
 LM_TYPE = {"multiple_choice": "multiple_choice", "schema": "multiple_choice",
            "language_modeling": "loglikelihood"}
@@ -60,12 +61,16 @@ def lm_eval_fields(task: IclTask, doc: dict) -> dict:
     return {"text": context + task.delimiter, "text_fs": context, "target": doc["continuation"]}
 
 
-def write_lm_eval_task(task: IclTask, docs: list[dict], limit: int | None, folder: Path) -> str:
-    """An lm-eval task folder for the first `limit` items of `docs`; returns its task name."""
+def write_lm_eval_task(
+    task: IclTask, docs: list[dict], limit: int | None, folder: Path, start: int = 0
+) -> str:
+    """An lm-eval task folder for items start .. limit - 1 of `docs`; returns its task name."""
     name = "parity_" + task.name.replace(":", "_")
     folder.mkdir(parents=True, exist_ok=True)
     rows = []
     for idx, shots in enumerate(fewshot_table(task, len(docs), limit)):
+        if idx < start:
+            continue
         rows.append({**lm_eval_fields(task, docs[idx]), "idx": idx,
                      "fewshot": [lm_eval_fields(task, docs[j]) for j in shots]})
     data = folder / "items.jsonl"
@@ -95,16 +100,21 @@ def write_lm_eval_task(task: IclTask, docs: list[dict], limit: int | None, folde
     return name
 
 
-def run_lm_eval(hf_dir: str | Path, folders: dict[str, Path], batch_size: int, device: str) -> dict:
-    """lm-eval's HFLM on the task folders: {"samples": {task name: {idx: (lls, acc,
+def lm_eval_model(hf_dir: str | Path, batch_size: int, device: str):
+    """lm-eval's own HFLM on a Hugging Face directory (fp32, no BOS: as our encode_pair)."""
+    from lm_eval.models.huggingface import HFLM
+
+    return HFLM(pretrained=str(hf_dir), batch_size=batch_size, device=device, dtype="float32",
+                add_bos_token=False)
+
+
+def run_lm_eval(lm, folders: dict[str, Path]) -> dict:
+    """lm-eval (`lm`: lm_eval_model's) on the task folders: {"samples": {task name: {idx: (lls, acc,
     acc_norm)}}, "seconds" / "cpu_seconds": {task name: wall / CPU seconds of its
     simple_evaluate} (import and model loading excluded)}."""
     from lm_eval import simple_evaluate
-    from lm_eval.models.huggingface import HFLM
     from lm_eval.tasks import TaskManager
 
-    lm = HFLM(pretrained=str(hf_dir), batch_size=batch_size, device=device, dtype="float32",
-              add_bos_token=False)
     # Only our folders: indexing lm-eval's thousands of built-in task files takes minutes here.
     manager = TaskManager(include_path=[str(f) for f in folders.values()], include_defaults=False)
     out, seconds, cpu_seconds = {}, {}, {}
@@ -154,7 +164,7 @@ def compare(task: IclTask, ours: dict, items: list, theirs: dict[int, tuple]) ->
     return {
         "n": len(theirs), "max_abs_dloglik": max_dll, "items_differing": differ,
         "ours": {k: float(np.mean(v)) for k, v in ours_m.items()},
-        "ours_reported": {k: ours["metrics"]["all"][k] for k in metrics},
+        "ours_reported": {k: ours["metrics"]["all"].get(k) for k in metrics},
         "lm_eval": {k: float(np.mean(v)) for k, v in lm_m.items()},
     }
 
@@ -176,20 +186,28 @@ def task_docs(name: str, data_dir=None) -> list[dict]:
 
 
 def check(lm, tokenizer, hf_dir, names, limit, batch_size, device, data_dir=None) -> dict:
-    """Score `names` both ways; {task: comparison} (see `compare`), with both sides' seconds."""
+    """Score the tasks `names` both ways; {task: comparison} (see `compare`)."""
     tasks = parity_tasks(names)
-    docs = {n: task_docs(n, data_dir) for n in tasks}
+    return check_tasks(lm, tokenizer, hf_dir, {n: (t, task_docs(n, data_dir)) for n, t in tasks.items()},
+                       limit, batch_size, device)
+
+
+def check_tasks(lm, tokenizer, hf_dir, tasks: dict[str, tuple[IclTask, list[dict]]], limit,
+                batch_size, device) -> dict:
+    """{name: (task, its documents)} scored both ways: {name: comparison, with both sides'
+    seconds}."""
     with tempfile.TemporaryDirectory() as tmp:
         folders = {}
-        for n, t in tasks.items():
+        for n, (t, docs) in tasks.items():
             folder = Path(tmp) / n.replace(":", "_")
-            folders[n] = (write_lm_eval_task(t, docs[n], limit, folder), folder)
-        theirs = run_lm_eval(hf_dir, dict(folders.values()), batch_size, device)
+            folders[n] = (write_lm_eval_task(t, docs, limit, folder), folder)
+        theirs = run_lm_eval(lm_eval_model(hf_dir, batch_size, device), dict(folders.values()))
     report = {}
-    for n, t in tasks.items():
-        items = icl_items(t, docs[n], limit)
+    for n, (t, docs) in tasks.items():
+        items = icl_items(t, docs, limit)
         start = time.perf_counter()
-        ours = evaluate_task(lm, tokenizer, n, items, progress=False, log_samples=True)
+        ours = evaluate_task(lm, tokenizer, n, items, progress=False, log_samples=True,
+                             spec=icl_info(t))
         seconds = time.perf_counter() - start
         lm_name = folders[n][0]
         report[n] = compare(t, ours, items, theirs["samples"][lm_name])

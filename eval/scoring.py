@@ -24,7 +24,7 @@ from tqdm import tqdm
 from eval.contamination import dirty_flags, load_or_build_index, normalize_words
 from eval.generation import evaluate_generation
 from eval.models import LogLikelihoodModel, TokenRequest
-from eval.suite import load_items, task_info
+from eval.suite import TaskInfo, load_items, task_info
 from eval.tasks import Item
 
 # ---------------------------------------------------------------------------------------------
@@ -110,6 +110,7 @@ def evaluate_task(
     chunk_requests: int = 2048,
     log_samples: bool = False,
     shared_context: bool = True,
+    spec: TaskInfo | None = None,
 ) -> dict:
     """Score one task. Returns {"task", "metrics": {"all", "clean", "dirty"} each {n, metric:
     value, ...}, "dirty_fraction", "items_per_s"}; clean/dirty are present when `dirty` is given.
@@ -118,9 +119,9 @@ def evaluate_task(
     inside the chunk), which keeps padding low and lets the progress bar count items; with
     `shared_context` each item's requests form a group (one forward of their common prefix).
     `log_samples` adds "samples": per item its index, gold, log-likelihoods, token counts and
-    greedy flags.
+    greedy flags. `spec` describes a task that is not in eval/suite.py's tables.
     """
-    spec = task_info(task)
+    spec = spec or task_info(task)
     scores: list[dict[str, float]] = []
     samples: list[dict] = []
     start = time.perf_counter()

@@ -34,7 +34,8 @@ class TaskInfo:
     ngram_n: int
 
 
-def _icl(task: IclTask) -> TaskInfo:
+def icl_info(task: IclTask) -> TaskInfo:
+    """The TaskInfo of any few-shot task (also one that is not in the tables)."""
     return TaskInfo(task.name, "icl", task.scoring_kind, task.metrics, task.main_metric,
                     task.ngram_n)
 
@@ -45,9 +46,9 @@ def task_info(name: str) -> TaskInfo:
         main = "acc_norm" if "acc_norm" in spec.metrics else "acc"
         return TaskInfo(name, "zeroshot", spec.kind, spec.metrics, main, spec.ngram_n)
     if name in CORE_TASKS:
-        return _icl(CORE_TASKS[name].task)
+        return icl_info(CORE_TASKS[name].task)
     if name in PROBE_TASKS:
-        return _icl(PROBE_TASKS[name])
+        return icl_info(PROBE_TASKS[name])
     if name in GENERATION_TASKS:
         t = GENERATION_TASKS[name]
         return TaskInfo(name, "generation", "generation", t.metrics, t.metrics[0], t.ngram_n)

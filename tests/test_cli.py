@@ -13,12 +13,12 @@ import pytest
 
 ENTRY_POINTS = [
     "train", "data.prepare", "bench.throughput", "bench.throughput_gpu", "bench.kernels",
-    "bench.gpu_check",
+    "bench.gpu_check", "bench.lm_eval_parity", "bench.eval_speed",
     "bench.data", "eval.__main__", "eval.moe_load", "eval.contamination", "model.generate",
     "model.hf", "model.hf_gguf", "parallel.checkpoint_dcp",
 ]
 OVERRIDES = {"train", "data.prepare", "bench.throughput"}  # --section.key=value
-RUN_READERS = {"eval.__main__", "eval.moe_load", "model.generate"}  # run the model on --device
+RUN_READERS = {"eval.__main__", "eval.moe_load", "model.generate", "bench.lm_eval_parity"}  # run the model on --device
 # The least each tool needs to get past argparse (paths need not exist: parsing comes first).
 MINIMAL_ARGS = {
     "train": ["--config", "configs/tiny.toml"],
@@ -28,6 +28,7 @@ MINIMAL_ARGS = {
     "model.hf": ["export", "--run", "nope", "--out-dir", "nope"],
     "model.hf_gguf": ["--gguf", "nope", "--out-dir", "nope"],
     "parallel.checkpoint_dcp": ["--run", "nope"],
+    "bench.eval_speed": ["--hf", "nope"],
 }
 KEBAB = re.compile(r"--[a-z0-9]+(-[a-z0-9]+)*")
 
