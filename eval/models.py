@@ -25,6 +25,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from common.device import resolve_device
 from data.hf_tokenizer import HFTokenizer
@@ -165,7 +166,10 @@ class TransformerLogLikelihood(_BatchedLogLikelihood):
         device = next(model.parameters()).device
         super().__init__(model.cfg.max_seq_len, batch_size, device)
         self.model = model
-        self.cached = TransformerCachedLM(model)
+        # A model sharded by parallel/ (DTensor parameters: FSDP, TP) forwards whole
+        # sequences only; its KV cache would be sharded too.
+        if not any(isinstance(p, DTensor) for p in model.parameters()):
+            self.cached = TransformerCachedLM(model)
 
     def loglikelihood(self, requests, groups=None) -> list[tuple[float, bool]]:
         # Eval mode while scoring, then back to what it was (eval runs inside training too).
