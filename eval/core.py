@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from eval.icl import IclTask, icl_items, icl_root, load_icl_docs
-from eval.tasks import Item, load_task
+from eval.tasks import Item, find_task_files, load_task
 
 
 @dataclass(frozen=True)
@@ -91,8 +91,6 @@ def core_available(data_dir: str | Path | None = None) -> tuple[list[str], list[
     ok, missing = [], []
     for name, t in CORE_TASKS.items():
         if t.derived_from is not None:
-            from eval.tasks import find_task_files
-
             found = find_task_files(t.derived_from, data_dir) is not None
             found = found or (icl_root(data_dir) / t.task.path).is_file()
         else:

@@ -31,7 +31,7 @@ import torch
 from eval.icl import fewshot_indices, icl_root
 from eval.sandbox import run_python
 from eval.shared_context import CachedLM
-from eval.tasks import TaskDataError, _read_jsonl
+from eval.tasks import TaskDataError, read_jsonl
 
 
 @torch.inference_mode()
@@ -141,7 +141,7 @@ def _docs(task: GenerationTask, data_dir, fields: tuple[str, ...]) -> list[dict]
     path = icl_root(data_dir) / task.path
     if not path.is_file():
         raise TaskDataError(f"task {task.name!r}: {path} not found (llm-foundry's local_data)")
-    docs = _read_jsonl(path)
+    docs = read_jsonl(path)
     for i, d in enumerate(docs):
         missing = [f for f in fields if not isinstance(d.get(f), str)]
         if missing:

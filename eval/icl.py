@@ -24,12 +24,11 @@ the one CORE uses). An item's contamination text is the item alone (without the 
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from eval.tasks import Item, TaskDataError, default_data_dir
+from eval.tasks import Item, TaskDataError, default_data_dir, read_jsonl
 
 FEWSHOT_SEED = 1234
 KINDS = ("multiple_choice", "schema", "language_modeling")
@@ -88,17 +87,7 @@ def fewshot_indices(idx: int, n_items: int, k: int, seed: int = FEWSHOT_SEED) ->
 
 def read_icl_file(path: Path, kind: str) -> list[dict]:
     """The documents of a task file, each checked for its layout's fields and types."""
-    docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            _check_doc(doc, kind, f"{path}:{lineno}")
-            docs.append(doc)
+    docs = read_jsonl(path, lambda doc, where: _check_doc(doc, kind, where))
     if not docs:
         raise TaskDataError(f"{path}: no items")
     return docs

@@ -198,16 +198,21 @@ def default_data_dir() -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, check: Callable[[object, str], None] | None = None) -> list[dict]:
+    """The objects of a jsonl file (blank lines skipped); `check(obj, "file:line")` may raise
+    a TaskDataError naming what is wrong with one."""
     docs = []
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                docs.append(json.loads(line))
+                doc = json.loads(line)
             except json.JSONDecodeError as e:
                 raise TaskDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if check is not None:
+                check(doc, f"{path}:{lineno}")
+            docs.append(doc)
     return docs
 
 
@@ -245,7 +250,7 @@ def _load_local(spec: TaskSpec, files: list[Path]) -> list[Item]:
     if name == "hellaswag" and files[0].suffix == ".txt":
         docs, build = _read_hellaswag_text(files[0]), _hellaswag_text_item
     elif name == "piqa":
-        docs = _read_jsonl(files[0])
+        docs = read_jsonl(files[0])
         labels = files[1].read_text(encoding="utf-8").split()
         if len(labels) != len(docs):
             raise TaskDataError(
@@ -255,7 +260,7 @@ def _load_local(spec: TaskSpec, files: list[Path]) -> list[Item]:
             doc["label"] = int(label)
         build = piqa_item
     else:
-        docs, build = _read_jsonl(files[0]), _ITEM_BUILDERS[name]
+        docs, build = read_jsonl(files[0]), _ITEM_BUILDERS[name]
     items = []
     for i, doc in enumerate(docs):
         try:
