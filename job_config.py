@@ -10,7 +10,6 @@ resolved config (every field, derived model fields filled in) is saved with each
 from __future__ import annotations
 
 import dataclasses
-import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import tomllib
 
+from common.errors import PretrainError
 from data.decontaminate import DecontamConfig
 from data.dedup import NearDedupConfig
 from data.pii import PIIConfig
@@ -36,7 +36,7 @@ class DataConfig:
     tokenizer_train_bytes: int = 40_000_000  # corpus bytes sampled to train the BPE
     val_fraction: float = 0.02  # fraction of documents (by hash) held out for validation
     shard_tokens: int = 4_000_000  # tokens per shard file
-    workers: int = 2  # tokenizer processes
+    workers: int = 2  # tokenizer (and cleaning) processes; 0: all in this process
     max_bytes: int = 0  # stop reading sources after this many bytes (0: no limit)
     document_masking: bool = False  # loader yields per-token document ids for attention
     # Domain mixture for training: "prepared_dir=weight" entries; the loader draws each
@@ -94,6 +94,10 @@ class CheckpointConfig:
     # Start a fresh run (step 0, new optimizer) from these weights: a checkpoint or run directory,
     # e.g. one written by `python -m model.hf import`. Ignored when resuming.
     init_from: str = ""
+    # Keys a resumed run may change although they change what a step computes (see
+    # training/resume.py), e.g. ["train.seq_len"]; ["*"] for all such keys. Model, data and
+    # tokenizer changes are refused whatever this says.
+    allow_changes: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -190,8 +194,8 @@ class JobConfig:
                 raise ConfigError(f"train.{name} = {getattr(t, name)}: expected a positive integer")
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(PretrainError, ValueError):
+    """A config file, section, key or value that is not what its field expects."""
 
 
 def _section_types(cls) -> dict[str, typing.Any]:
@@ -249,6 +253,8 @@ def _build_section(cls, name: str, section: dict, origin: str):
 def _model_section(section: dict, origin: str) -> ModelConfig:
     section = dict(section)
     size = section.pop("size", None)
+    if size is not None and not isinstance(size, str):
+        raise ConfigError(f"{origin}: model.size = {size!r}: expected the name of a size")
     types_ = _section_types(ModelConfig)
     checked = {}
     for key, value in section.items():
@@ -281,8 +287,13 @@ def parse_overrides(args: list[str]) -> dict:
         except tomllib.TOMLDecodeError:
             value = text
         node = out
-        for table in tables:
+        for i, table in enumerate(tables):
             node = node.setdefault(table, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {arg!r}: {'.'.join(tables[: i + 1])} was given a "
+                                  f"value by an earlier override, it is not a table")
+        if isinstance(node.get(name), dict):
+            raise ConfigError(f"override {arg!r}: {key} is a table ([{key}]), not a value")
         node[name] = value
     return out
 
@@ -298,6 +309,24 @@ def merge(base: dict, extra: dict) -> dict:
     return merged
 
 
+def flat_dict(tree: dict, prefix: str = "") -> dict:
+    """{"optim": {"lr": 1e-3}} -> {"optim.lr": 1e-3}: nested tables as dotted keys."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(flat_dict(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def config_diff(old: dict, new: dict) -> dict[str, tuple]:
+    """{key: (old value, new value)} for the keys of two flat dicts whose values differ (a key
+    missing on one side shows as None there)."""
+    keys = sorted(set(old) | set(new))
+    return {k: (old.get(k), new.get(k)) for k in keys if old.get(k) != new.get(k)}
+
+
 def load_config(path: str | Path | None, overrides: list[str] | None = None) -> JobConfig:
     raw: dict = {}
     if path is not None:
@@ -305,9 +334,13 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
         if not path.exists():
             raise ConfigError(f"config file {path} does not exist")
         try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: not valid TOML ({e})") from e
+            raw = tomllib.loads(path.read_bytes().decode("utf-8"))
+        except OSError as e:
+            raise ConfigError(f"config file {path}: unreadable ({e.strerror or e})") from None
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte {e.start}); expected TOML") from None
+        except (tomllib.TOMLDecodeError, RecursionError) as e:
+            raise ConfigError(f"{path}: not valid TOML ({e or 'nested too deeply'})") from None
     origin = str(path) if path is not None else "config"
     if overrides:
         raw = merge(raw, parse_overrides(overrides))
@@ -315,6 +348,37 @@ def load_config(path: str | Path | None, overrides: list[str] | None = None) -> 
     cfg = JobConfig.from_dict(raw, origin)
     cfg.validate()
     return cfg
+
+
+_TOML_ESCAPES = {'"': '\\"', "\\": "\\\\", "\b": "\\b", "\t": "\\t", "\n": "\\n",
+                 "\f": "\\f", "\r": "\\r"}
+
+
+def toml_value(value, key: str = "value") -> str:
+    """A config value as TOML that tomllib reads back to the same value (JSON is not TOML:
+    it writes inf as Infinity, and escapes characters TOML cannot take as \\u surrogates)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        return repr(value)  # 0.001, 1e-05, inf, -inf, nan: all TOML floats
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(toml_value(v, f"{key}[{i}]") for i, v in enumerate(value)) + "]"
+    if isinstance(value, str):
+        out = []
+        for ch in value:
+            code = ord(ch)
+            if 0xD800 <= code <= 0xDFFF:  # e.g. undecodable bytes of a command-line argument
+                raise ConfigError(f"{key} = {value!r}: not valid Unicode, cannot be saved")
+            if ch in _TOML_ESCAPES:
+                out.append(_TOML_ESCAPES[ch])
+            elif code < 0x20 or code == 0x7F:
+                out.append(f"\\u{code:04x}")
+            else:
+                out.append(ch)
+        return '"' + "".join(out) + '"'
+    raise ConfigError(f"{key} = {value!r}: a {type(value).__name__} cannot be saved as TOML")
 
 
 def to_toml(cfg: JobConfig) -> str:
@@ -326,7 +390,7 @@ def to_toml(cfg: JobConfig) -> str:
         nested = {k: v for k, v in values.items() if isinstance(v, dict)}
         for key, value in values.items():
             if key not in nested:
-                lines.append(f"{key} = {json.dumps(value)}")
+                lines.append(f"{key} = {toml_value(value, f'{name}.{key}')}")
         lines.append("")
         for key, value in nested.items():  # e.g. [data.quality], after data's own keys
             table(f"{name}.{key}", value)

@@ -22,10 +22,17 @@ import torch
 import torch.nn as nn
 
 from common.atomic import write_json, write_text
+from common.errors import PretrainError, run_cli
 from data.loader import TokenStream, build_train_loader, validation_batches
 from data.manifest import load_manifest, manifest_tokenizer
-from job_config import JobConfig, load_config, to_toml
-from model.checkpoint import find_checkpoint, load_model_state, resolve_checkpoint
+from job_config import ConfigError, JobConfig, load_config, to_toml
+from model.checkpoint import (
+    find_checkpoint,
+    load_model_state,
+    load_tokenizer_identity,
+    resolve_checkpoint,
+)
+from model.load import load_job_config
 from model.moe import moe_metrics
 from model.transformer import build_model
 from parallel.checkpoint_dcp import load_train_checkpoint, save_train_checkpoint
@@ -51,8 +58,13 @@ from parallel.parallelize import (
 )
 from training.metrics import MetricsLog, Progress, environment_info, format_seconds, plot_losses
 from training.optim import build_optimizer, build_scheduler
+from training.resume import check_resume
 
 # --- the loop ---------------------------------------------------------------------------------
+
+
+class DivergedError(PretrainError, FloatingPointError):
+    """The loss became inf / nan."""
 
 
 class StopRequested:
@@ -128,8 +140,13 @@ def train(cfg: JobConfig) -> dict:
     # --- data ---
     manifest = load_manifest(cfg.data.path)
     tok = manifest["tokenizer"]
+    tokenizer_identity = {**tok, "data_path": cfg.data.path}  # recorded in every checkpoint
+    if ckpt is not None:  # model / data / tokenizer changes stop here, others are listed
+        notes = check_resume(ckpt, load_job_config(ckpt), cfg, tok, load_tokenizer_identity(ckpt))
+        if is_main and notes:
+            print("\n".join(notes))
     if tok["n_vocab"] > cfg.model.vocab_size:
-        raise ValueError(
+        raise ConfigError(
             f"{cfg.data.path}/manifest.json: tokenizer {tok['name']!r} has {tok['n_vocab']} ids, "
             f"more than model.vocab_size = {cfg.model.vocab_size}; raise model.vocab_size"
         )
@@ -204,7 +221,7 @@ def train(cfg: JobConfig) -> dict:
         }
         path = save_train_checkpoint(
             run_dir, step, model, raw, optimizer, scheduler, train_state, cfg.to_dict(),
-            cfg.checkpoint.keep, is_main,
+            cfg.checkpoint.keep, is_main, tokenizer_identity,
         )
         say(f"checkpoint: {path}", flush=True)
 
@@ -238,7 +255,8 @@ def train(cfg: JobConfig) -> dict:
         progress.count(tokens_per_step)
         loss_value = all_reduce_mean(loss).item()
         if not math.isfinite(loss_value):
-            raise FloatingPointError(f"step {step}: loss is {loss_value}; lower optim.lr?")
+            raise DivergedError(f"step {step}: loss is {loss_value}; lower optim.lr? (resume "
+                                f"from the last checkpoint with --checkpoint.resume=latest)")
         record = {
             "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm), "tokens": tokens_seen,
@@ -282,4 +300,4 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -22,17 +22,61 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import fcntl
 import json
 import os
 import shutil
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from common.errors import PretrainError
 
-class AtomicWriteError(OSError):
+
+class AtomicWriteError(PretrainError, OSError):
     """Writing a file failed; the message names the file. Nothing was left at the final name."""
+
+
+# Libraries that do their own file I/O (safetensors in Rust, torch.save in C++) report a full
+# disk as their own exception type; these words in the message mark it as an I/O failure.
+_IO_FAILURE = ("I/O error", "os error", "write failed", "failed writing")
+
+
+@contextmanager
+def naming(path: str | Path) -> Iterator[None]:
+    """Re-raise an I/O failure inside the block (an OSError, or a library's own exception
+    about an I/O error) as AtomicWriteError naming `path`, the file the user knows."""
+    try:
+        yield
+    except AtomicWriteError:
+        raise
+    except OSError as e:
+        raise AtomicWriteError(e.errno, f"writing {path} failed: {e.strerror or e}") from e
+    except Exception as e:
+        if not any(word in str(e) for word in _IO_FAILURE):
+            raise
+        raise AtomicWriteError(errno.EIO, f"writing {path} failed: {e}") from e
+
+
+def fault_point(label: str) -> None:
+    """Fault-injection hook (tests/test_faults.py), a no-op unless PRETRAIN_FAULT_LOG is set:
+    then each call appends "pid label" to that file, and with PRETRAIN_KILL_AT=N the process
+    making the Nth call (over every process logging there; only calls whose label contains
+    PRETRAIN_KILL_MATCH when that is set) kills itself with SIGKILL, as a crash would."""
+    log = os.environ.get("PRETRAIN_FAULT_LOG")
+    if not log:
+        return
+    with open(log, "a+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # one count across processes
+        f.write(f"{os.getpid()} {label}\n")
+        f.flush()
+        kill_at, match = os.environ.get("PRETRAIN_KILL_AT"), os.environ.get("PRETRAIN_KILL_MATCH", "")
+        if kill_at:
+            f.seek(0)
+            if sum(match in line for line in f) == int(kill_at) and match in label:
+                os.kill(os.getpid(), signal.SIGKILL)
 
 
 def temp_path(path: str | Path) -> Path:
@@ -70,12 +114,15 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path)
     _remove(tmp)
+    fault_point(f"open {path}")
     try:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"the writer of {path} wrote nothing to {tmp}")
+        fault_point(f"written {path}")
         _fsync_file(tmp)
         os.replace(tmp, path)
+        fault_point(f"replaced {path}")
         fsync_dir(path.parent)
     except BaseException as e:
         _remove(tmp)
@@ -129,16 +176,20 @@ def commit_dir(tmp: str | Path, final: str | Path) -> None:
         for name in files:
             _fsync_file(Path(root) / name)
         fsync_dir(root)
+    fault_point(f"built {final}")
     if not final.exists():
         os.rename(tmp, final)
     elif _exchange(tmp, final):
+        fault_point(f"exchanged {final}")
         shutil.rmtree(tmp)  # now holds the old contents
     else:
         old = final.parent / f".{final.name}.old"
         _remove(old)
         os.rename(final, old)
+        fault_point(f"moved aside {final}")
         os.rename(tmp, final)
         shutil.rmtree(old, ignore_errors=True)
+    fault_point(f"committed {final}")
     fsync_dir(final.parent)
 
 
@@ -153,9 +204,24 @@ def atomic_dir(path: str | Path, keep_contents: bool = False) -> Iterator[Path]:
     if not keep_contents:
         _remove(tmp)
     tmp.mkdir(exist_ok=True)
+    fault_point(f"open {path}")
     try:
         yield tmp
         commit_dir(tmp, path)
-    except BaseException:
+    except BaseException as e:
         _remove(tmp)
+        if isinstance(e, OSError) and not isinstance(e, AtomicWriteError):
+            raise AtomicWriteError(e.errno, f"writing {path} failed: {e.strerror or e}") from e
         raise
+
+
+def remove_dir(path: str | Path) -> None:
+    """Delete directory `path` so that no reader ever sees it half-deleted: it is renamed to
+    a hidden name first (one rename), then removed."""
+    path = Path(path)
+    gone = path.parent / f".{path.name}.old"
+    _remove(gone)
+    os.rename(path, gone)
+    fault_point(f"removing {path}")
+    fsync_dir(path.parent)
+    shutil.rmtree(gone, ignore_errors=True)

@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from common.errors import PretrainError
 from data.normalize import (
     combine_ngrams,
     match_bytes,
@@ -81,7 +82,7 @@ class DecontamConfig:
                 raise ValueError(f"decontaminate.benchmarks entry {spec!r}: expected 'name=path'")
 
 
-class BenchmarkError(ValueError):
+class BenchmarkError(PretrainError, ValueError):
     pass
 
 
@@ -94,8 +95,14 @@ def load_benchmark_texts(name: str, path: str | Path) -> list[str]:
     Errors name the file, the line and what was expected.
     """
     path = Path(path)
+    try:
+        content = path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise BenchmarkError(f"{path}: unreadable ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise BenchmarkError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if path.suffix == ".txt" and name.lower().startswith("hellaswag"):
-        lines = path.read_text(encoding="utf-8").split("\n")
+        lines = content.split("\n")
         if lines and lines[-1] == "":
             lines.pop()
         if len(lines) % 6:
@@ -108,17 +115,16 @@ def load_benchmark_texts(name: str, path: str | Path) -> list[str]:
             texts.append(lines[i] + " " + lines[i + 2 + int(label)])
         return texts
     texts = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BenchmarkError(f"{path}:{number}: not JSON ({e.msg})") from e
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise BenchmarkError(f"{path}:{number}: expected an object with a 'text' string")
-            texts.append(record["text"])
+    for number, line in enumerate(content.split("\n"), start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise BenchmarkError(f"{path}:{number}: not JSON ({getattr(e, 'msg', e)})") from None
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise BenchmarkError(f"{path}:{number}: expected an object with a 'text' string")
+        texts.append(record["text"])
     return texts
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data.shards import read_shard
+from data.shards import ShardError, check_token_ids, read_header, read_shard
 
 
 class TokenStream:
@@ -24,14 +24,22 @@ class TokenStream:
 
     def __init__(self, data_path: str | Path, split: str, manifest: dict):
         self.path = Path(data_path)
-        files = [s["file"] for s in manifest[split]["shards"]]
-        if not files:
-            raise FileNotFoundError(f"{self.path}/manifest.json lists no {split} shards")
-        self.shards = [read_shard(self.path / f) for f in files]
-        for f, shard, entry in zip(files, self.shards, manifest[split]["shards"]):
+        self.files = [self.path / s["file"] for s in manifest[split]["shards"]]
+        if not self.files:
+            raise ShardError(f"{self.path}/manifest.json lists no {split} shards")
+        self.shards = [read_shard(f) for f in self.files]
+        # Token ids must stay below the vocabulary of the tokenizer that wrote them (checked in
+        # read(): a corrupt id would index past the embedding), which is the manifest's.
+        self.vocab_sizes = [read_header(f)["vocab_size"] for f in self.files]
+        n_vocab = manifest.get("tokenizer", {}).get("n_vocab")
+        for f, shard, entry, vocab in zip(self.files, self.shards, manifest[split]["shards"],
+                                          self.vocab_sizes):
             if len(shard) != entry["tokens"]:
-                raise ValueError(
-                    f"{self.path / f}: {len(shard)} tokens, manifest.json says {entry['tokens']}"
+                raise ShardError(f"{f}: {len(shard)} tokens, manifest.json says {entry['tokens']}")
+            if n_vocab is not None and vocab != n_vocab:
+                raise ShardError(
+                    f"{f}: written for a vocabulary of {vocab} ids, but manifest.json's tokenizer "
+                    f"has {n_vocab} (a shard of another preparation?)"
                 )
         self.offsets = np.cumsum([0] + [len(s) for s in self.shards])
         self.num_tokens = int(self.offsets[-1])
@@ -44,7 +52,9 @@ class TokenStream:
         while filled < length:
             local = start + filled - int(self.offsets[shard])
             take = min(length - filled, len(self.shards[shard]) - local)
-            out[filled : filled + take] = self.shards[shard][local : local + take]
+            piece = self.shards[shard][local : local + take]
+            check_token_ids(self.files[shard], piece, self.vocab_sizes[shard], local)
+            out[filled : filled + take] = piece
             filled += take
             shard += 1
         return out
@@ -304,8 +314,8 @@ def build_train_loader(
     weights = parse_mixture(data_cfg.mixture)
     streams = {}
     for path in weights:
-        domain_manifest = load_manifest(path)
-        if domain_manifest["tokenizer"]["sha256"] != manifest["tokenizer"]["sha256"]:
+        domain_manifest = load_manifest(path, splits=("train",))  # a domain trains only
+        if domain_manifest["tokenizer"].get("sha256") != manifest["tokenizer"].get("sha256"):
             raise ValueError(
                 f"data.mixture: {path} was tokenized with {domain_manifest['tokenizer']['name']!r}"
                 f", data.path {data_cfg.path} with {manifest['tokenizer']['name']!r}; a mixture "

@@ -11,7 +11,8 @@ A source spec is a string:
     "hf:name[:config][:split]"    a Hugging Face dataset, streamed (needs `datasets` + network)
 
 Bad input never stops a run: an unreadable file, invalid UTF-8, a jsonl line that is not JSON
-or lacks the text field is recorded in `SourceErrors` (file, line, reason) and skipped.
+or lacks the text field, a corrupt or truncated parquet file is recorded in `SourceErrors`
+(file, line, reason) and skipped. A source spec that names nothing raises SourceError.
 """
 
 from __future__ import annotations
@@ -22,7 +23,13 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from common.errors import PretrainError
+
 TEXT_SUFFIXES = {".txt", ".md", ".rst", ".py", ".c", ".h", ".js", ".ts", ".html", ".tex", ".json"}
+
+
+class SourceError(PretrainError, FileNotFoundError):
+    """A source spec that names nothing readable at all (a corrupt file is a SourceErrors entry)."""
 
 
 @dataclass
@@ -70,7 +77,7 @@ def expand_source(spec: str) -> list[str]:
         return [str(p) for p in files]
     if path.is_file():
         return [str(path)]
-    raise FileNotFoundError(f"data source {spec!r}: no such file or folder")
+    raise SourceError(f"data source {spec!r}: no such file or folder (data.sources)")
 
 
 def _is_text_file(path: Path) -> bool:
@@ -113,6 +120,9 @@ def _iter_jsonl(path: str, errors: SourceErrors, text_field: str) -> Iterator[Do
             except json.JSONDecodeError as e:
                 errors.add(path, number, f"not JSON ({e.msg})")
                 continue
+            except RecursionError:
+                errors.add(path, number, "JSON nested too deeply")
+                continue
             text = record.get(text_field) if isinstance(record, dict) else None
             if not isinstance(text, str):
                 errors.add(path, number, f"no string field {text_field!r}")
@@ -121,27 +131,32 @@ def _iter_jsonl(path: str, errors: SourceErrors, text_field: str) -> Iterator[Do
 
 
 def _iter_parquet(path: str, errors: SourceErrors, text_field: str) -> Iterator[Document]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.ParquetFile(path)
-    if text_field not in table.schema_arrow.names:
-        errors.add(path, None, f"no column {text_field!r} (columns: {table.schema_arrow.names})")
-        return
     row = 0
-    for batch in table.iter_batches(columns=[text_field]):
-        for text in batch.column(0).to_pylist():
-            row += 1
-            if isinstance(text, str):
-                yield Document(text, path, row)
-            else:
-                errors.add(path, row, f"{text_field!r} is not a string")
+    try:
+        table = pq.ParquetFile(path)
+        if text_field not in table.schema_arrow.names:
+            errors.add(path, None, f"no column {text_field!r} (columns: {table.schema_arrow.names})")
+            return
+        for batch in table.iter_batches(columns=[text_field]):
+            for text in batch.column(0).to_pylist():
+                row += 1
+                if isinstance(text, str):
+                    yield Document(text, path, row)
+                else:
+                    errors.add(path, row, f"{text_field!r} is not a string")
+    except (pa.ArrowException, OSError, ValueError) as e:  # ArrowInvalid: corrupt or truncated
+        where = f"after row {row}, the rest skipped" if row else "file skipped"
+        errors.add(path, None, f"not a readable parquet file ({str(e)[:200]}); {where}")
 
 
 def _iter_hf(spec: str, text_field: str) -> Iterator[Document]:
     try:
         import datasets
     except ImportError as e:
-        raise RuntimeError(f"source {spec!r} needs the `datasets` package: pip install -e .[hub]") from e
+        raise SourceError(f"source {spec!r} needs the `datasets` package: pip install -e .[hub]") from e
     parts = spec[3:].split(":")
     name = parts[0]
     config = parts[1] if len(parts) > 1 and parts[1] else None

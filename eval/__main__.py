@@ -20,11 +20,10 @@ from pathlib import Path
 from common.atomic import write_json
 from common.cli import add_run_arguments, parse_device
 from common.device import resolve_device
-from data.shards import ShardError
+from common.errors import PretrainError
 from eval.core import CORE_TASKS, core_report, format_core
 from eval.models import (
     LogLikelihoodModel,
-    TokenizerMismatchError,
     TransformerLogLikelihood,
     load_hf,
     native_tokenizer,
@@ -33,7 +32,7 @@ from eval.perplexity import evaluate_perplexity
 from eval.probes import format_probes, probe_report
 from eval.scoring import format_table, run_tasks
 from eval.suite import parse_tasks
-from eval.tasks import TASKS, TaskDataError
+from eval.tasks import TASKS
 from model.checkpoint import load_config_dict
 from model.load import load_model
 
@@ -110,7 +109,7 @@ def main(argv: list[str] | None = None) -> None:
     args.device = parse_device(parser, args.device)
     try:
         evaluate(args)
-    except (FileNotFoundError, TaskDataError, TokenizerMismatchError, ShardError) as e:
+    except (FileNotFoundError, PretrainError) as e:
         raise SystemExit(f"python -m eval: {e}") from None  # a clear message, no traceback
 
 

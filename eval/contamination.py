@@ -23,7 +23,7 @@ a billion-n-gram index and ten thousand items.
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -32,6 +32,7 @@ import numpy as np
 from tqdm import tqdm
 
 from common.atomic import atomic_path, write_json
+from common.errors import FileFormatError, read_json
 from data.manifest import manifest_tokenizer
 from data.normalize import combine_ngrams, match_bytes, ngram_hashes, word_hashes, word_spans
 from eval.tasks import TASKS
@@ -135,10 +136,13 @@ class NgramIndex:
 
     @classmethod
     def load(cls, path: str | Path, n: int) -> NgramIndex:
-        hashes = np.load(path, mmap_mode="r")
-        if hashes.dtype != np.uint64 or hashes.ndim != 1:
-            got = f"{hashes.dtype} {hashes.shape}"
-            raise ValueError(f"{path}: expected a 1-D uint64 array, got {got}")
+        try:
+            hashes = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError, EOFError) as e:  # truncated, not .npy, a pickle
+            raise FileFormatError(path, "an n-gram index (.npy of uint64)", str(e)[:200]) from None
+        if not isinstance(hashes, np.ndarray) or hashes.dtype != np.uint64 or hashes.ndim != 1:
+            got = f"{getattr(hashes, 'dtype', type(hashes))} {getattr(hashes, 'shape', '')}"
+            raise FileFormatError(path, "a 1-D uint64 array", f"got {got}")
         return cls(hashes, n)
 
 
@@ -251,12 +255,16 @@ def load_or_build_index(
     data_dir = Path(data_dir)
     npy, meta_path = data_dir / f"ngrams_{n}.npy", data_dir / f"ngrams_{n}.json"
     if npy.is_file() and meta_path.is_file():
-        meta = json.loads(meta_path.read_text())
-        current = meta.get("shards") == _shard_signature(train_shards(data_dir))
-        if current and meta.get("hash") == HASH_NAME:
-            index = NgramIndex.load(npy, n)
-            if len(index) == meta.get("count"):
+        # The index is a cache of the shards: a damaged or stale one is rebuilt, not trusted.
+        try:
+            meta = read_json(meta_path, "n-gram index metadata")
+            current = isinstance(meta, dict) and meta.get("hash") == HASH_NAME and \
+                meta.get("shards") == _shard_signature(train_shards(data_dir))
+            index = NgramIndex.load(npy, n) if current else None
+            if index is not None and len(index) == meta.get("count"):
                 return index
+        except FileFormatError as e:
+            print(f"rebuilding the n-gram index: {e}", file=sys.stderr)
     if tokenizer is None:
         tokenizer = manifest_tokenizer(data_dir)
     # Build every task's n in the same pass: decoding the shards is the expensive part.

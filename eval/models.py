@@ -28,12 +28,10 @@ import torch.nn.functional as F
 from torch.distributed.tensor import DTensor
 
 from common.device import resolve_device
-from data.hf_tokenizer import HFTokenizer
-from data.manifest import manifest_tokenizer
-from data.tokenizer import load_tokenizer
+from data.tokenizer import TokenizerMismatchError, load_tokenizer
 from eval.generation import greedy_generate
 from eval.shared_context import TokenRequest, score_positions, shared_context_loglikelihood
-from model.load import load_model
+from model.load import checkpoint_tokenizer, load_model
 from model.transformer import LayerKVCache
 
 
@@ -313,10 +311,6 @@ class HFCachedLM:
 # ---------------------------------------------------------------------------------------------
 
 
-class TokenizerMismatchError(ValueError):
-    """The tokenizer at hand is not the one the checkpoint was trained with."""
-
-
 def check_checkpoint_tokenizer(ckpt: Path, tokenizer, model_vocab_size: int) -> None:
     """Stop when `tokenizer` differs from the one the checkpoint's run was trained with.
 
@@ -344,12 +338,10 @@ def check_checkpoint_tokenizer(ckpt: Path, tokenizer, model_vocab_size: int) -> 
 
 
 def native_tokenizer(ckpt: Path, cfg, tokenizer_spec: str | None = None):
-    """The tokenizer to score a checkpoint with: `tokenizer_spec` (tiktoken name or .tiktoken
-    file) or its data dir's; checked to be the one the run was trained with."""
-    if tokenizer_spec is not None:
-        tokenizer = load_tokenizer(tokenizer_spec)
-    else:
-        tokenizer = manifest_tokenizer(cfg.data.path)
+    """The tokenizer to score a checkpoint with: `tokenizer_spec` (a data.tokenizer spec) or
+    the one the checkpoint records (its data dir's, or an imported run's own "hf:" one; model.load.checkpoint_tokenizer, which refuses
+    another identity); checkpoints that record none are checked against run_info.json."""
+    tokenizer = checkpoint_tokenizer(ckpt, cfg, tokenizer_spec)
     check_checkpoint_tokenizer(ckpt, tokenizer, cfg.model.vocab_size)
     return tokenizer
 
@@ -376,5 +368,5 @@ def load_hf(
 ) -> tuple[HFLogLikelihood, object]:
     """(scorer, tokenizer) for a Hugging Face model dir; the tokenizer is the dir's
     tokenizer.json unless `tokenizer_spec` names one of ours."""
-    tokenizer = load_tokenizer(tokenizer_spec) if tokenizer_spec else HFTokenizer(path)
+    tokenizer = load_tokenizer(tokenizer_spec or f"hf:{path}")
     return HFLogLikelihood.from_pretrained(path, device, batch_size=batch_size), tokenizer

@@ -25,10 +25,12 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from common.errors import PretrainError
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-class TaskDataError(RuntimeError):
+class TaskDataError(PretrainError, RuntimeError):
     """A task that does not exist, a data file that is missing or malformed."""
 
 
@@ -198,21 +200,31 @@ def default_data_dir() -> Path:
 # ---------------------------------------------------------------------------------------------
 
 
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8")
+    except OSError as e:
+        raise TaskDataError(f"{path}: unreadable ({e.strerror or e})") from None
+    except UnicodeDecodeError as e:
+        raise TaskDataError(f"{path}: not UTF-8 text (byte {e.start})") from None
+
+
 def read_jsonl(path: Path, check: Callable[[object, str], None] | None = None) -> list[dict]:
     """The objects of a jsonl file (blank lines skipped); `check(obj, "file:line")` may raise
     a TaskDataError naming what is wrong with one."""
     docs = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                doc = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise TaskDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-            if check is not None:
-                check(doc, f"{path}:{lineno}")
-            docs.append(doc)
+    for lineno, line in enumerate(_read_text(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            doc = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+        except RecursionError:
+            raise TaskDataError(f"{path}:{lineno}: JSON nested too deeply") from None
+        if check is not None:
+            check(doc, f"{path}:{lineno}")
+        docs.append(doc)
     return docs
 
 
@@ -222,7 +234,7 @@ def _read_hellaswag_text(path: Path) -> list[dict]:
     ctx is one string here (ctx_b not capitalized, brackets already removed), so the document
     carries it in ctx_a with an empty ctx_b and an empty activity label prefix.
     """
-    lines = path.read_text(encoding="utf-8").split("\n")
+    lines = _read_text(path).split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     if len(lines) % 6:
@@ -251,7 +263,9 @@ def _load_local(spec: TaskSpec, files: list[Path]) -> list[Item]:
         docs, build = _read_hellaswag_text(files[0]), _hellaswag_text_item
     elif name == "piqa":
         docs = read_jsonl(files[0])
-        labels = files[1].read_text(encoding="utf-8").split()
+        labels = _read_text(files[1]).split()
+        if any(label not in ("0", "1") for label in labels):
+            raise TaskDataError(f"{files[1]}: expected one label 0 or 1 per line")
         if len(labels) != len(docs):
             raise TaskDataError(
                 f"{files[1]}: {len(labels)} labels for {len(docs)} questions in {files[0]}"

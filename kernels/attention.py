@@ -51,6 +51,12 @@ from kernels._common import (
 HEAD_DIMS = (16, 32, 64, 128, 256)
 LOG2E = 1.4426950408889634
 
+
+def supports_head_dim(head_dim: int) -> bool:
+    """Whether the kernel takes this head dim (tl.arange needs a power of two; the launcher
+    checks it too). model.attention = "auto" falls back to SDPA for the others."""
+    return head_dim in HEAD_DIMS
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
@@ -512,7 +518,7 @@ def _check_inputs(q, k, v, doc_ids) -> None:
         )
     if Hkv == 0 or H % Hkv:
         raise ValueError(f"{WHERE}: q heads ({H}) must be a multiple of k/v heads ({Hkv})")
-    if D not in HEAD_DIMS:
+    if not supports_head_dim(D):
         raise ValueError(f"{WHERE}: head dim {D} is not supported; expected one of {HEAD_DIMS}")
     if doc_ids is not None:
         check_tensor("doc_ids", doc_ids, ndim=2, device=q.device, where=WHERE)

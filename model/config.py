@@ -6,10 +6,52 @@ the config saved with a run is fully resolved and nothing downstream recomputes 
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
+
+from common.errors import PretrainError
 
 ATTENTION_BACKENDS = ("auto", "sdpa", "triton", "flash")
+
+
+class ModelConfigError(PretrainError, ValueError):
+    """A model field with a value the Transformer cannot be built from."""
+
 MOE_BALANCING = ("aux", "bias", "none")
+ROPE_TYPES = ("default", "linear", "llama3", "yarn", "dynamic")
+
+
+@dataclass
+class RopeScaling:
+    """RoPE frequency scaling of long-context checkpoints ([model.rope_scaling]), named as
+    transformers' `rope_type`; model/layers.py rope_tables computes the frequencies.
+
+    linear: every frequency / factor. llama3 (Llama 3.1 / 3.2): wavelengths longer than
+    original_max_seq_len / low_freq_factor divided by factor, shorter than ... / high_freq_factor
+    kept, smoothly blended between. yarn: blended by rotations over the original context
+    (beta_fast, beta_slow), and cos / sin scaled by attention_factor. dynamic (NTK): the
+    frequencies change only past original_max_seq_len, so it is the default RoPE up to there.
+    """
+
+    type: str = "default"  # default | linear | llama3 | yarn | dynamic
+    factor: float = 1.0
+    original_max_seq_len: int = 0  # the pretraining context (original_max_position_embeddings)
+    low_freq_factor: float = 1.0  # llama3
+    high_freq_factor: float = 4.0  # llama3
+    beta_fast: float = 32.0  # yarn
+    beta_slow: float = 1.0  # yarn
+    attention_factor: float = 0.0  # yarn: multiplies cos and sin; 0 means 0.1 ln(factor) + 1
+    truncate: bool = True  # yarn: round the blend's dimension range outward
+
+    def __post_init__(self) -> None:
+        if self.type not in ROPE_TYPES:
+            raise ValueError(f"model.rope_scaling.type = {self.type!r}: expected one of {ROPE_TYPES}")
+        if self.type != "default" and self.factor <= 0:
+            raise ValueError(f"model.rope_scaling.factor = {self.factor}: expected > 0")
+        if self.type in ("llama3", "yarn", "dynamic") and self.original_max_seq_len <= 0:
+            raise ValueError(f"model.rope_scaling.original_max_seq_len = "
+                             f"{self.original_max_seq_len}: {self.type} needs the pretraining context")
+        if self.type == "llama3" and self.high_freq_factor <= self.low_freq_factor:
+            raise ValueError("model.rope_scaling: llama3 needs high_freq_factor > low_freq_factor")
 
 
 @dataclass
@@ -26,9 +68,11 @@ class ModelConfig:
     # --- numerics --------------------------------------------------------------------------
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0  # RoPE base, Hugging Face "rotate halves" convention
+    rope_scaling: RopeScaling = field(default_factory=RopeScaling)  # [model.rope_scaling]
     max_seq_len: int = 256  # longest sequence the RoPE tables cover
     tie_embeddings: bool = False  # share the token embedding with the output projection
     qk_norm: bool = False  # per-head RMSNorm on queries and keys (Qwen3 style)
+    qkv_bias: bool = False  # biases on the q, k, v projections (Qwen2 / Qwen2.5 style)
     init_std: float = 0.02
     # --- kernels ---------------------------------------------------------------------------
     attention: str = "auto"  # auto | sdpa | triton | flash (auto: triton on CUDA, sdpa on CPU)
@@ -47,7 +91,7 @@ class ModelConfig:
     def __post_init__(self) -> None:
         def fail(field: str, expected: str) -> None:
             value = getattr(self, field)
-            raise ValueError(f"model.{field} = {value!r}: expected {expected}")
+            raise ModelConfigError(f"model.{field} = {value!r}: expected {expected}")
 
         for name in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "multiple_of"):
             if getattr(self, name) <= 0:
@@ -67,6 +111,13 @@ class ModelConfig:
             self.ffn_hidden = self.multiple_of * -(-hidden // self.multiple_of)
         if self.attention not in ATTENTION_BACKENDS:
             fail("attention", f"one of {ATTENTION_BACKENDS}")
+        if isinstance(self.rope_scaling, dict):  # from a checkpoint's config.json
+            self.rope_scaling = RopeScaling(**self.rope_scaling)
+        rope = self.rope_scaling
+        if rope.type == "dynamic" and self.max_seq_len > rope.original_max_seq_len:
+            # Past that length dynamic NTK rescales per sequence length: no fixed table.
+            fail("max_seq_len", f"<= rope_scaling.original_max_seq_len = "
+                                f"{rope.original_max_seq_len} with dynamic RoPE scaling")
         if self.n_experts < 0:
             fail("n_experts", "0 (dense) or a positive number of experts")
         if self.n_experts:
@@ -90,6 +141,8 @@ class ModelConfig:
         """Parameter count from the config alone; `active` counts only top-k routed experts."""
         d, hd = self.dim, self.head_dim
         attn = d * hd * (self.n_heads * 2 + self.n_kv_heads * 2)
+        if self.qkv_bias:
+            attn += hd * (self.n_heads + 2 * self.n_kv_heads)
         if self.qk_norm:
             attn += 2 * hd
         dense_mlp = 3 * d * self.ffn_hidden
@@ -143,11 +196,11 @@ def model_config(size: str | None = None, **overrides) -> ModelConfig:
     values: dict = {}
     if size is not None:
         if size not in MODEL_SIZES:
-            raise ValueError(f"model.size = {size!r}: expected one of {sorted(MODEL_SIZES)}")
+            raise ModelConfigError(f"model.size = {size!r}: expected one of {sorted(MODEL_SIZES)}")
         values.update(MODEL_SIZES[size])
     known = {f.name for f in fields(ModelConfig)}
     for key in overrides:
         if key not in known:
-            raise ValueError(f"model.{key}: unknown field; known fields: {sorted(known)}")
+            raise ModelConfigError(f"model.{key}: unknown field; known fields: {sorted(known)}")
     values.update(overrides)
     return ModelConfig(**values)

@@ -9,8 +9,14 @@ Which transformers class a model becomes (the first row that fits):
     MoE + shared experts (no qk_norm)           Qwen2MoeForCausalLM      (dense layers ok)
     MoE + qk_norm (no shared experts)           Qwen3MoeForCausalLM      (dense layers ok)
     MoE, every layer MoE                        MixtralForCausalLM
+    dense + qkv_bias (no qk_norm)               Qwen2ForCausalLM
     dense + qk_norm                             Qwen3ForCausalLM
     dense                                       LlamaForCausalLM
+
+RoPE scaling (model.rope_scaling: linear, llama3, yarn, dynamic) is written as `rope_scaling`
+and read back from `rope_scaling` / `rope_parameters`; anything else our model does not compute
+(another rope_type, sliding windows, biases on the output or MLP projections...) stops the
+import with the field named.
 
 Our parameters map one to one onto the Hugging Face names (RoPE is already the "rotate halves"
 convention Llama / Qwen / Mixtral use, so q/k need no permutation; the tests compare logits).
@@ -22,6 +28,11 @@ Aux-loss-free balancing (a per-expert bias added to the softmax scores to choose
 inference too) is computed exactly only by Ernie 4.5's MoE router
 (`moe_statics.e_score_correction_bias`); Ernie rotates interleaved pairs, so q/k rows are
 permuted per head from halves to interleaved on the way (q.k is unchanged).
+
+An imported model is a normal run: its tokenizer files are kept in <run>/tokenizer (with the
+model's generation_config.json) and its config says data.tokenizer = "hf:<run>/tokenizer", so
+data.prepare (continued pretraining on data tokenized the model's way), model.generate, eval
+and export all use it; export writes the same tokenizer files and chat template back.
 
 A model that a target class cannot express (a feature transformers has no field for) stops with
 an `ExportError` naming the feature, rather than writing files that load but compute something
@@ -40,7 +51,8 @@ first with `python -m parallel.checkpoint_dcp --run DIR [--step N]`.
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
+import importlib.util
 import os
 import re
 import sys
@@ -49,25 +61,49 @@ from importlib import metadata
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import save_file
 
-from common.atomic import atomic_dir, write_json, write_text
-from data.hf_tokenizer import EOT, from_hf_tokenizer, save_hf_tokenizer
-from data.manifest import manifest_tokenizer
-from data.tokenizer import Tokenizer, load_tokenizer
+from common.atomic import atomic_dir, naming, write_bytes, write_json, write_text
+from common.errors import MissingFileError, read_json, run_cli
+from data.hf_tokenizer import (
+    TOKENIZER_FILES,
+    HFTokenizer,
+    save_hf_tokenizer,
+    token_ids,
+    transformers_differences,
+)
+from data.tokenizer import HF_PREFIX, Tokenizer
 from job_config import JobConfig, to_toml
-from model.checkpoint import MODEL_FILE, find_checkpoint, load_model_state, resolve_checkpoint
+from model.checkpoint import (
+    MODEL_FILE,
+    TOKENIZER_FILE,
+    find_checkpoint,
+    load_model_state,
+    read_safetensors_file,
+    resolve_checkpoint,
+)
 from model.config import ModelConfig
-from model.hf_config import ExportError, hf_architecture, hf_config, model_config_from_hf
-from model.hf_names import EXPERT_BIAS_SUFFIXES, from_hf_state_dict, to_hf_state_dict
-from model.load import load_job_config
+from model.hf_config import (
+    QWEN2_MOE,
+    ExportError,
+    hf_architecture,
+    hf_config,
+    model_config_from_hf,
+)
+from model.hf_names import (
+    EXPERT_BIAS_SUFFIXES,
+    from_hf_state_dict,
+    has_qkv_biases,
+    to_hf_state_dict,
+)
+from model.load import checkpoint_tokenizer, load_job_config
 
 SAFETENSORS_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 DTYPE_ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 DCP_COMMAND = "python -m parallel.checkpoint_dcp"  # consolidates a sharded checkpoint
+IMPORTED_LR = 1e-4  # optim.lr in an imported run's config.toml (continued pretraining)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +153,8 @@ def write_safetensors(
 
 
 def _save(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    save_file(tensors, str(path), metadata={"format": "pt"})  # older transformers need it
+    with naming(path):  # safetensors reports a full disk as a SafetensorError
+        save_file(tensors, str(path), metadata={"format": "pt"})  # older transformers need it
     os.chmod(path, 0o644)  # safetensors creates the file private (0600); this is for sharing
 
 
@@ -127,17 +164,17 @@ def read_safetensors(hf_dir: Path) -> dict[str, torch.Tensor]:
     if (hf_dir / SAFETENSORS_FILE).exists():
         files = [hf_dir / SAFETENSORS_FILE]
     elif index.exists():
-        weight_map = json.loads(index.read_text(encoding="utf-8")).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise ExportError(f"{index}: no 'weight_map' object")
+        weight_map = read_json(index, "a safetensors index (a JSON object)")
+        weight_map = weight_map.get("weight_map") if isinstance(weight_map, dict) else None
+        if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) and Path(f).name == f for f in weight_map.values()):
+            raise ExportError(f"{index}: expected a 'weight_map' of tensor -> file name in {hf_dir}")
         files = [hf_dir / f for f in sorted(set(weight_map.values()))]
     else:
         raise FileNotFoundError(f"{hf_dir}: no {SAFETENSORS_FILE} or {INDEX_FILE}")
     tensors: dict[str, torch.Tensor] = {}
     for path in files:
-        with safe_open(str(path), framework="pt") as f:
-            for name in f.keys():
-                tensors[name] = f.get_tensor(name)
+        tensors.update(read_safetensors_file(path))  # names a damaged file
     return tensors
 
 
@@ -157,21 +194,23 @@ def export_model(
 ) -> str:
     """Write a Hugging Face model directory from our state dict; returns the architecture.
 
-    tokenizer: our `data.tokenizer.Tokenizer` (or a tiktoken Encoding), written as
-    tokenizer.json; None writes no tokenizer. dtype: 'float32' | 'bfloat16' | 'float16' or None
-    to keep the checkpoint's. The directory is built beside `out_dir` and renamed into place.
+    tokenizer: ours (`data.tokenizer.Tokenizer`, or a tiktoken Encoding), written as
+    tokenizer.json; or an imported model's (`HFTokenizer`), whose files are copied as they are
+    (chat template included) with its generation_config.json and bos / eos / pad ids; None
+    writes no tokenizer. dtype: 'float32' | 'bfloat16' | 'float16' or None to keep the
+    checkpoint's. The directory is built beside `out_dir` and renamed into place.
     """
     arch = hf_architecture(cfg)
-    encoding = getattr(tokenizer, "encoding", tokenizer)
-    eot_id = None
-    if encoding is not None:
-        n_vocab = encoding.max_token_value + 1
-        if n_vocab > cfg.vocab_size:
+    if tokenizer is not None and not hasattr(tokenizer, "eot_id"):  # a bare tiktoken Encoding
+        tokenizer = Tokenizer(tokenizer, tokenizer.name)
+    ids = {}
+    if tokenizer is not None:
+        if tokenizer.n_vocab > cfg.vocab_size:
             raise ExportError(
-                f"tokenizer {encoding.name} has ids up to {n_vocab - 1} but model.vocab_size = "
-                f"{cfg.vocab_size}: the embedding does not cover every token id"
+                f"tokenizer {tokenizer.name} has ids up to {tokenizer.n_vocab - 1} but "
+                f"model.vocab_size = {cfg.vocab_size}: the embedding does not cover every token id"
             )
-        eot_id = encoding._special_tokens.get(EOT)
+        ids = token_ids(tokenizer)
     tensors = to_hf_state_dict(state, cfg, arch)
     fp32_only = ".e_score_correction_bias"  # selection bias: fp32 whatever the dtype
     if dtype is not None:
@@ -180,18 +219,23 @@ def export_model(
     dtypes = {t.dtype for n, t in tensors.items() if not n.endswith(fp32_only)}
     if len(dtypes) != 1:
         raise ExportError(f"checkpoint mixes dtypes {sorted(map(str, dtypes))}: pass --dtype")
-    config = hf_config(cfg, arch, eot_id, dtypes.pop())
+    config = hf_config(cfg, arch, ids, dtypes.pop())
 
     out_dir = Path(out_dir)
     with _staging_dir(out_dir, overwrite) as tmp:
         write_safetensors(tensors, tmp, parse_size(max_shard_size))
         write_json(tmp / "config.json", config, indent=2)
-        generation = {"do_sample": False, "transformers_version": _transformers_version()}
-        if eot_id is not None:
-            generation.update(bos_token_id=eot_id, eos_token_id=eot_id, pad_token_id=eot_id)
+        if isinstance(tokenizer, HFTokenizer):
+            tokenizer.save(tmp)
+            generation = dict(tokenizer.generation_config)
+        elif tokenizer is not None:
+            save_hf_tokenizer(tokenizer.encoding, tmp, model_max_length=cfg.max_seq_len)
+            generation = {"do_sample": False}
+        else:
+            generation = {"do_sample": False}
+        generation.update({k: v for k, v in ids.items() if v is not None})
+        generation["transformers_version"] = _transformers_version()
         write_json(tmp / "generation_config.json", generation, indent=2)
-        if encoding is not None:
-            save_hf_tokenizer(encoding, tmp, model_max_length=cfg.max_seq_len)
     return arch
 
 
@@ -206,21 +250,20 @@ def export_run(
     with_tokenizer: bool = True,
 ) -> str:
     """Export checkpoint `step` (default: the newest) of a run directory (or a checkpoint
-    directory). The tokenizer is the run's prepared data's (data.path/manifest.json), or
-    `tokenizer` (a spec for data.tokenizer.load_tokenizer) when given."""
+    directory). The tokenizer is the one the checkpoint records (model.load.checkpoint_tokenizer:
+    its run's prepared data, or an imported run's own), or `tokenizer` (a spec for
+    data.tokenizer.load_tokenizer) when given, which must be the same tokenizer."""
     ckpt = resolve_checkpoint(run_dir) if step is None else find_checkpoint(run_dir, step)
     job = load_job_config(ckpt)
     state = checkpoint_model_state(ckpt)
     tok = None
-    if tokenizer:
-        tok = load_tokenizer(tokenizer)
-    elif with_tokenizer:
-        try:
-            tok = manifest_tokenizer(job.data.path)
+    if with_tokenizer or tokenizer:
+        try:  # the one the checkpoint records, or `tokenizer` checked against it
+            tok = checkpoint_tokenizer(ckpt, job, tokenizer)
         except FileNotFoundError as e:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{e}; the tokenizer of {ckpt} comes from its prepared data (data.path = "
-                f"{job.data.path!r}): pass --tokenizer SPEC, or --no-tokenizer"
+                f"{job.data.path!r}) or data.tokenizer: pass --tokenizer SPEC, or --no-tokenizer"
             ) from None
     return export_model(state, job.model, out_dir, tok, max_shard_size, dtype, overwrite)
 
@@ -243,19 +286,30 @@ def checkpoint_model_state(ckpt: Path) -> dict[str, torch.Tensor]:
 
 
 def import_hf(
-    hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, overwrite: bool = False
+    hf_dir: str | Path, out_dir: str | Path, dtype: str | None = None, overwrite: bool = False,
+    check_tokenizer: bool = True,
 ) -> ModelConfig:
-    """A Hugging Face Llama / Qwen3 / Mixtral / Qwen3-MoE / Qwen2-MoE / Ernie-4.5-MoE dir -> a run
-    directory holding checkpoints/step_000000 (model.safetensors in our names, config.json)
-    and checkpoints/latest; the tokenizer, when it converts exactly, as tokenizer.tiktoken."""
+    """A Hugging Face Llama / Qwen2 / Qwen3 / Mixtral / Qwen3-MoE / Qwen2-MoE / Ernie-4.5-MoE dir
+    -> a run directory holding checkpoints/step_000000 (model.safetensors in our names,
+    config.json), checkpoints/latest, config.toml and the model's tokenizer in `tokenizer/`
+    (`data.tokenizer = "hf:<run>/tokenizer"`: data.prepare, generate, eval and export use it).
+
+    The tokenizer files are copied as they are, with a generation_config.json (the model's, its
+    bos / eos / pad ids filled in from config.json). check_tokenizer: compare our encoding with
+    transformers' AutoTokenizer of `hf_dir` on a probe text (when transformers is installed);
+    where they differ (a tokenizer class that rebuilds its pipeline) the directory gets the
+    tokenizer.json AutoTokenizer saves, and must then agree.
+    """
     hf_dir = Path(hf_dir)
     config_path = hf_dir / "config.json"
-    if not config_path.exists():
-        raise FileNotFoundError(f"{config_path} does not exist")
-    cfg, arch = model_config_from_hf(
-        json.loads(config_path.read_text(encoding="utf-8")), str(config_path)
-    )
-    state = from_hf_state_dict(read_safetensors(hf_dir), cfg, arch, str(hf_dir))
+    hf_config_dict = read_json(config_path, "a Hugging Face model config (a JSON object)")
+    if not isinstance(hf_config_dict, dict):
+        raise ExportError(f"{config_path}: expected a JSON object")
+    cfg, arch = model_config_from_hf(hf_config_dict, str(config_path))
+    tensors = read_safetensors(hf_dir)
+    if arch == QWEN2_MOE and has_qkv_biases(tensors, cfg):
+        cfg = dataclasses.replace(cfg, qkv_bias=True)
+    state = from_hf_state_dict(tensors, cfg, arch, str(hf_dir))
     if dtype is not None:
         to = _dtype(dtype)
         state = {  # the balancing bias buffer stays fp32 (model/moe.py)
@@ -264,23 +318,64 @@ def import_hf(
     job = JobConfig(model=cfg)
     out_dir = Path(out_dir)
     job.train.run_dir = str(out_dir)
+    job.train.seq_len = min(job.train.seq_len, cfg.max_seq_len)
+    # Continued training of a trained model: a peak learning rate far below a fresh run's.
+    job.optim.lr = IMPORTED_LR
+    # Not prepared yet: `python -m data.prepare --config <run>/config.toml` fills it with the
+    # model's own tokenizer (no other data dir's tokenizer is ever picked up by mistake).
+    job.data.path = str(out_dir.resolve() / "data")
     with _staging_dir(out_dir, overwrite) as tmp:
         tokenizer_json = hf_dir / "tokenizer.json"
+        # Recorded in the checkpoint: sampling / evaluation use it, or refuse without one.
+        identity = {"sha256": None, "reason": f"{tokenizer_json} does not exist"}
         if tokenizer_json.exists():
             try:
-                encoding = from_hf_tokenizer(tokenizer_json, name=hf_dir.name or "hf")
-                Tokenizer(encoding, str(tokenizer_json)).save(tmp / "tokenizer.tiktoken")
-                job.data.tokenizer = str(out_dir.resolve() / "tokenizer.tiktoken")
+                tok = _import_tokenizer(hf_dir, tmp / "tokenizer", hf_config_dict, check_tokenizer)
+                job.data.tokenizer = HF_PREFIX + str(out_dir.resolve() / "tokenizer")
+                if tok.n_vocab > cfg.vocab_size:
+                    raise ExportError(f"{hf_dir}: the tokenizer has {tok.n_vocab} ids, the "
+                                      f"model's vocab_size is {cfg.vocab_size}")
+                identity = {**tok.identity(), "name": out_dir.name, "spec": job.data.tokenizer}
             except ValueError as e:
-                print(f"tokenizer not converted ({e}); prepare data with a matching tokenizer",
+                identity["reason"] = f"{tokenizer_json} not imported: {e}"
+                job.data.tokenizer = JobConfig().data.tokenizer
+                print(f"tokenizer not imported ({e}); prepare data with a matching tokenizer",
                       file=sys.stderr)
         step_dir = tmp / "checkpoints" / "step_000000"
         step_dir.mkdir(parents=True)
         _save({n: t.contiguous() for n, t in state.items()}, step_dir / SAFETENSORS_FILE)
         write_json(step_dir / "config.json", job.to_dict(), indent=2)
+        write_json(step_dir / TOKENIZER_FILE, identity)
         write_text(tmp / "checkpoints" / "latest", "step_000000\n")
         write_text(tmp / "config.toml", to_toml(job))
     return cfg
+
+
+def _import_tokenizer(hf_dir: Path, out: Path, config: dict, check: bool) -> HFTokenizer:
+    """Copy the tokenizer files of `hf_dir` to `out` (see import_hf) and load them."""
+    out.mkdir(parents=True)
+    for name in TOKENIZER_FILES:
+        if (hf_dir / name).is_file() and name != "generation_config.json":
+            write_bytes(out / name, (hf_dir / name).read_bytes())
+    generation = {}
+    if (hf_dir / "generation_config.json").is_file():
+        generation = read_json(hf_dir / "generation_config.json")
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if generation.get(key) is None and config.get(key) is not None:
+            generation[key] = config[key]
+    write_json(out / "generation_config.json", generation, indent=2)
+    tok = HFTokenizer(out)
+    if not check or importlib.util.find_spec("transformers") is None:
+        return tok
+    import transformers
+
+    reference = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    if transformers_differences(tok, reference):
+        reference.save_pretrained(out)  # what AutoTokenizer built, as its tokenizer.json
+        tok = HFTokenizer(out)
+        if diff := transformers_differences(tok, reference):
+            raise ExportError(f"{hf_dir}: our tokenizer differs from AutoTokenizer's: {diff}")
+    return tok
 
 
 # ---------------------------------------------------------------------------------------------
@@ -336,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     im.add_argument("--out-dir", metavar="DIR", required=True, help="output run directory")
     im.add_argument("--dtype", default=None, choices=dtypes, help="default: the files' dtype")
     im.add_argument("--overwrite", action="store_true", help="replace a non-empty --out-dir")
+    im.add_argument("--no-tokenizer-check", action="store_true",
+                    help="skip comparing the tokenizer with transformers' AutoTokenizer")
     return parser
 
 
@@ -350,11 +447,12 @@ def main(argv: list[str] | None = None) -> None:
             )
             print(f"wrote {arch} to {args.out_dir}")
         else:
-            cfg = import_hf(args.hf, args.out_dir, args.dtype, args.overwrite)
+            cfg = import_hf(args.hf, args.out_dir, args.dtype, args.overwrite,
+                            check_tokenizer=not args.no_tokenizer_check)
             print(f"wrote {args.out_dir}/checkpoints/step_000000 ({cfg.num_params():,} parameters)")
     except (ExportError, FileNotFoundError, FileExistsError, NotImplementedError) as e:
         raise SystemExit(f"error: {e}") from None
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -1,9 +1,9 @@
 """Which transformers class a model becomes, and its config.json, both ways (model/hf.py has
 the table of classes and writes the files; model/hf_names.py maps the tensors).
 
-    arch = hf_architecture(cfg)                  # "LlamaForCausalLM", ... or ExportError
-    config = hf_config(cfg, arch, eot_id, dtype)  # config.json as a dict
-    cfg, arch = model_config_from_hf(config)      # the inverse
+    arch = hf_architecture(cfg)                    # "LlamaForCausalLM", ... or ExportError
+    config = hf_config(cfg, arch, token_ids, dtype)  # config.json as a dict
+    cfg, arch = model_config_from_hf(config)        # the inverse
 
 Every family is one row of FAMILIES: the config.json fields it adds to the common ones, and the
 ModelConfig fields it reads back (refusing what our Transformer does not compute). A new family,
@@ -12,19 +12,21 @@ or a new field of one (RoPE scaling, attention biases), is a change to its two f
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from model.config import ModelConfig
+from common.errors import PretrainError
+from model.config import ModelConfig, RopeScaling
 
-LLAMA, QWEN3 = "LlamaForCausalLM", "Qwen3ForCausalLM"
+LLAMA, QWEN2, QWEN3 = "LlamaForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM"
 MIXTRAL, QWEN3_MOE, QWEN2_MOE = "MixtralForCausalLM", "Qwen3MoeForCausalLM", "Qwen2MoeForCausalLM"
 ERNIE_MOE = "Ernie4_5_MoeForCausalLM"
 
 
-class ExportError(ValueError):
+class ExportError(PretrainError, ValueError):
     """The model (or the files) cannot be expressed in the other format; the message says why."""
 
 
@@ -41,8 +43,15 @@ def hf_architecture(cfg: ModelConfig) -> str:
             f"model.dim = {cfg.dim} is not a multiple of model.n_heads = {cfg.n_heads} "
             f"(head_dim = {cfg.head_dim}): transformers rejects such a config"
         )
+    if cfg.qkv_bias and (cfg.qk_norm or (cfg.is_moe and (
+            not cfg.n_shared_experts or cfg.moe_balance == "bias"))):
+        raise ExportError(
+            "model.qkv_bias: q/k/v biases are Qwen2's (dense) and Qwen2-MoE's (with shared "
+            "experts, no qk_norm, moe_balance != 'bias'); no transformers class has them with "
+            "this model's other features"
+        )
     if not cfg.is_moe:
-        return QWEN3 if cfg.qk_norm else LLAMA
+        return QWEN2 if cfg.qkv_bias else QWEN3 if cfg.qk_norm else LLAMA
     if cfg.moe_balance == "bias":
         # The selection bias decides which experts run, at inference too: only Ernie 4.5's
         # router has one over softmax scores (DeepSeek-V3's comes with sigmoid scores and MLA).
@@ -75,8 +84,9 @@ def hf_architecture(cfg: ModelConfig) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def hf_config(cfg: ModelConfig, arch: str, eot_id: int | None, dtype: torch.dtype) -> dict:
-    """config.json for `arch`; every number that changes the computation is written out."""
+def hf_config(cfg: ModelConfig, arch: str, token_ids: dict, dtype: torch.dtype) -> dict:
+    """config.json for `arch`; every number that changes the computation is written out.
+    token_ids: bos_token_id / eos_token_id (/ pad_token_id) of the tokenizer, or {}."""
     c = {
         "architectures": [arch],
         "model_type": FAMILIES[arch].model_type,
@@ -91,16 +101,20 @@ def hf_config(cfg: ModelConfig, arch: str, eot_id: int | None, dtype: torch.dtyp
         "max_position_embeddings": cfg.max_seq_len,
         "rms_norm_eps": cfg.norm_eps,
         "rope_theta": cfg.rope_theta,  # top level: read by 4.x, moved into rope_parameters by 5.x
-        "rope_scaling": None,
+        "rope_scaling": _rope_to_hf(cfg),
         "attention_bias": False,
         "attention_dropout": 0.0,
         "tie_word_embeddings": cfg.tie_embeddings,
         "initializer_range": cfg.init_std,
         "use_cache": True,
-        "bos_token_id": eot_id,  # documents are separated by end-of-text: it also starts them
-        "eos_token_id": eot_id,
+        "bos_token_id": token_ids.get("bos_token_id"),
+        "eos_token_id": token_ids.get("eos_token_id"),
         "torch_dtype": str(dtype).removeprefix("torch."),
     }
+    if token_ids.get("pad_token_id") is not None:
+        c["pad_token_id"] = token_ids["pad_token_id"]
+    if cfg.rope_scaling.type == "dynamic":  # where transformers starts rescaling: as imported
+        c["max_position_embeddings"] = max(cfg.max_seq_len, cfg.rope_scaling.original_max_seq_len)
     c.update(FAMILIES[arch].to_hf(cfg))
     return c
 
@@ -116,14 +130,15 @@ def model_config_from_hf(c: dict, source: str = "config.json") -> tuple[ModelCon
     arch = archs[0]
     if c.get("hidden_act", "silu") != "silu":
         raise _unsupported(c, source, "hidden_act", "our MLP is SwiGLU (silu)")
-    for flag in ("attention_bias", "mlp_bias", "use_bias"):
+    if c.get("attention_bias"):
+        raise _unsupported(c, source, "attention_bias", "it adds biases to q, k, v and the output "
+                           "projection; our attention has q/k/v biases only (Qwen2's)")
+    for flag in ("mlp_bias", "use_bias"):
         if c.get(flag):
-            raise _unsupported(c, source, flag, "our linear layers have no biases")
+            raise _unsupported(c, source, flag, "our MLP and output projections have no biases")
     if c.get("use_sliding_window") or (arch == MIXTRAL and c.get("sliding_window")):
         raise _unsupported(c, source, "sliding_window", "our attention is full causal attention")
-    theta = _rope_theta_from_hf(c, source)
-    if c.get("partial_rotary_factor", 1.0) != 1.0:
-        raise _unsupported(c, source, "partial_rotary_factor", "we rotate the whole head")
+    theta, scaling = _rope_from_hf(c, source)
     heads = c["num_attention_heads"]
     values = dict(
         vocab_size=c["vocab_size"],
@@ -135,6 +150,7 @@ def model_config_from_hf(c: dict, source: str = "config.json") -> tuple[ModelCon
         ffn_hidden=c["intermediate_size"],
         norm_eps=c["rms_norm_eps"],
         rope_theta=theta,
+        rope_scaling=scaling,
         max_seq_len=c["max_position_embeddings"],
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         init_std=c.get("initializer_range", 0.02),
@@ -145,14 +161,73 @@ def model_config_from_hf(c: dict, source: str = "config.json") -> tuple[ModelCon
     return ModelConfig(**values), arch
 
 
-def _rope_theta_from_hf(c: dict, source: str) -> float:
-    """RoPE base from config.json (4.x: top level and `rope_scaling`; 5.x: `rope_parameters`);
-    only unscaled RoPE is ours."""
-    rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
-    rope_type = rope.get("rope_type", rope.get("type", "default"))
-    if rope_type != "default":
-        raise ExportError(f"{source}: RoPE type {rope_type!r}: our RoPE has no frequency scaling")
-    return float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
+def _rope_from_hf(c: dict, source: str) -> tuple[float, RopeScaling]:
+    """(RoPE base, scaling) from config.json: 4.x has `rope_theta` at the top and `rope_scaling`
+    ("type" or "rope_type"), 5.x `rope_parameters` with both; the fields and defaults are
+    transformers' (modeling_rope_utils.py)."""
+    rope = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    field = "rope_parameters" if c.get("rope_parameters") else "rope_scaling"
+    if any(isinstance(v, dict) for v in rope.values()):
+        raise ExportError(f"{source}: {field} per layer type: our layers share one RoPE")
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    theta = float(rope.get("rope_theta", c.get("rope_theta", 10000.0)))
+    if rope.get("partial_rotary_factor", c.get("partial_rotary_factor", 1.0)) != 1.0:
+        raise _unsupported(c, source, "partial_rotary_factor", "we rotate the whole head")
+    original = c.get("original_max_position_embeddings") or rope.get(
+        "original_max_position_embeddings") or c["max_position_embeddings"]
+    def need(key: str) -> float:
+        if rope.get(key) is None:
+            raise ExportError(f"{source}: {field}.{key} is missing (RoPE type {kind!r} needs it)")
+        return float(rope[key])
+
+    if kind == "default":
+        return theta, RopeScaling()
+    if kind == "linear":
+        return theta, RopeScaling("linear", need("factor"))
+    if kind == "dynamic":  # rescales past max_position_embeddings only
+        return theta, RopeScaling("dynamic", need("factor"),
+                                  original_max_seq_len=c["max_position_embeddings"])
+    if kind == "llama3":
+        return theta, RopeScaling(
+            "llama3", need("factor"), original_max_seq_len=original,
+            low_freq_factor=need("low_freq_factor"), high_freq_factor=need("high_freq_factor"),
+        )
+    if kind == "yarn":
+        factor = rope.get("factor") or c["max_position_embeddings"] / original
+        attention = rope.get("attention_factor")
+        mscale, mscale_all_dim = rope.get("mscale"), rope.get("mscale_all_dim")
+        if attention is None and mscale and mscale_all_dim:  # DeepSeek's ratio
+
+            def get_mscale(m: float) -> float:
+                return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+            attention = get_mscale(mscale) / get_mscale(mscale_all_dim)
+        return theta, RopeScaling(
+            "yarn", float(factor), original_max_seq_len=original,
+            beta_fast=float(rope.get("beta_fast") or 32), beta_slow=float(rope.get("beta_slow") or 1),
+            attention_factor=float(attention or 0.0), truncate=bool(rope.get("truncate", True)),
+        )
+    raise ExportError(f"{source}: {field}.rope_type = {kind!r}: our RoPE computes default, "
+                      "linear, llama3, yarn and dynamic frequencies only")
+
+
+def _rope_to_hf(cfg: ModelConfig) -> dict | None:
+    """`rope_scaling` of config.json (5.x reads it into rope_parameters with rope_theta)."""
+    s = cfg.rope_scaling
+    if s.type == "default":
+        return None
+    out: dict = {"rope_type": s.type, "factor": s.factor}
+    if s.type in ("llama3", "yarn"):
+        out["original_max_position_embeddings"] = s.original_max_seq_len
+    if s.type == "llama3":
+        out.update(low_freq_factor=s.low_freq_factor, high_freq_factor=s.high_freq_factor)
+    if s.type == "yarn":
+        out.update(beta_fast=s.beta_fast, beta_slow=s.beta_slow)
+        if s.attention_factor:
+            out["attention_factor"] = s.attention_factor
+        if not s.truncate:
+            out["truncate"] = False
+    return out
 
 
 def _unsupported(c: dict, source: str, field: str, why: str) -> ExportError:
@@ -170,6 +245,8 @@ def _llama_to_hf(cfg: ModelConfig) -> dict:
 
 def _qwen_dense_to_hf(cfg: ModelConfig) -> dict:
     return dict(use_sliding_window=False, sliding_window=None, max_window_layers=cfg.n_layers)
+
+
 
 
 def _mixtral_to_hf(cfg: ModelConfig) -> dict:
@@ -203,7 +280,7 @@ def _qwen2_moe_to_hf(cfg: ModelConfig) -> dict:
         _qwen_moe_to_hf(cfg),
         # our n_shared_experts shared experts are one SwiGLU of the summed width (model/moe.py)
         shared_expert_intermediate_size=cfg.n_shared_experts * cfg.expert_hidden,
-        qkv_bias=True,  # 4.x always has q/k/v biases; we write zeros (model/hf_names.py)
+        qkv_bias=True,  # 4.x always has q/k/v biases; zeros without ours (model/hf_names.py)
     )
 
 
@@ -225,6 +302,10 @@ def _ernie_moe_to_hf(cfg: ModelConfig) -> dict:
 
 def _llama_from_hf(c: dict, source: str) -> dict:
     return {}
+
+
+def _qwen2_from_hf(c: dict, source: str) -> dict:
+    return {"qkv_bias": True}
 
 
 def _qwen3_from_hf(c: dict, source: str) -> dict:
@@ -297,6 +378,7 @@ class Family:
 
 FAMILIES: dict[str, Family] = {
     LLAMA: Family("llama", _llama_to_hf, _llama_from_hf),
+    QWEN2: Family("qwen2", _qwen_dense_to_hf, _qwen2_from_hf),  # q/k/v biases: always
     QWEN3: Family("qwen3", _qwen_dense_to_hf, _qwen3_from_hf),
     MIXTRAL: Family("mixtral", _mixtral_to_hf, _mixtral_from_hf),
     QWEN3_MOE: Family("qwen3_moe", _qwen_moe_to_hf, _qwen3_moe_from_hf),

@@ -7,7 +7,9 @@ torchtitan's per-model state_dict_adapter.py; model/hf_config.py chooses the cla
 Most tensors are renamed one to one (`_plain_names`). The exact adaptations, per family:
 - MoE: our stacked expert weights (E, out, in) are one (out, in) tensor per expert;
 - Qwen2-MoE: the gated shared expert gets a zero gate (sigmoid(0) = 1/2 exactly) and a down
-  projection scaled by 2 (exact), and q/k/v get zero biases;
+  projection scaled by 2 (exact), and q/k/v get zero biases when the model has none (on import,
+  all-zero biases are dropped: model.qkv_bias stays off);
+- Qwen2 (dense) and models with model.qkv_bias: the q/k/v biases are copied as they are;
 - Ernie-4.5-MoE: the expert selection bias is `moe_statics.e_score_correction_bias` (1, E), and
   q/k rows are permuted per head from our "rotate halves" RoPE pairs to interleaved pairs.
 """
@@ -48,6 +50,9 @@ def _plain_names(cfg: ModelConfig, arch: str) -> list[tuple[str, str]]:
         pairs.append((b + "attn_norm.weight", h + "input_layernorm.weight"))
         for ours, theirs in ATTN_NAMES:
             pairs.append((f"{b}attn.{ours}.weight", f"{h}self_attn.{theirs}.weight"))
+        if cfg.qkv_bias:
+            for ours, theirs in ATTN_NAMES[:3]:
+                pairs.append((f"{b}attn.{ours}.bias", f"{h}self_attn.{theirs}.bias"))
         if cfg.qk_norm:
             pairs.append((b + "attn.q_norm.weight", h + "self_attn.q_norm.weight"))
             pairs.append((b + "attn.k_norm.weight", h + "self_attn.k_norm.weight"))
@@ -102,7 +107,7 @@ def to_hf_state_dict(
             down = take(b + "shared.w_down.weight")
             out[moe + "shared_expert.down_proj.weight"] = down * 2  # exact: a power of two
             out[moe + "shared_expert_gate.weight"] = down.new_zeros(1, cfg.dim)  # sigmoid(0) = 1/2
-    if arch == QWEN2_MOE:  # Qwen2 attention has q/k/v biases: zeros compute exactly what we do
+    if arch == QWEN2_MOE and not cfg.qkv_bias:  # Qwen2-MoE always has q/k/v biases: zeros
         out.update(_zero_qkv_biases(out, cfg))
     if arch == ERNIE_MOE:  # Ernie rotates interleaved pairs (2j, 2j+1); we rotate (j, j + D/2)
         for i in range(cfg.n_layers):
@@ -160,7 +165,7 @@ def from_hf_state_dict(
                     "no sigmoid gate, so this Qwen2-MoE model cannot be imported"
                 )
             out[b + "shared.w_down.weight"] = take(moe + "shared_expert.down_proj.weight") / 2
-    if arch == QWEN2_MOE:
+    if arch == QWEN2_MOE and not cfg.qkv_bias:
         _take_zero_qkv_biases(hf, cfg, source)
     if hf:
         raise ExportError(f"{source}: tensors we have no place for: {sorted(hf)[:10]}")
@@ -199,6 +204,16 @@ def _zero_qkv_biases(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str,
             weight = hf[f"model.layers.{i}.self_attn.{proj}.weight"]
             out[f"model.layers.{i}.self_attn.{proj}.bias"] = weight.new_zeros(weight.shape[0])
     return out
+
+
+def has_qkv_biases(hf: dict[str, torch.Tensor], cfg: ModelConfig) -> bool:
+    """Whether a Qwen2-MoE file's q/k/v biases hold anything but zeros (ours, without
+    model.qkv_bias, are zeros)."""
+    return any(
+        torch.any(hf[name] != 0)
+        for i in range(cfg.n_layers) for proj in QKV_BIASES
+        if (name := f"model.layers.{i}.self_attn.{proj}.bias") in hf
+    )
 
 
 def _take_zero_qkv_biases(hf: dict[str, torch.Tensor], cfg: ModelConfig, source: str) -> None:

@@ -6,9 +6,13 @@ Each has a plain PyTorch path and, when `fused` is on, a Triton kernel path (ker
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from model.config import RopeScaling
 
 
 class RMSNorm(nn.Module):
@@ -35,14 +39,53 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
 
-def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None):
+def rope_frequencies(head_dim: int, theta: float, scaling: RopeScaling | None = None,
+                     device=None) -> tuple[torch.Tensor, float]:
+    """(inverse frequencies (head_dim / 2,) in float64, factor for cos and sin): theta^(-2j/d),
+    rescaled as transformers' rope_type does (modeling_rope_utils.py) for long-context models."""
+    j = torch.arange(0, head_dim, 2, device=device).double()
+    inv_freq = 1.0 / (theta ** (j / head_dim))
+    s = scaling
+    if s is None or s.type in ("default", "dynamic"):  # dynamic: unchanged up to its context
+        return inv_freq, 1.0
+    if s.type == "linear":
+        return inv_freq / s.factor, 1.0
+    if s.type == "llama3":
+        context = s.original_max_seq_len
+        wavelen = 2 * math.pi / inv_freq
+        low_wavelen, high_wavelen = context / s.low_freq_factor, context / s.high_freq_factor
+        long = torch.where(wavelen > low_wavelen, inv_freq / s.factor, inv_freq)
+        smooth = (context / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+        blended = (1 - smooth) * long / s.factor + smooth * long
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        return torch.where(medium, blended, long), 1.0
+    # yarn: dimensions that turn fewer than beta_slow times over the original context are
+    # interpolated (/ factor), more than beta_fast times kept, a linear ramp between.
+    def correction_dim(rotations: float) -> float:
+        return (head_dim * math.log(s.original_max_seq_len / (rotations * 2 * math.pi))
+                / (2 * math.log(theta)))
+
+    low, high = correction_dim(s.beta_fast), correction_dim(s.beta_slow)
+    if s.truncate:
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, head_dim - 1)
+    if low == high:
+        high += 0.001  # as transformers: no division by zero
+    ramp = ((torch.arange(head_dim // 2, device=device).double() - low) / (high - low)).clamp(0, 1)
+    inv_freq = inv_freq / s.factor * ramp + inv_freq * (1 - ramp)
+    attention = s.attention_factor or (0.1 * math.log(s.factor) + 1.0 if s.factor > 1 else 1.0)
+    return inv_freq, attention
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float, device=None,
+                scaling: RopeScaling | None = None):
     """cos, sin of shape (max_seq_len, head_dim), halves convention: column j and j + d/2 share
-    the frequency theta^(-2j/d), exactly as transformers' LlamaRotaryEmbedding."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device=device).double() / head_dim))
+    frequency j (rope_frequencies), as transformers' rotary embeddings; yarn scales both."""
+    inv_freq, attention = rope_frequencies(head_dim, theta, scaling, device)
     t = torch.arange(max_seq_len, device=device).double()
     freqs = torch.outer(t, inv_freq)  # (T, D/2)
     emb = torch.cat([freqs, freqs], dim=-1)  # (T, D)
-    return emb.cos().float(), emb.sin().float()
+    return (emb.cos() * attention).float(), (emb.sin() * attention).float()
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, fused: bool = False):

@@ -1,5 +1,6 @@
-"""A decoder-only Transformer: RMSNorm, RoPE (Hugging Face halves convention), grouped-query
-attention, SwiGLU MLP (or a Mixture-of-Experts layer), optional tied embeddings.
+"""A decoder-only Transformer: RMSNorm, RoPE (Hugging Face halves convention, optionally
+scaled for long contexts), grouped-query attention (optional q/k/v biases), SwiGLU MLP (or a
+Mixture-of-Experts layer), optional tied embeddings.
 
 Plain nn.Modules, no process groups: parallelism is applied from outside (parallel/). Weights
 are initialized by `init_weights(seed)`, never in `__init__`, so the model can be built on the
@@ -16,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model.config import ModelConfig
+from model.config import ModelConfig, ModelConfigError
 from model.layers import FeedForward, RMSNorm, apply_rope, rope_tables
 from model.moe import MoE
 
@@ -25,10 +26,16 @@ from model.moe import MoE
 # ---------------------------------------------------------------------------------------------
 
 
-def resolve_attention_backend(name: str, device: torch.device) -> str:
+def resolve_attention_backend(name: str, device: torch.device, head_dim: int) -> str:
+    """model.attention on `device`: "auto" is our Triton kernel on CUDA when the kernel takes
+    this head dim (kernels/attention.py's own predicate), else PyTorch's SDPA."""
     if name != "auto":
         return name
-    return "triton" if device.type == "cuda" else "sdpa"
+    if device.type != "cuda":
+        return "sdpa"
+    from kernels.attention import supports_head_dim
+
+    return "triton" if supports_head_dim(head_dim) else "sdpa"
 
 
 def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
@@ -70,10 +77,18 @@ class Attention(nn.Module):
         super().__init__()
         self.n_heads, self.n_kv_heads, self.head_dim = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
         self.backend = cfg.attention
+        if cfg.attention == "triton":  # stop at build time, not at the first forward
+            from kernels.attention import HEAD_DIMS, supports_head_dim
+
+            if not supports_head_dim(cfg.head_dim):
+                raise ModelConfigError(f"model.attention = 'triton': the kernel takes head dims "
+                                 f"{HEAD_DIMS}, not model.head_dim = {cfg.head_dim}; use 'auto' "
+                                 f"or 'sdpa'")
         self.fused = cfg.fused_kernels
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=False)
+        bias = cfg.qkv_bias  # Qwen2: q, k, v have biases, the output projection none
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * cfg.head_dim, bias=bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * cfg.head_dim, bias=bias)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
         self.q_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.fused_kernels) if cfg.qk_norm else None
         self.k_norm = RMSNorm(cfg.head_dim, cfg.norm_eps, cfg.fused_kernels) if cfg.qk_norm else None
@@ -89,7 +104,8 @@ class Attention(nn.Module):
         q = apply_rope(q, cos, sin, self.fused)
         k = apply_rope(k, cos, sin, self.fused)
         if cache is None:
-            out = attend(q, k, v, resolve_attention_backend(self.backend, x.device), doc_ids)
+            out = attend(q, k, v, resolve_attention_backend(self.backend, x.device, self.head_dim),
+                         doc_ids)
         else:
             out = cache.attend(q, k, v)
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, H, T, D) -> (B, T, H*D)
@@ -155,7 +171,9 @@ class Transformer(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, i) for i in range(cfg.n_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps, cfg.fused_kernels)
         self.lm_head = None if cfg.tie_embeddings else nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device="meta")
+        cos, sin = rope_tables(
+            cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, "meta", cfg.rope_scaling
+        )
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
 
@@ -163,6 +181,15 @@ class Transformer(nn.Module):
     def output_weight(self) -> torch.Tensor:
         """(V, dim) matrix of the output projection (the embedding when tied)."""
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
+
+    @torch.no_grad()
+    def init_rope(self) -> None:
+        """Fill the RoPE tables (the only buffers not in a checkpoint)."""
+        cfg = self.cfg
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta,
+                               self.embed.weight.device, cfg.rope_scaling)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
 
     @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
@@ -173,9 +200,7 @@ class Transformer(nn.Module):
         """
         cfg = self.cfg
         device = self.embed.weight.device
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta, device=device)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
+        self.init_rope()
         gen = torch.Generator(device=device).manual_seed(seed)
         residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
         for name, module in self.named_modules():
@@ -185,6 +210,8 @@ class Transformer(nn.Module):
                 out_proj = name.endswith(("wo", "w_down"))
                 std = residual_std if out_proj else cfg.init_std
                 nn.init.normal_(module.weight, 0.0, std, generator=gen)
+                if getattr(module, "bias", None) is not None:  # q/k/v biases start at zero
+                    nn.init.zeros_(module.bias)
             elif hasattr(module, "init_weights") and module is not self:
                 module.init_weights(gen, cfg.init_std, residual_std)  # e.g. MoE experts
 
@@ -232,10 +259,16 @@ class Transformer(nn.Module):
         ]
 
 
-def build_model(cfg: ModelConfig, device: str | torch.device = "cpu", seed: int = 0) -> Transformer:
-    """Build on the meta device, materialize on `device`, initialize from `seed`."""
+def build_model(
+    cfg: ModelConfig, device: str | torch.device = "cpu", seed: int | None = 0
+) -> Transformer:
+    """Build on the meta device, materialize on `device`, initialize from `seed`; seed None
+    leaves the parameters uninitialized for a checkpoint to fill (only RoPE is computed)."""
     with torch.device("meta"):
         model = Transformer(cfg)
     model.to_empty(device=device)
-    model.init_weights(seed)
+    if seed is None:
+        model.init_rope()
+    else:
+        model.init_weights(seed)
     return model

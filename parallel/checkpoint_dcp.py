@@ -47,6 +47,7 @@ from torch.distributed.checkpoint.state_dict import (
 from common.atomic import atomic_path, temp_path
 from model.checkpoint import (
     MODEL_FILE,
+    CheckpointError,
     checkpoint_dir,
     find_checkpoint,
     load_model_state,
@@ -70,7 +71,7 @@ def _world() -> int:
 
 def save_train_checkpoint(
     run_dir: Path, step: int, model: nn.Module, raw: nn.Module, optimizer, scheduler,
-    train_state: dict, config: dict, keep: int, is_main: bool,
+    train_state: dict, config: dict, keep: int, is_main: bool, tokenizer: dict | None = None,
 ) -> Path:
     """Every rank calls this. `model` is what the loop calls (a DeepSpeed engine, DDP, or raw);
     `train_state` holds loader / RNG / step; optimizer and scheduler are added here."""
@@ -95,11 +96,13 @@ def save_train_checkpoint(
             full = get_model_state_dict(raw, options=FULL)  # collective; rank 0 gets the tensors
         barrier()  # every shard is on disk before rank 0 commits
         if is_main:
-            save_checkpoint(run_dir, step, full, train_state, config, keep, keep_temp_contents=True)
+            save_checkpoint(run_dir, step, full, train_state, config, keep, keep_temp_contents=True,
+                            tokenizer=tokenizer)
     elif is_main:
         optim = get_optimizer_state_dict(raw, optimizer, options=FULL)
         train_state = dict(train_state, optimizer=optim, scheduler=scheduler.state_dict())
-        save_checkpoint(run_dir, step, raw.state_dict(), train_state, config, keep)
+        save_checkpoint(run_dir, step, raw.state_dict(), train_state, config, keep,
+                        tokenizer=tokenizer)
     barrier()
     return final
 
@@ -119,7 +122,12 @@ def load_train_checkpoint(ckpt: Path, model: nn.Module, raw: nn.Module, optimize
         # Targets in the current layout: DCP reads the slices each rank owns.
         sharded = {"model": get_model_state_dict(raw),
                    "optimizer": get_optimizer_state_dict(raw, optimizer)}
-        dcp.load(sharded, checkpoint_id=ckpt / DCP_DIR)
+        try:
+            dcp.load(sharded, checkpoint_id=ckpt / DCP_DIR)
+        except Exception as e:  # a damaged shard or .metadata: DCP's own errors name no file
+            first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+            raise CheckpointError(f"{ckpt / DCP_DIR}: not a readable sharded checkpoint "
+                                  f"({type(e).__name__}: {first})") from None
         set_model_state_dict(raw, sharded["model"])
         set_optimizer_state_dict(raw, optimizer, sharded["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

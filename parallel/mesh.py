@@ -20,10 +20,11 @@ from dataclasses import dataclass, field
 import torch
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from common.errors import PretrainError
 from job_config import JobConfig
 
 
-class ParallelConfigError(ValueError):
+class ParallelConfigError(PretrainError, ValueError):
     pass
 
 

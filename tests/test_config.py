@@ -1,3 +1,7 @@
+import re
+import shlex
+from pathlib import Path
+
 import pytest
 
 from job_config import ConfigError, load_config, parse_overrides, to_toml
@@ -17,6 +21,50 @@ def test_resolved_config_round_trips_through_toml(tmp_path):
     path.write_text(to_toml(cfg))
     again = load_config(path)
     assert again == cfg
+
+
+def test_inf_nan_and_odd_strings_round_trip_through_config_toml(tmp_path):
+    """Issue 12 case: an override of inf / nan was saved into config.toml in a form that could
+    not be loaded back (JSON's Infinity / NaN). So could strings with control characters or
+    characters outside the BMP (JSON's \\u surrogate pairs are not TOML)."""
+    overrides = ["--optim.grad_clip=inf", "--train.z_loss=nan", "--optim.eps=-inf",
+                 '--train.run_dir="runs/\\u00e9t\\u00e9 \\U0001F600 \\"q\\" \\u007f\\t"']
+    cfg = load_config("configs/tiny.toml", overrides)
+    assert cfg.optim.grad_clip == float("inf") and cfg.train.z_loss != cfg.train.z_loss
+    path = tmp_path / "config.toml"
+    path.write_text(to_toml(cfg), encoding="utf-8")
+    again = load_config(path)
+    assert again.optim.grad_clip == float("inf") and again.optim.eps == float("-inf")
+    assert again.train.z_loss != again.train.z_loss  # nan
+    assert again.train.run_dir == cfg.train.run_dir == 'runs/\u00e9t\u00e9 \U0001F600 "q" \x7f\t'
+    again.train.z_loss = cfg.train.z_loss = 0.0
+    assert again == cfg
+
+
+def test_config_comments_suggest_only_meshes_the_code_accepts():
+    """Issue 12 case: configs/moe-1b.toml told the user to run with ep=8, which
+    parallel/mesh.py refuses. Every torchrun command in a config's comments, with every
+    parallel setting the comments suggest (`ep = N`, `--parallel.key=N`), passes check_parallel
+    for that command's world size."""
+    from parallel.mesh import check_parallel
+
+    commands = 0
+    for path in sorted(Path("configs").glob("*.toml")):
+        comments = [line.split("#", 1)[1] for line in path.read_text().splitlines() if "#" in line]
+        text = "\n".join(comments)
+        suggested = [f"--parallel.{k}={v}" for k, v in re.findall(r"\b(ep|tp)\s*=\s*(\d+)", text)]
+        for line in comments:
+            if "torchrun" not in line:
+                continue
+            args = shlex.split(line.split("torchrun", 1)[1])
+            world = int(args[args.index("--nproc_per_node") + 1])
+            config = args[args.index("--config") + 1]
+            overrides = [a for a in args if a.startswith("--") and "." in a.split("=")[0]]
+            cfg = load_config(config, overrides + suggested)
+            nnodes = int(args[args.index("--nnodes") + 1]) if "--nnodes" in args else 1
+            check_parallel(cfg, world * nnodes)  # raises ParallelConfigError naming the field
+            commands += 1
+    assert commands >= 3
 
 
 @pytest.mark.parametrize(

@@ -4,7 +4,6 @@ cut mode removes the span plus the margin, drop mode drops; benchmark files pars
 from __future__ import annotations
 
 import random
-from pathlib import Path
 
 import pytest
 
@@ -18,10 +17,6 @@ from data.decontaminate import (
 )
 from data.normalize import ngram_hashes
 
-BENCH = Path(__file__).resolve().parents[1] / ".." / "shared" / "benchmarks"
-HELLASWAG = BENCH / "hellaswag" / "hellaswag_val_full.txt"
-LAMBADA = BENCH / "lambada" / "lambada_test.jsonl"
-
 WORDS = ("alpha beta gamma delta epsilon zeta theta iota kappa lambda mu nu xi omicron pi rho "
          "sigma tau upsilon phi chi psi omega river stone cloud").split()
 
@@ -31,27 +26,28 @@ def filler(rng: random.Random, n_words: int) -> str:
 
 
 @pytest.fixture(scope="module")
-def real():
-    if not (HELLASWAG.exists() and LAMBADA.exists()):
-        pytest.skip(f"benchmark files not found under {BENCH}")
-    hs = load_benchmark_texts("hellaswag", HELLASWAG)
-    lb = load_benchmark_texts("lambada", LAMBADA)
-    cfg = DecontamConfig(benchmarks=[f"hellaswag={HELLASWAG}", f"lambada={LAMBADA}"])
-    return hs, lb, Decontaminator(cfg)
+def real(benchmark_dir):
+    """HellaSwag and LAMBADA files in their release formats (generated: tests/helpers.py)."""
+    hellaswag = benchmark_dir / "hellaswag" / "hellaswag_val_full.txt"
+    lambada = benchmark_dir / "lambada" / "lambada_test.jsonl"
+    hs = load_benchmark_texts("hellaswag", hellaswag)
+    lb = load_benchmark_texts("lambada", lambada)
+    cfg = DecontamConfig(benchmarks=[f"hellaswag={hellaswag}", f"lambada={lambada}"])
+    return hs, lb, Decontaminator(cfg), hellaswag
 
 
 def test_benchmark_files_parse(real):
-    hs, lb, stage = real
-    assert len(hs) == 10042 and len(lb) == 5153  # the official item counts
-    # First HellaSwag item: context + gold ending (label 3).
-    assert hs[0] == ("Roof shingle removal: A man is sitting on a roof. he "
-                     "starts pulling up roofing on a roof.")
+    hs, lb, stage, hellaswag = real
+    assert len(hs) == 600 and len(lb) == 600
+    # An item's text: the context followed by its gold ending.
+    lines = hellaswag.read_text().split("\n")
+    assert hs[0] == lines[0] + " " + lines[2 + int(lines[1])]
     info = stage.describe()["benchmarks"]
     assert info["lambada"]["n"] == 13 and info["hellaswag"]["n"] == 13
 
 
 def test_pasted_items_caught_per_benchmark(real):
-    hs, lb, stage = real
+    hs, lb, stage, _ = real
     rng = random.Random()
     planted = {"hellaswag": 0, "lambada": 0}
     docs, expect = [], []

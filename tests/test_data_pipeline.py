@@ -272,7 +272,7 @@ def test_build_train_loader_from_the_mixture_config(tmp_path):
         path = tmp_path / f"domain{d}"
         path.mkdir()
         write_shard(path / "train_000000.bin", np.full(5000, d, np.uint16), 300)
-        manifest = {"tokenizer": {"name": "bpe", "sha256": sha},
+        manifest = {"tokenizer": {"name": "bpe", "sha256": sha, "n_vocab": 300, "eot_id": 0},
                     "train": {"shards": [{"file": "train_000000.bin", "tokens": 5000}]}}
         (path / "manifest.json").write_text(json.dumps(manifest))
         dirs.append((path, manifest))

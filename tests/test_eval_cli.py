@@ -9,14 +9,9 @@ import pytest
 from eval.models import TokenizerMismatchError, load_native
 from eval.scoring import evaluate_task
 from eval.tasks import load_task
-from tests.helpers import BENCHMARKS, to_hf_llama
+from tests.helpers import to_hf_llama
 
-pytestmark = [
-    pytest.mark.skipif(
-        not (BENCHMARKS / "lambada").is_dir(), reason=f"benchmark files not found in {BENCHMARKS}"
-    ),
-    pytest.mark.usefixtures("one_thread"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 
@@ -24,8 +19,19 @@ DATA = ["--data.max_bytes=600000", "--data.vocab_size=400", "--data.workers=1",
         "--data.tokenizer_train_bytes=200000", "--data.val_fraction=0.2"]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def default_benchmarks(benchmark_dir):
+    """Benchmarks read from the generated files wherever no --benchmark-dir is given (training's
+    eval_tasks, the CLI): eval.tasks.default_data_dir pointed at them for this module."""
+    import eval.tasks
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(eval.tasks, "default_data_dir", lambda: benchmark_dir)
+        yield
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
+def run(tmp_path_factory, default_benchmarks):
     """A 4-step training run of a 2-layer model on 600 KB of the standard library, scoring
     HellaSwag and LAMBADA (10 items each) every 2 steps."""
     from data.prepare import prepare

@@ -19,11 +19,7 @@ from eval.contamination import (
     normalize_words,
 )
 from eval.tasks import load_task
-from tests.helpers import BENCHMARKS, small_tokenizer
-
-pytestmark = pytest.mark.skipif(
-    not (BENCHMARKS / "hellaswag").is_dir(), reason=f"benchmark files not found in {BENCHMARKS}"
-)
+from tests.helpers import small_tokenizer
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 CORPUS_FILES = ["textwrap.py", "argparse.py", "difflib.py", "calendar.py", "shutil.py",
@@ -76,10 +72,10 @@ def _exact_ngrams(texts, n) -> set:
     return grams
 
 
-def test_pasted_items_and_only_those_are_dirty(tmp_path):
+def test_pasted_items_and_only_those_are_dirty(tmp_path, benchmark_dir):
     rng = random.Random()
     tok = small_tokenizer()
-    tasks = {name: load_task(name, BENCHMARKS, limit=600) for name in ("hellaswag", "lambada")}
+    tasks = {name: load_task(name, benchmark_dir, limit=600) for name in ("hellaswag", "lambada")}
     pasted = {name: set(rng.sample(range(600), 15)) for name in tasks}
     docs = _corpus_documents()
     for name, idx in pasted.items():
@@ -150,8 +146,8 @@ def test_pasted_items_and_only_those_are_dirty(tmp_path):
         assert unexplained <= 0.01 * len(items), (name, unexplained)
 
 
-def test_threshold_fraction_and_save_load(tmp_path):
-    items = load_task("lambada", BENCHMARKS, limit=40)
+def test_threshold_fraction_and_save_load(tmp_path, benchmark_dir):
+    items = load_task("lambada", benchmark_dir, limit=40)
     item = items[3]
     words = item.text.split()
     half = " ".join(words[: len(words) // 2])  # about half of the item's 13-grams

@@ -13,14 +13,9 @@ import torch
 from eval.models import HFLogLikelihood, LogLikelihoodModel, TransformerLogLikelihood
 from eval.scoring import encode_pair, evaluate_task, flat_metrics, format_table, item_requests
 from eval.tasks import load_task
-from tests.helpers import BENCHMARKS, small_tokenizer, tiny_model, to_hf_llama, train_briefly
+from tests.helpers import small_tokenizer, tiny_model, to_hf_llama, train_briefly
 
-pytestmark = [
-    pytest.mark.skipif(
-        not (BENCHMARKS / "lambada").is_dir(), reason=f"benchmark files not found in {BENCHMARKS}"
-    ),
-    pytest.mark.usefixtures("one_thread"),
-]
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
@@ -29,19 +24,18 @@ def tok():
 
 
 @pytest.fixture(scope="module")
-def trained(tok):
+def trained(tok, benchmark_dir):
     """A tiny model with max_seq_len 64 (so long HellaSwag / LAMBADA contexts get truncated),
     trained a few steps on LAMBADA passages that are not among the scored items."""
     model = tiny_model(tok.n_vocab, seed=1, max_seq_len=64)
     texts = [json.loads(line)["text"] for line in
-             (BENCHMARKS / "lambada" / "lambada_test.jsonl").read_text().splitlines()[200:400]]
+             (benchmark_dir / "lambada" / "lambada_test.jsonl").read_text().splitlines()[200:400]]
     train_briefly(model, tok, texts, steps=40)
     return model
 
 
 def _other_task_files(root):
-    """ARC / PIQA / Winogrande items in their original formats (written here; the real files
-    are not in ../shared/benchmarks)."""
+    """ARC / PIQA / Winogrande items in their original formats (written here)."""
     arc = [
         {"id": "a", "answerKey": "B", "question": {"stem": "What do plants need to make food?",
          "choices": [{"text": "soil only", "label": "A"}, {"text": "sunlight", "label": "B"},
@@ -101,9 +95,9 @@ def test_encode_pair_moves_trailing_spaces_and_splits_the_whole_string(tok):
 @pytest.mark.parametrize(
     "task", ["hellaswag", "lambada", "arc_easy", "arc_challenge", "piqa", "winogrande"]
 )
-def test_scores_equal_hand_computed(task, tok, trained, tmp_path):
+def test_scores_equal_hand_computed(task, tok, trained, tmp_path, benchmark_dir):
     if task in ("hellaswag", "lambada"):
-        items = load_task(task, BENCHMARKS, limit=6)
+        items = load_task(task, benchmark_dir, limit=6)
     else:
         _other_task_files(tmp_path)
         items = load_task(task, tmp_path)
@@ -140,8 +134,8 @@ def test_scores_equal_hand_computed(task, tok, trained, tmp_path):
         assert result["acc_norm"] == pytest.approx(np.mean(acc_norm), abs=1e-12)
 
 
-def test_batch_size_and_truncation_do_not_change_scores(tok, trained):
-    items = load_task("lambada", BENCHMARKS, limit=12)
+def test_batch_size_and_truncation_do_not_change_scores(tok, trained, benchmark_dir):
+    items = load_task("lambada", benchmark_dir, limit=12)
     requests = [r for it in items for r in item_requests(tok, it)]
     assert max(len(c) + len(x) for c, x in requests) > trained.cfg.max_seq_len + 1  # truncated
     one = TransformerLogLikelihood(trained, batch_size=1).loglikelihood(requests)
@@ -161,14 +155,14 @@ def test_continuation_longer_than_the_window_scores_its_last_tokens(tok, trained
     assert ll == pytest.approx(float(expected), abs=1e-4)
 
 
-def test_random_model_is_at_chance_on_hellaswag(tok):
+def test_random_model_is_at_chance_on_hellaswag(tok, benchmark_dir):
     # A randomly initialized model predicts nearly uniformly, so every token costs about
     # log(V) nats. acc_norm (per character) then carries no information: it should be at
     # chance, 25%. With n = 600 items the binomial standard error is sqrt(.25 * .75 / 600) =
     # 0.018; we allow 4 of them (0.071), failing by chance about once in 15,000 runs.
     # acc (summed) instead picks the ending with the fewest tokens: it must sit near that
-    # length-only baseline (28% on these items: a property of the data), within the same margin.
-    items = load_task("hellaswag", BENCHMARKS, limit=600)
+    # length-only baseline (a property of the data), within the same margin.
+    items = load_task("hellaswag", benchmark_dir, limit=600)
     model = tiny_model(tok.n_vocab, seed=int(torch.randint(0, 10_000, ()).item()))
     lm = TransformerLogLikelihood(model, batch_size=32)
     assert isinstance(lm, LogLikelihoodModel)
@@ -185,9 +179,9 @@ def test_random_model_is_at_chance_on_hellaswag(tok):
     assert "hellaswag" in table and f"{m['acc']:.4f}" in table
 
 
-def test_hf_model_with_the_same_weights_scores_the_same(tok, trained):
+def test_hf_model_with_the_same_weights_scores_the_same(tok, trained, benchmark_dir):
     hf = to_hf_llama(trained)
-    items = load_task("hellaswag", BENCHMARKS, limit=8)
+    items = load_task("hellaswag", benchmark_dir, limit=8)
     native = evaluate_task(TransformerLogLikelihood(trained, 4), tok, "hellaswag", items,
                            progress=False)
     exported = evaluate_task(HFLogLikelihood(hf, 4), tok, "hellaswag", items, progress=False)
@@ -200,8 +194,8 @@ def test_hf_model_with_the_same_weights_scores_the_same(tok, trained):
 
 
 @pytest.mark.filterwarnings("ignore:.*longer than max_seq_len")
-def test_clean_dirty_split_and_training_mode_restored(tok, trained):
-    items = load_task("hellaswag", BENCHMARKS, limit=30)
+def test_clean_dirty_split_and_training_mode_restored(tok, trained, benchmark_dir):
+    items = load_task("hellaswag", benchmark_dir, limit=30)
     dirty = [bool(b) for b in torch.randint(0, 2, (30,)).tolist()]
     dirty[0], dirty[1] = True, False  # both subsets non-empty
     trained.train()
@@ -224,13 +218,13 @@ def test_clean_dirty_split_and_training_mode_restored(tok, trained):
     assert "dirty" in format_table({"hellaswag": r})
 
 
-def test_hf_tokenizer_json_behind_our_interface(tmp_path):
+def test_hf_tokenizer_json_behind_our_interface(tmp_path, benchmark_dir):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     from data.hf_tokenizer import HFTokenizer
 
     texts = [json.loads(line)["text"] for line in
-             (BENCHMARKS / "lambada" / "lambada_test.jsonl").read_text().splitlines()[:100]]
+             (benchmark_dir / "lambada" / "lambada_test.jsonl").read_text().splitlines()[:100]]
     hf = Tokenizer(models.BPE())
     hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     hf.decoder = decoders.ByteLevel()

@@ -1,46 +1,40 @@
-"""Benchmark task loading: the real files in ../shared/benchmarks, the original release formats
-of ARC / PIQA / Winogrande, prompts built as lm-evaluation-harness builds them, clear errors."""
+"""Benchmark task loading: HellaSwag's six-line text form and LAMBADA's jsonl (generated files,
+tests/helpers.py), the original release formats of ARC / PIQA / Winogrande, prompts built as
+lm-evaluation-harness builds them, clear errors."""
 
 import json
 
 import pytest
 
 import eval.tasks as eval_tasks
-from eval.tasks import TASKS, TaskDataError, find_task_files, load_task
-from tests.helpers import BENCHMARKS
-
-needs_benchmarks = pytest.mark.skipif(
-    not (BENCHMARKS / "hellaswag").is_dir(), reason=f"benchmark files not found in {BENCHMARKS}"
-)
+from eval.tasks import TaskDataError, find_task_files, load_task
 
 
-@needs_benchmarks
-def test_hellaswag_text_form_loads_all_items():
-    items = load_task("hellaswag", BENCHMARKS)
-    assert len(items) == TASKS["hellaswag"].size == 10042
-    # Label counts published with the file (benchmarks/README.md): 2515 / 2485 / 2584 / 2458.
-    counts = [sum(it.gold == g for it in items) for g in range(4)]
-    assert counts == [2515, 2485, 2584, 2458]
+def test_hellaswag_text_form_loads_every_item(benchmark_dir):
+    path = benchmark_dir / "hellaswag" / "hellaswag_val_full.txt"
+    lines = path.read_text().split("\n")[:-1]
+    items = load_task("hellaswag", benchmark_dir)
+    assert len(items) == len(lines) // 6 == 600
+    assert [it.gold for it in items] == [int(lines[6 * i + 1]) for i in range(600)]
     first = items[0]
-    assert first.contexts == ["Roof shingle removal: A man is sitting on a roof. he"] * 4
-    assert first.continuations[3] == " starts pulling up roofing on a roof."
-    assert first.choice_lengths[3] == len("starts pulling up roofing on a roof.")
+    assert first.contexts == [lines[0]] * 4
+    assert first.continuations == [" " + e for e in lines[2:6]]
+    assert first.choice_lengths == [len(e) for e in lines[2:6]]
     assert all(len(it.contexts) == 4 and "[" not in it.contexts[0] for it in items)
 
 
-@needs_benchmarks
-def test_lambada_loads_5153_items_split_at_last_word():
-    items = load_task("lambada", BENCHMARKS)
-    assert len(items) == 5153
-    for it in items[:50]:
-        assert it.contexts[0] + it.continuations[0] == it.text
-        assert it.continuations[0].startswith(" ") and " " not in it.continuations[0][1:]
-    assert items[0].continuations == [" signs"]
+def test_lambada_items_split_at_last_word(benchmark_dir):
+    items = load_task("lambada", benchmark_dir)
+    texts = [json.loads(x)["text"] for x in
+             (benchmark_dir / "lambada" / "lambada_test.jsonl").read_text().splitlines()]
+    assert len(items) == len(texts) == 600
+    for it, text in zip(items, texts):
+        assert it.contexts[0] + it.continuations[0] == it.text == text
+        assert it.continuations[0] == " " + text.split(" ")[-1]
 
 
-@needs_benchmarks
-def test_limit_takes_the_first_items():
-    assert [it.index for it in load_task("lambada", BENCHMARKS, limit=7)] == list(range(7))
+def test_limit_takes_the_first_items(benchmark_dir):
+    assert [it.index for it in load_task("lambada", benchmark_dir, limit=7)] == list(range(7))
 
 
 def test_hellaswag_jsonl_query_as_lm_eval(tmp_path):
@@ -149,12 +143,11 @@ def test_malformed_files_name_the_file_and_line(tmp_path):
         load_task("winogrande", tmp_path)
 
 
-@needs_benchmarks
-def test_decontamination_texts_are_the_items_with_answers():
+def test_decontamination_texts_are_the_items_with_answers(benchmark_dir):
     from eval.tasks import decontamination_texts
 
-    lines = (BENCHMARKS / "lambada" / "lambada_test.jsonl").read_text().splitlines()
-    assert decontamination_texts("lambada", BENCHMARKS) == [json.loads(x)["text"] for x in lines]
-    texts = decontamination_texts("hellaswag", BENCHMARKS)
-    assert texts[0] == ("Roof shingle removal: A man is sitting on a roof. he starts pulling up "
-                        "roofing on a roof.")  # context + gold ending (label 3)
+    lines = (benchmark_dir / "lambada" / "lambada_test.jsonl").read_text().splitlines()
+    assert decontamination_texts("lambada", benchmark_dir) == [json.loads(x)["text"] for x in lines]
+    texts = decontamination_texts("hellaswag", benchmark_dir)
+    hs = (benchmark_dir / "hellaswag" / "hellaswag_val_full.txt").read_text().split("\n")
+    assert texts[0] == hs[0] + " " + hs[2 + int(hs[1])]  # context + gold ending

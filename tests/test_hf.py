@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 
 from model.config import model_config
@@ -27,8 +28,6 @@ from model.generate import generate
 from model.hf import export_model, import_hf
 from model.hf_config import ExportError, hf_architecture, model_config_from_hf
 from model.transformer import build_model
-
-transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
 VOCAB = 320
@@ -39,6 +38,9 @@ DENSE = {
     "gqa_tied": (dict(n_kv_heads=2, tie_embeddings=True), "LlamaForCausalLM"),
     "wide_heads": (dict(n_kv_heads=2, head_dim=32, rope_theta=1234.5), "LlamaForCausalLM"),
     "qk_norm": (dict(qk_norm=True, n_kv_heads=1, rope_theta=500000.0), "Qwen3ForCausalLM"),
+    "qkv_bias": (dict(qkv_bias=True, n_kv_heads=2, tie_embeddings=True), "Qwen2ForCausalLM"),
+    "llama3_rope": (dict(rope_scaling=dict(type="llama3", factor=32.0, original_max_seq_len=16),
+                         n_kv_heads=2), "LlamaForCausalLM"),
 }
 MOE = {
     "mixtral": (dict(n_experts=4, moe_top_k=2, expert_hidden=32), "MixtralForCausalLM"),
@@ -49,6 +51,10 @@ MOE = {
     ),
     "qwen2_moe_shared": (
         dict(n_experts=4, moe_top_k=2, expert_hidden=32, n_shared_experts=2, n_kv_heads=2),
+        "Qwen2MoeForCausalLM",
+    ),
+    "qwen2_moe_qkv_bias": (
+        dict(n_experts=4, moe_top_k=2, expert_hidden=32, n_shared_experts=1, qkv_bias=True),
         "Qwen2MoeForCausalLM",
     ),
     # aux-loss-free balancing: the learned selection bias is exported (random here, see below)
@@ -75,6 +81,8 @@ def random_model(cfg, seed: int = 0):
         for name, p in model.named_parameters():
             if name.endswith("norm.weight"):
                 p.uniform_(0.5, 1.5, generator=gen)
+            if name.endswith(".bias"):  # q/k/v biases start at zero: make them matter
+                p.normal_(0.0, 0.5, generator=gen)
         if cfg.is_moe and cfg.moe_balance == "bias":  # a trained selection bias is not zero
             for name, b in model.named_buffers():
                 if name.endswith("expert_bias"):
@@ -297,13 +305,17 @@ def test_tokenizer_larger_than_embedding(tmp_path):
         export_model(random_model(cfg).state_dict(), cfg, tmp_path / "x", tokenizer=enc)
 
 
-def test_import_rejects_rope_scaling(tmp_path):
+@pytest.mark.parametrize("rope, message", [
+    ({"rope_type": "longrope", "factor": 8.0}, "rope_type = 'longrope'"),
+    ({"rope_type": "llama3", "factor": 8.0}, "rope_scaling.low_freq_factor is missing"),
+])
+def test_import_refuses_rope_it_cannot_compute(tmp_path, rope, message):
     cfg = tiny()
     export_model(random_model(cfg).state_dict(), cfg, tmp_path / "hf")
     config = json.loads((tmp_path / "hf/config.json").read_text())
-    config["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0}
+    config["rope_scaling"] = rope
     (tmp_path / "hf/config.json").write_text(json.dumps(config))
-    with pytest.raises(ExportError, match="RoPE type 'llama3'"):
+    with pytest.raises(ExportError, match=message):
         import_hf(tmp_path / "hf", tmp_path / "run")
 
 
@@ -345,7 +357,8 @@ def test_cli_export_generates_like_model_generate(tmp_path, capsys, tiny_data):
     assert got == want
 
 
-@pytest.mark.parametrize("name", ["gqa_tied", "qk_norm", "mixtral", "qwen3_moe", "ernie_bias"])
+@pytest.mark.parametrize("name", ["gqa_tied", "qk_norm", "qkv_bias", "mixtral", "qwen3_moe",
+                                  "ernie_bias"])
 def test_import_of_transformers_saved_model(tmp_path, name):
     """Import files written by transformers' own save_pretrained (random weights from
     transformers' init): our model then computes transformers' logits."""
@@ -361,6 +374,8 @@ def test_import_of_transformers_saved_model(tmp_path, name):
                 p.uniform_(0.5, 1.5)
             if n.endswith("e_score_correction_bias"):  # Ernie's selection bias
                 p.uniform_(-0.2, 0.2)
+            elif n.endswith("_proj.bias"):  # Qwen2's q/k/v biases
+                p.normal_(0.0, 0.5)
     theirs.save_pretrained(tmp_path / "theirs")
     from model import hf
     from model.load import load_model

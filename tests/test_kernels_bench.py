@@ -37,7 +37,7 @@ def test_attention_kernels_compile_for_hopper():
     import sys
     from pathlib import Path
 
-    pytest.importorskip("triton.backends.nvidia.compiler")
+    import triton.backends.nvidia.compiler  # noqa: F401  (ships with triton on Linux)
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     root = Path(__file__).resolve().parents[1]
     res = subprocess.run(

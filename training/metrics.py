@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from common.atomic import atomic_path, write_text
+from common.errors import FileFormatError
 from job_config import JobConfig
 from parallel.dist import DistInfo, all_reduce_max
 
@@ -71,7 +72,7 @@ class MetricsLog:
             # A fresh run starts a new log; a resumed one drops what the killed run logged
             # after its checkpoint, so every step appears once.
             keep = [
-                line for line in self.path.read_text().splitlines()
+                line for line in self._records(self.path)
                 if resumed is not None and self._before(json.loads(line), resumed)
             ]
             write_text(self.path, "".join(line + "\n" for line in keep))
@@ -83,6 +84,23 @@ class MetricsLog:
                 project=cfg.logging.wandb_project, name=run_dir.name, dir=str(run_dir),
                 config=cfg.to_dict(), mode=mode, resume="allow",
             )
+
+    @staticmethod
+    def _records(path: Path) -> list[str]:
+        """The lines of metrics.jsonl; a last line cut short (the run was killed while
+        appending it) is dropped, a bad line elsewhere stops with its number."""
+        lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
+        for number, line in enumerate(lines, start=1):
+            try:
+                record = json.loads(line)
+                if not isinstance(record, dict) or type(record.get("step")) is not int:
+                    raise ValueError("no integer 'step'")
+            except ValueError as e:
+                if number == len(lines):
+                    return lines[:-1]
+                raise FileFormatError(f"{path}:{number}", "one JSON record with a 'step' per line",
+                                      str(e)) from None
+        return lines
 
     @staticmethod
     def _before(record: dict, step: int) -> bool:
