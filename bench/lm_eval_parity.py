@@ -18,12 +18,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import platform
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import torch
 
+from bench.tables import write_table
 from common.cli import add_run_arguments, parse_device
 from eval.core import CORE_TASKS, core_docs
 from eval.icl import IclTask, fewshot_table, icl_items, load_icl_docs
@@ -226,6 +229,19 @@ def format_report(report: dict) -> str:
     return "\n".join(lines)
 
 
+def format_markdown(report: dict, title: str) -> str:
+    """The comparison as a markdown table for bench/results/."""
+    head = ("| task | items | metric | ours | lm-eval | items differing | max abs dloglik | "
+            "ours s | lm-eval s |")
+    lines = [title, "", head, "|" + "---|" * (head.count("|") - 1)]
+    for n, r in report.items():
+        for k, v in r["lm_eval"].items():
+            lines.append(f"| {n} | {r['n']} | {k} | {r['ours'][k]:.4f} | {v:.4f} | "
+                         f"{r['items_differing'][k]} | {r['max_abs_dloglik']:.1e} | "
+                         f"{r['seconds']['ours']:.1f} | {r['seconds']['lm_eval']:.1f} |")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m bench.lm_eval_parity",
                                      description=__doc__.split("\n\n")[0])
@@ -235,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--benchmark-dir", metavar="DIR", default=None)
+    parser.add_argument("--out-dir", metavar="DIR", default=None,
+                        help="also write the table as lm-eval-parity-<model>-<device>.md here "
+                             "(e.g. bench/results)")
     return parser
 
 
@@ -263,6 +282,14 @@ def main(argv: list[str] | None = None) -> None:
     print(format_report(report))
     if args.out:
         write_json(Path(args.out), report)
+    if args.out_dir:
+        model = Path(args.hf or args.run).name
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
+        title = (f"lm-evaluation-harness parity, {model} ({args.hf or args.run}), {device} ({name}), "
+                 f"first {args.limit} items of each task, batch size {args.batch_size}")
+        path = write_table(args.out_dir, f"lm-eval-parity-{model}", name,
+                           format_markdown(report, title) + "\n")
+        print(f"wrote {path}")
 
 
 if __name__ == "__main__":
