@@ -34,6 +34,9 @@ class DataConfig:
     tokenizer: str = "train"  # "train" (byte-level BPE on the corpus), a tiktoken name, or a file
     vocab_size: int = 4096  # size of the BPE trained when tokenizer = "train"
     tokenizer_train_bytes: int = 40_000_000  # corpus bytes sampled to train the BPE
+    # Script balance of that sample (data/scripts.py): each Unicode script gets the share
+    # n^a / sum n^a of the bytes (n: its bytes); 1 keeps the sample as it is, 0 evens scripts out.
+    tokenizer_script_balance: float = 1.0
     val_fraction: float = 0.02  # fraction of documents (by hash) held out for validation
     shard_tokens: int = 4_000_000  # tokens per shard file
     workers: int = 2  # tokenizer (and cleaning) processes; 0: all in this process
@@ -109,15 +112,20 @@ class LoggingConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the world of processes is split (see parallel/mesh.py): dp_replicate x dp_shard x tp
-    ranks; ep (expert parallel, MoE) is carved out of dp_shard."""
+    """How the world of processes is split (see parallel/mesh.py): pp x dp_replicate x dp_shard
+    x tp ranks; ep (expert parallel, MoE) borrows its ranks from dp_shard and tp."""
 
     backend: str = "auto"  # process-group backend: auto (nccl on GPU, gloo on CPU) | nccl | gloo
     engine: str = "native"  # native (PyTorch: DDP / FSDP2 / DTensor TP) | deepspeed (ZeRO)
     dp_replicate: int = 1  # data-parallel replicas (HSDP: FSDP inside a replica, DDP-like across)
     dp_shard: int = -1  # data-parallel ranks that shard parameters; -1: the rest of the world
     tp: int = 1  # tensor-parallel ranks (Megatron-style column/row split + sequence parallel)
-    ep: int = 1  # expert-parallel ranks for MoE layers; must divide dp_shard
+    # Expert-parallel ranks for MoE layers, borrowed from dp_shard (ep / tp of them) and the
+    # whole tensor-parallel group: a multiple of tp when tp > 1
+    ep: int = 1
+    pp: int = 1  # pipeline stages' ranks (torch.distributed.pipelining), outermost in the mesh
+    pp_schedule: str = "1F1B"  # 1F1B | GPipe | Interleaved1F1B | InterleavedZeroBubble
+    pp_stages_per_rank: int = 0  # model chunks per pp rank: 0 = 1, or 2 for interleaved ones
     data_parallel: str = "fsdp"  # fsdp (FSDP2 fully_shard) | ddp (DistributedDataParallel)
     activation_checkpointing: str = "none"  # none | selective (keep matmuls, recompute rest) | full
     param_dtype: str = "auto"  # FSDP2 compute dtype: auto (= train dtype) | float32 | bfloat16
@@ -136,7 +144,7 @@ class ParallelConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ValueError(f"parallel.{name} = {getattr(self, name)!r}: expected one of {allowed}")
-        for name in ("dp_replicate", "tp", "ep"):
+        for name in ("dp_replicate", "tp", "ep", "pp"):
             if getattr(self, name) < 1:
                 raise ValueError(f"parallel.{name} = {getattr(self, name)}: expected >= 1")
         if self.dp_shard == 0 or self.dp_shard < -1:

@@ -1,8 +1,9 @@
-"""The training entry point: config -> process group -> model -> data -> loop.
+"""The training entry point: config -> process group -> mesh -> data -> model -> loop.
 
     python train.py --config configs/tiny.toml                      # one process (CPU or GPU)
     torchrun --nproc_per_node 2 train.py --config configs/tiny.toml # data parallel (DDP)
     python train.py --config configs/tiny.toml --checkpoint.resume=latest
+    python train.py --config configs/moe-1b.toml --dry-run --world-size 64  # mesh + memory per rank
 
 Every step consumes one global batch of `train.batch_size` sequences, split over ranks and
 micro-batches (gradient accumulation), so the loss curve does not depend on the world size.
@@ -34,8 +35,8 @@ from model.checkpoint import (
 )
 from model.load import load_job_config
 from model.moe import moe_metrics
-from model.transformer import build_model
-from parallel.checkpoint_dcp import load_train_checkpoint, save_train_checkpoint
+from parallel.build import build_parallel_model, build_train_step
+from parallel.checkpoint_dcp import load_model_weights, load_train_checkpoint, save_train_checkpoint
 from parallel.dist import (
     all_reduce_max,
     all_reduce_mean,
@@ -48,14 +49,7 @@ from parallel.dist import (
 )
 from parallel.mesh import build_mesh, check_parallel
 from parallel.moe_balance import register_expert_bias_update
-from parallel.parallelize import (
-    LossFn,
-    autocast_context,
-    build_loss_fn,
-    forward_backward,
-    optimizer_step,
-    parallelize,
-)
+from parallel.parallelize import LossFn, autocast_context
 from training.metrics import MetricsLog, Progress, environment_info, format_seconds, plot_losses
 from training.optim import build_optimizer, build_scheduler
 from training.resume import check_resume
@@ -155,28 +149,35 @@ def train(cfg: JobConfig) -> dict:
         cfg.data, manifest, t.seq_len, t.batch_size, t.micro_batch_size,
         mesh.dp_rank, mesh.dp_size, t.seed, eot_id,
     )  # ranks of one tensor-parallel group read the same batch
+    # Every rank validates on its own batches: at least one each (val_batches rounded up to a
+    # multiple of the data-parallel ranks).
+    n_val = -(-t.val_batches // mesh.dp_size) * mesh.dp_size
     val_batches = validation_batches(
         TokenStream(cfg.data.path, "val", manifest), t.seq_len, t.micro_batch_size,
-        t.val_batches, mesh.dp_rank, mesh.dp_size, eot_id,
+        n_val, mesh.dp_rank, mesh.dp_size, eot_id,
     )
     # Sharded models run collectives in forward: every rank validates the same number of batches.
     fewest = -all_reduce_max(torch.tensor(-float(len(val_batches)), device=device)).item()
     val_batches = val_batches[: int(fewest)]
 
     # --- model, optimizer, loss ---
-    # Built whole, then sharded in place: TP -> activation checkpointing -> compile -> FSDP/DDP.
-    raw = build_model(cfg.model, device, seed=t.seed)
+    # Built on the meta device, parallelized (pipeline stages, TP, EP, FSDP), then only this
+    # rank's shards are allocated and initialized (the values of an unsharded init).
+    pm = build_parallel_model(cfg, mesh, device)
+    raw, model = pm.raw, pm.model
     if cfg.checkpoint.init_from and ckpt is None:  # weights only, e.g. an imported HF model
-        raw.load_state_dict(load_model_state(resolve_checkpoint(cfg.checkpoint.init_from)))
-    model: nn.Module = parallelize(raw, mesh, cfg, device)
+        load_model_weights(raw, load_model_state(resolve_checkpoint(cfg.checkpoint.init_from)))
     optimizer = build_optimizer(raw, cfg.optim, device)  # over the sharded parameters
     scheduler = build_scheduler(optimizer, t.steps, cfg.optim)
-    register_expert_bias_update(optimizer, raw)  # MoE "bias" balancing; a no-op otherwise
+    # MoE "bias" balancing with the loads of every rank of this pipeline stage; a no-op otherwise
+    register_expert_bias_update(optimizer, raw, mesh.stage_group)
     if cfg.parallel.engine == "deepspeed":
         from parallel.deepspeed_engine import initialize
 
         model = initialize(raw, optimizer, scheduler, cfg, mesh.dp_size, device)
-    loss_fn = build_loss_fn(model, raw, cfg, device)
+    # loss of a micro-batch, the step's forward + backward, clip + AdamW: chosen for this layout
+    step_fns = build_train_step(model, pm, cfg, device)
+    loss_fn = step_fns.loss_fn
     evaluate_benchmarks = benchmark_evaluator(cfg, raw, device)
     eval_every = t.eval_every if evaluate_benchmarks else 0
     start_step, tokens_seen = 0, 0
@@ -246,10 +247,10 @@ def train(cfg: JobConfig) -> dict:
             say(f"step {step:5d} | {summary}", flush=True)
         if step >= t.steps:
             break
-        loss = forward_backward(model, raw, loss_fn, loader.next_step())
+        loss = step_fns.forward_backward(loader.next_step())
         # clip, step (and its hooks: the MoE bias update), zero grads, schedule; DeepSpeed
         # stepped inside the last backward
-        grad_norm = optimizer_step(model, optimizer, scheduler, raw, cfg.optim.grad_clip)
+        grad_norm = step_fns.optimizer_step(optimizer, scheduler, cfg.optim.grad_clip)
         step += 1
         tokens_seen += tokens_per_step
         progress.count(tokens_per_step)
@@ -291,12 +292,23 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Any other --section.key=value overrides a config field (--optim.lr=1e-3).",
     )
     parser.add_argument("--config", required=True, help="TOML job config, e.g. configs/tiny.toml")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the mesh and each rank's memory for --world-size ranks, "
+                             "building the model on the meta device only, and exit")
+    parser.add_argument("--world-size", type=int, default=0,
+                        help="with --dry-run: the number of ranks (default: torchrun's, or 1)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
     args, overrides = build_parser().parse_known_args(argv)
-    train(load_config(args.config, overrides))
+    cfg = load_config(args.config, overrides)
+    if args.dry_run:
+        from parallel.dry_run import dry_run
+
+        print(dry_run(cfg, args.world_size or env_world_size()))
+        return
+    train(cfg)
 
 
 if __name__ == "__main__":

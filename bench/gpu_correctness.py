@@ -167,8 +167,9 @@ def check_moe_grouped_mm(B, T, dim, hidden, E, k):
                            moe_top_k=k, expert_hidden=hidden, n_shared_experts=1)  # fmt: skip
         moe = MoE(cfg).to(device)
         gen = torch.Generator().manual_seed(int(torch.randint(0, 2**31, ()).item()))
-        moe.init_weights(gen, dim**-0.5, hidden**-0.5)
         with torch.no_grad():
+            for p, fan_in in ((moe.w_gate, dim), (moe.w_up, dim), (moe.w_down, hidden)):
+                p.copy_(torch.randn(p.shape, generator=gen) * fan_in**-0.5)
             for p in [moe.router.weight, *moe.shared.parameters()]:
                 p.normal_(0.0, p.shape[1] ** -0.5)
         x = torch.randn(B, T, dim, device=device)

@@ -32,10 +32,10 @@ from job_config import JobConfig
 from model.config import model_config
 from model.loss import lm_loss
 from model.transformer import build_model
+from parallel.grads import GradSync
 from parallel.parallelize import (
     apply_activation_checkpointing,
     apply_fsdp,
-    clip_grad_norm,
     fsdp_mixed_precision,
 )
 from training.metrics import GPU_PEAK_FLOPS
@@ -67,6 +67,7 @@ def bench_one(size: str, compile_: bool, ac: str, args, device: torch.device, wo
 
     apply_fsdp(model, init_device_mesh(device.type, (world,)), fsdp_mixed_precision(job, device))
     optimizer = build_optimizer(model, job.optim, device)
+    grads = GradSync(model, stage_size=world)  # the global norm over the FSDP shards
     tokens = torch.randint(0, mcfg.vocab_size, (batch, seq_len + 1), device=device)
     inputs, targets = tokens[:, :-1], tokens[:, 1:]
 
@@ -74,7 +75,7 @@ def bench_one(size: str, compile_: bool, ac: str, args, device: torch.device, wo
         hidden = model(inputs, return_hidden=True)
         loss = lm_loss(hidden, model.output_weight, targets, fused=args.fused_loss)
         loss.backward()
-        clip_grad_norm(model.parameters(), 1.0)
+        grads.clip(1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return loss.detach()

@@ -38,6 +38,7 @@ from common.atomic import write_json
 from common.errors import PretrainError, read_json, run_cli
 from data.manifest import MANIFEST_FILE, load_manifest
 from data.pipeline import build_pipeline
+from data.scripts import balance_weights, group_shares, script_of
 from data.shards import read_header, token_dtype, write_shard
 from data.sources import Document, SourceErrors, iter_documents
 from data.tokenizer import TokenizerLike, load_tokenizer, train_bpe
@@ -83,7 +84,16 @@ def resolve_tokenizer(cfg: DataConfig, out: Path) -> TokenizerLike:
             yield doc.text
 
     t0 = time.time()
-    tok = train_bpe(sample(), cfg.vocab_size, path, name=out.name or "bpe")
+    texts, weights = sample(), None
+    if cfg.tokenizer_script_balance != 1.0:
+        texts = list(texts)
+        groups = [script_of(t) for t in texts]
+        sizes = [len(t.encode("utf-8")) for t in texts]
+        weights = balance_weights(groups, sizes, cfg.tokenizer_script_balance)
+        shares = group_shares(groups, sizes, weights)
+        print("BPE sample by script, balanced: " + ", ".join(
+            f"{g} {s:.1%}" for g, s in list(shares.items())[:6]))
+    tok = train_bpe(texts, cfg.vocab_size, path, name=out.name or "bpe", weights=weights)
     print(f"trained a {tok.n_vocab}-token byte-level BPE in {time.time() - t0:.1f}s -> {path}")
     if tok.n_vocab < cfg.vocab_size:
         print(f"note: data.vocab_size = {cfg.vocab_size}, but the sampled corpus yields only "
@@ -180,7 +190,7 @@ def fingerprint(cfg: DataConfig) -> dict:
     keys = ["sources", "text_field", "max_bytes", "stages", "tokenizer", "val_fraction",
             "shard_tokens"]
     if cfg.tokenizer == "train":
-        keys += ["vocab_size", "tokenizer_train_bytes"]
+        keys += ["vocab_size", "tokenizer_train_bytes", "tokenizer_script_balance"]
     settings = {key: getattr(cfg, key) for key in keys}
     for stage in cfg.stages:
         if stage in STAGE_SETTINGS:

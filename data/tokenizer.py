@@ -29,6 +29,7 @@ import base64
 import hashlib
 import json
 import os
+import random
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -255,11 +256,17 @@ def train_bpe(
     path: str | Path | None = None,
     name: str = "bpe",
     pattern: str = DEFAULT_PATTERN,
+    weights: Iterable[float] | None = None,
+    seed: int = 0,
 ) -> Tokenizer:
     """Train a byte-level BPE with `vocab_size` ids in all (256 bytes + merges + end-of-text).
 
     The trainer's merges become tiktoken ranks in merge order (bytes 0-255 first), so tiktoken's
     lowest-rank-first merging reproduces the trained segmentation.
+
+    weights: one sampling weight per text (e.g. data/scripts.py's `balance_weights`, to balance
+    scripts or languages): text i is trained on floor(w_i) times, once more with probability
+    w_i - floor(w_i) (drawn from `seed`), so its words count w_i times on average.
     """
     from tokenizers import Regex, models, pre_tokenizers, trainers
     from tokenizers import Tokenizer as HFTokenizer
@@ -278,6 +285,8 @@ def train_bpe(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
+    if weights is not None:
+        texts = _resample(texts, weights, seed)
     hf.train_from_iterator(texts, trainer)
     merges = json.loads(hf.to_str())["model"]["merges"]
     byte_of = {ch: b for b, ch in bytes_to_unicode().items()}
@@ -300,6 +309,17 @@ def train_bpe(
     if path is not None:
         tok.save(path)
     return tok
+
+
+def _resample(texts: Iterable[str], weights: Iterable[float], seed: int) -> Iterable[str]:
+    """Each text repeated by its weight: floor(w) copies, one more with probability frac(w)."""
+    rng = random.Random(seed)
+    for i, (text, w) in enumerate(zip(texts, weights, strict=True)):
+        if not w >= 0:
+            raise ValueError(f"train_bpe: weight {w} of text {i}: expected a number >= 0")
+        copies = int(w) + (rng.random() < w - int(w))
+        for _ in range(copies):
+            yield text
 
 
 def bytes_to_unicode() -> dict[int, str]:

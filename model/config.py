@@ -179,6 +179,11 @@ MODEL_SIZES: dict[str, dict] = {
         vocab_size=128256, dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_hidden=8192,
         rope_theta=500000.0, max_seq_len=2048, tie_embeddings=True,
     ),
+    # Llama 3 8B shape (8.03B parameters, untied 128k vocabulary, GQA 32/8)
+    "llama3-8b": dict(
+        vocab_size=128256, dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, ffn_hidden=14336,
+        rope_theta=500000.0, max_seq_len=8192,
+    ),
     "moe-tiny": dict(
         dim=256, n_layers=4, n_heads=4, n_kv_heads=2, max_seq_len=256, n_experts=8,
         moe_top_k=2, expert_hidden=256,

@@ -63,6 +63,18 @@ def grouped_mm_supported(x: torch.Tensor) -> bool:
     )
 
 
+class Router(nn.Linear):
+    """The gate: (N, dim) -> (N, E) logits, always in fp32 (top-k on bf16 logits ties and
+    flips). A module of its own, called by MoE, so wrappers (FSDP units) see it run."""
+
+    def __init__(self, dim: int, n_experts: int):
+        super().__init__(dim, n_experts, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            return F.linear(x.float(), self.weight.float())
+
+
 class MoE(nn.Module):
     """Drop-in replacement for the dense FeedForward: (B, T, dim) -> (B, T, dim)."""
 
@@ -74,11 +86,8 @@ class MoE(nn.Module):
         self.aux_coef, self.z_coef = cfg.moe_aux_coef, cfg.moe_z_coef
         self.bias_rate = cfg.moe_bias_rate
         self.fused = cfg.fused_kernels
-        # Which slice of the experts this module holds (expert parallelism shards them; see
-        # parallel/expert_parallel.py). Plain integers so init can reproduce the unsharded values.
-        self.expert_offset, self.n_local_experts = 0, cfg.n_experts
 
-        self.router = nn.Linear(cfg.dim, cfg.n_experts, bias=False)
+        self.router = Router(cfg.dim, cfg.n_experts)
         E, H, D = cfg.n_experts, cfg.expert_hidden, cfg.dim
         self.w_gate = nn.Parameter(torch.empty(E, H, D))
         self.w_up = nn.Parameter(torch.empty(E, H, D))
@@ -104,28 +113,11 @@ class MoE(nn.Module):
         self._log_z: torch.Tensor | None = None
         self._log_forwards = 0
 
-    @torch.no_grad()
-    def init_weights(self, gen: torch.Generator, init_std: float, residual_std: float) -> None:
-        """Expert weights ~ N(0, init_std), the down projection (into the residual) ~ N(0,
-        residual_std). Called by Transformer.init_weights, which initializes `router` and `shared`
-        itself (they are nn.Linear). Values are drawn expert by expert for all E experts and only
-        the local slice is kept, so a sharded model gets exactly the unsharded model's weights."""
-        self.expert_bias.zero_()
-        local = range(self.expert_offset, self.expert_offset + self.n_local_experts)
-        stds = (init_std, init_std, residual_std)
-        for param, std in zip((self.w_gate, self.w_up, self.w_down), stds):
-            for e in range(self.n_experts):
-                values = torch.empty(param.shape[1:], device=param.device)
-                values.normal_(0.0, std, generator=gen)
-                if e in local:
-                    param[e - self.expert_offset].copy_(values)
-
     # --- routing ------------------------------------------------------------------------------
 
     def _route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (N, dim) -> expert ids (N, k) int64, weights (N, k) fp32 summing to 1 per token."""
-        with torch.autocast(device_type=x.device.type, enabled=False):
-            logits = F.linear(x.float(), self.router.weight.float())  # (N, E) fp32
+        logits = self.router(x)  # (N, E) fp32
         probs = logits.softmax(dim=-1)
         if self.balance == "bias":
             # The bias decides which experts are chosen, never how much they weigh.
@@ -152,8 +144,11 @@ class MoE(nn.Module):
             self.last_aux_loss = self.aux_coef * aux + self.z_coef * z
         else:
             self.last_aux_loss = None
-        # Under activation checkpointing the recomputed forward records again; every statistic
-        # below is used only up to scale (fractions, a sign, a mean), so double counting is moot.
+        # Activation checkpointing runs the forward again inside the backward: count each token
+        # once (and keep the recomputation's ops a subset of the forward's, as selective
+        # checkpointing requires).
+        if torch._C._current_graph_task_id() != -1:
+            return
         with torch.no_grad():
             self.step_load = load if self.step_load is None else self.step_load + load
             self._log_load = load if self._log_load is None else self._log_load + load
@@ -178,9 +173,10 @@ class MoE(nn.Module):
         counts: torch.Tensor,
         weights: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Run the local experts on their groups. xs: (M, dim) token rows sorted by local expert,
-        counts: (n_local_experts,) rows per expert (summing to M) -> (M, dim). `weights` replaces
-        (w_gate, w_up, w_down), e.g. by views whose gradient expert parallelism rescales."""
+        """Run the experts of `weights` (default: all of this layer's) on their groups.
+        xs: (M, dim) token rows sorted by expert, counts: (n,) rows per expert (summing to M)
+        -> (M, dim). `weights` replaces (w_gate, w_up, w_down) by n experts' slices, e.g. the
+        local shards expert parallelism holds (parallel/expert_parallel.py)."""
         w_gate, w_up, w_down = weights or (self.w_gate, self.w_up, self.w_down)
         use_grouped = self.use_grouped_mm
         if use_grouped is None:

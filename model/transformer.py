@@ -4,13 +4,13 @@ Mixture-of-Experts layer), optional tied embeddings.
 
 Plain nn.Modules, no process groups: parallelism is applied from outside (parallel/). Weights
 are initialized by `init_weights(seed)`, never in `__init__`, so the model can be built on the
-meta device and materialized after sharding. `forward` returns logits (or the final hidden
-states); the loss lives in model/loss.py so a fused kernel can replace it.
+meta device and materialized after sharding (each shard drawn alone: model/init.py). `forward`
+returns logits (or the final hidden states); the loss lives in model/loss.py so a fused kernel
+can replace it.
 """
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.config import ModelConfig, ModelConfigError
+from model.init import init_buffers_, init_std, init_tensor_
 from model.layers import FeedForward, RMSNorm, apply_rope, rope_tables
 from model.moe import MoE
 
@@ -183,37 +184,13 @@ class Transformer(nn.Module):
         return self.embed.weight if self.lm_head is None else self.lm_head.weight
 
     @torch.no_grad()
-    def init_rope(self) -> None:
-        """Fill the RoPE tables (the only buffers not in a checkpoint)."""
-        cfg = self.cfg
-        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta,
-                               self.embed.weight.device, cfg.rope_scaling)
-        self.rope_cos.copy_(cos)
-        self.rope_sin.copy_(sin)
-
-    @torch.no_grad()
     def init_weights(self, seed: int = 0) -> None:
-        """Initialize every parameter and buffer deterministically from `seed`.
-
-        Linear and embedding weights ~ N(0, init_std); the projections that write into the
-        residual stream (wo, w_down) are scaled by 1/sqrt(2 n_layers) as in GPT-2.
-        """
-        cfg = self.cfg
-        device = self.embed.weight.device
-        self.init_rope()
-        gen = torch.Generator(device=device).manual_seed(seed)
-        residual_std = cfg.init_std / math.sqrt(2 * cfg.n_layers)
-        for name, module in self.named_modules():
-            if isinstance(module, RMSNorm):
-                module.reset_parameters()
-            elif isinstance(module, (nn.Linear, nn.Embedding)):
-                out_proj = name.endswith(("wo", "w_down"))
-                std = residual_std if out_proj else cfg.init_std
-                nn.init.normal_(module.weight, 0.0, std, generator=gen)
-                if getattr(module, "bias", None) is not None:  # q/k/v biases start at zero
-                    nn.init.zeros_(module.bias)
-            elif hasattr(module, "init_weights") and module is not self:
-                module.init_weights(gen, cfg.init_std, residual_std)  # e.g. MoE experts
+        """Initialize every parameter and buffer deterministically from `seed` (model/init.py:
+        each parameter's values depend only on the seed and its name, so a sharded model
+        initialized piece by piece gets exactly these values)."""
+        for name, param in self.named_parameters():
+            init_tensor_(param, name, seed, init_std(self.cfg, name))
+        init_buffers_(self, self.cfg)
 
     def forward(
         self,
@@ -268,7 +245,7 @@ def build_model(
         model = Transformer(cfg)
     model.to_empty(device=device)
     if seed is None:
-        model.init_rope()
+        init_buffers_(model, cfg)  # RoPE tables: the only buffers not in a checkpoint
     else:
         model.init_weights(seed)
     return model

@@ -93,9 +93,11 @@ def save_train_checkpoint(
             sharded = {"model": get_model_state_dict(raw),
                        "optimizer": get_optimizer_state_dict(raw, optimizer)}
             dcp.save(sharded, checkpoint_id=tmp / DCP_DIR)
-            full = get_model_state_dict(raw, options=FULL)  # collective; rank 0 gets the tensors
+            full = None  # rank 0 reads the whole model back from the shards (any layout)
         barrier()  # every shard is on disk before rank 0 commits
         if is_main:
+            if full is None:
+                full = consolidate_dcp(tmp / DCP_DIR, ModelConfig(**config["model"]))
             save_checkpoint(run_dir, step, full, train_state, config, keep, keep_temp_contents=True,
                             tokenizer=tokenizer)
     elif is_main:
@@ -134,16 +136,31 @@ def load_train_checkpoint(ckpt: Path, model: nn.Module, raw: nn.Module, optimize
         return state
     if (ckpt / "deepspeed").is_dir():
         raise ValueError(f"{ckpt} was saved by parallel.engine = 'deepspeed'; resume it with that engine")
-    # Full tensors on every rank; each keeps its own shard.
-    set_model_state_dict(raw, load_model_state(ckpt), options=StateDictOptions(full_state_dict=True))
+    # Full tensors on every rank; each keeps its own shard (of its pipeline stage's part).
+    load_model_weights(raw, load_model_state(ckpt), where=ckpt / MODEL_FILE)
     optim = state.get("optimizer")
     if optim is None:
         raise ValueError(f"{ckpt}/train_state.pt holds no optimizer state")
     if optim["state"] and isinstance(next(iter(optim["state"])), int):
         optim = _positional_to_named(optim, optimizer, raw)
+    mine = {name for name, _ in raw.named_parameters()}
+    optim = {"state": {k: v for k, v in optim["state"].items() if k in mine},
+             "param_groups": [dict(g, params=[n for n in g["params"] if n in mine])
+                              for g in optim["param_groups"]]}
     set_optimizer_state_dict(raw, optimizer, optim, options=StateDictOptions(full_state_dict=True))
     scheduler.load_state_dict(state["scheduler"])
     return state
+
+
+def load_model_weights(raw: nn.Module, full: dict[str, torch.Tensor], where: Path | str = "") -> None:
+    """Full (unsharded) tensors into `raw` in whatever layout it has: each rank keeps its
+    shards of the tensors its model part holds (a pipeline stage holds a few layers)."""
+    mine = raw.state_dict().keys()
+    missing = [k for k in mine if k not in full]
+    if missing:
+        raise ValueError(f"{where}: missing {missing[:4]}{' ...' if len(missing) > 4 else ''}")
+    set_model_state_dict(raw, {k: full[k] for k in mine},
+                         options=StateDictOptions(full_state_dict=True))
 
 
 def _positional_to_named(optim: dict, optimizer, raw: nn.Module) -> dict:

@@ -38,17 +38,28 @@ def pick_device(name: str = "auto", local_rank: int = 0) -> torch.device:
     return torch.device("cpu")
 
 
+_created_group = False  # whether init_distributed started the process group (cleanup ends it)
+
+
 def init_distributed(device: str = "auto", backend: str = "auto") -> DistInfo:
-    """Join the torchrun process group if launched by torchrun, else a single process."""
+    """Join the torchrun process group if launched by torchrun, else a single process. A process
+    group that already exists (a caller running several jobs in one, as tests do) is used as is
+    and left to its owner."""
+    global _created_group
+    if dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+        local_rank = int(os.environ.get("LOCAL_RANK", str(rank)))
+        return DistInfo(rank, world_size, local_rank, pick_device(device, local_rank))
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dev = pick_device(device, local_rank)
-    if world_size > 1 and not dist.is_initialized():
+    if world_size > 1:
         if backend == "auto":
             backend = "nccl" if dev.type == "cuda" else "gloo"
         kwargs = {"device_id": dev} if dev.type == "cuda" else {}
         dist.init_process_group(backend=backend, rank=rank, world_size=world_size, **kwargs)
+        _created_group = True
     return DistInfo(rank, world_size, local_rank, dev)
 
 
@@ -81,8 +92,11 @@ def barrier() -> None:
 
 
 def cleanup() -> None:
-    if dist.is_initialized():
+    """End the process group init_distributed started (not one it found)."""
+    global _created_group
+    if dist.is_initialized() and _created_group:
         dist.destroy_process_group()
+        _created_group = False
 
 
 def memory_report(device: torch.device) -> str:
@@ -98,7 +112,10 @@ def memory_report(device: torch.device) -> str:
 
 
 def env_world_size() -> int:
-    """The world size torchrun announces (1 without torchrun), read before any setup."""
+    """The world size torchrun announces (1 without torchrun), read before any setup; that of
+    the process group when one exists already."""
+    if dist.is_initialized():
+        return dist.get_world_size()
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 

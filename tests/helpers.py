@@ -11,6 +11,7 @@ import json
 import os
 import random
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -61,6 +62,93 @@ def run_train(
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc
+
+
+def synthetic_data(root: Path, vocab: int = 256, train_tokens: int = 20_000) -> Path:
+    """A prepared data dir written directly with data.shards (no tokenizer training, instant):
+    a stream of 40 repeated random phrases (so the loss moves) with an end-of-text id 0 now and
+    then, and a manifest like data.prepare's."""
+    import numpy as np
+
+    from data.shards import write_shard
+
+    root.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(0)
+    phrases = [rng.integers(1, vocab, size=rng.integers(3, 12)) for _ in range(40)]
+    manifest: dict = {"tokenizer": {"name": "synthetic", "n_vocab": vocab, "eot_id": 0}}
+    for split, n in (("train", train_tokens), ("val", train_tokens // 5)):
+        pieces, total = [], 0
+        while total < n:
+            piece = phrases[rng.integers(len(phrases))]
+            pieces += [piece, [0]] if rng.random() < 0.1 else [piece]
+            total += len(piece)
+        tokens = np.concatenate(pieces)[:n].astype(np.uint16)
+        write_shard(root / f"{split}_000000.bin", tokens, vocab)
+        manifest[split] = {"shards": [{"file": f"{split}_000000.bin", "tokens": n}], "tokens": n}
+    (root / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+def run_jobs(jobs: list[list[str]], nproc: int, timeout: float = 1500) -> None:
+    """Several train.py jobs (each a `--config FILE --section.key=value ...` argument list, or
+    `--call module:function ARG` for a function of the process group) one after another in ONE
+    process group of `nproc` ranks: one launch and one set of imports for many runs
+    (`python -m tests.helpers` is the worker). Ranks are started as torchrun would start them;
+    when one fails the others are stopped and its output raised."""
+    def free_port() -> int:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            return sock.getsockname()[1]
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "PYTHONPATH": str(REPO)}
+    port = str(free_port())
+    logs = Path(tempfile.mkdtemp(prefix="train_jobs_"))
+    (logs / "jobs.json").write_text(json.dumps(jobs))
+    cmd = [sys.executable, "-m", "tests.helpers", str(logs / "jobs.json")]
+    procs = []
+    for r in range(nproc):
+        rank_env = dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
+                        LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        with open(logs / f"{r}.log", "w") as out:
+            procs.append(subprocess.Popen(cmd, cwd=REPO, env=rank_env, stdout=out,
+                                          stderr=subprocess.STDOUT))
+    deadline = time.time() + timeout
+    while any(p.poll() is None for p in procs) and time.time() < deadline:
+        if any(p.poll() not in (None, 0) for p in procs):
+            break
+        time.sleep(0.2)
+    for p in procs:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    failed = [r for r, p in enumerate(procs) if p.returncode != 0]
+    if failed:
+        r = failed[0]
+        raise AssertionError(f"rank {r} of {nproc} failed (exit {procs[r].returncode}) running "
+                             f"{logs / 'jobs.json'}:\n{(logs / f'{r}.log').read_text()[-8000:]}")
+
+
+def _jobs_worker(jobs_file: str) -> None:
+    import torch.distributed as dist
+
+    import train
+    from job_config import load_config
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:  # owned here, so train() leaves it up between jobs
+        dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=world)
+    import importlib
+
+    for args in json.loads(Path(jobs_file).read_text()):
+        print(f"=== job: {' '.join(args)}", flush=True)
+        if args[0] == "--call":  # ["--call", "module:function", ARG]
+            module, function = args[1].split(":")
+            getattr(importlib.import_module(module), function)(*args[2:])
+            continue
+        config, overrides = args[1], args[2:]  # ["--config", FILE, *overrides]
+        train.train(load_config(config, overrides))
+    if world > 1:
+        dist.destroy_process_group()
 
 
 @dataclass
@@ -507,3 +595,7 @@ def write_qwen2_style(out: Path, vocab: int = 1024, seed: int = 0) -> Path:
     model.save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+if __name__ == "__main__":  # the worker of run_jobs
+    _jobs_worker(sys.argv[1])

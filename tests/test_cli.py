@@ -16,10 +16,12 @@ ENTRY_POINTS = [
     "bench.gpu_check", "bench.hf_continue", "bench.faults", "bench.lm_eval_parity",
     "bench.eval_speed",
     "bench.data", "eval.__main__", "eval.moe_load", "eval.contamination", "model.generate",
-    "model.hf", "model.hf_gguf", "parallel.checkpoint_dcp",
+    "model.hf", "model.hf_gguf", "parallel.checkpoint_dcp", "data.tokenizer_report",
+    "eval.glitch_tokens", "bench.tokenizers",
 ]
 OVERRIDES = {"train", "data.prepare", "bench.throughput"}  # --section.key=value
-RUN_READERS = {"eval.__main__", "eval.moe_load", "model.generate", "bench.lm_eval_parity"}  # run the model on --device
+RUN_READERS = {"eval.__main__", "eval.moe_load", "model.generate", "eval.glitch_tokens",
+               "bench.lm_eval_parity"}  # run the model on --device
 # The least each tool needs to get past argparse (paths need not exist: parsing comes first).
 MINIMAL_ARGS = {
     "train": ["--config", "configs/tiny.toml"],
@@ -30,6 +32,8 @@ MINIMAL_ARGS = {
     "model.hf_gguf": ["--gguf", "nope", "--out-dir", "nope"],
     "parallel.checkpoint_dcp": ["--run", "nope"],
     "bench.eval_speed": ["--hf", "nope"],
+    "data.tokenizer_report": ["--tokenizer", "nope", "--languages", "nope", "--out", "nope"],
+    "eval.glitch_tokens": ["--run", "nope"],
 }
 KEBAB = re.compile(r"--[a-z0-9]+(-[a-z0-9]+)*")
 

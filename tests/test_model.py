@@ -40,3 +40,45 @@ def test_moe_hooks_are_no_ops_on_a_dense_model(seed):
     assert moe_metrics(model) == {}
     moe_after_step(model, reduce=lambda loads: (_ for _ in ()).throw(AssertionError("reduced")))
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
+def test_any_piece_of_a_parameter_draws_the_values_of_the_whole(seed, monkeypatch):
+    """model/init.py: a box [offset, offset + shape) of a parameter, drawn alone, equals that
+    slice of the whole tensor's init (what each rank of a sharded model draws); the values
+    depend on the seed and the name; blocks are small here so a piece spans several."""
+    import model.init as init
+
+    monkeypatch.setattr(init, "INIT_BLOCK", 40)  # 40 elements: 5 rows of 8 per block
+    gen = torch.Generator().manual_seed(seed)
+    full = init.init_tensor_(torch.empty(23, 8), "blocks.0.attn.wq.weight", seed, 0.02)
+    assert 0.01 < full.std() < 0.03
+    for _ in range(20):
+        r0 = int(torch.randint(0, 23, (1,), generator=gen))
+        r1 = int(torch.randint(r0 + 1, 24, (1,), generator=gen))
+        c0 = int(torch.randint(0, 8, (1,), generator=gen))
+        c1 = int(torch.randint(c0 + 1, 9, (1,), generator=gen))
+        piece = init.init_tensor_(torch.empty(r1 - r0, c1 - c0), "blocks.0.attn.wq.weight", seed,
+                                  0.02, full_shape=(23, 8), offset=(r0, c0))
+        assert torch.equal(piece, full[r0:r1, c0:c1]), (r0, r1, c0, c1)
+    experts = init.init_tensor_(torch.empty(4, 3, 5), "blocks.1.mlp.w_gate", seed, 0.02)
+    piece = init.init_tensor_(torch.empty(2, 3, 5), "blocks.1.mlp.w_gate", seed, 0.02, (4, 3, 5), (1, 0, 0))
+    assert torch.equal(piece, experts[1:3])
+    other = init.init_tensor_(torch.empty(23, 8), "blocks.1.attn.wq.weight", seed, 0.02)
+    assert not torch.equal(other, full)  # another name, other values
+
+
+def test_init_gives_every_parameter_its_distribution(seed):
+    cfg = model_config(dim=32, n_layers=2, n_heads=4, vocab_size=64, max_seq_len=16, n_experts=4,
+                       n_shared_experts=1, expert_hidden=16, qkv_bias=True)
+    model = build_model(cfg, seed=seed)
+    residual = cfg.init_std / (2 * cfg.n_layers) ** 0.5
+    for name, p in model.named_parameters():
+        if name.endswith(".bias"):  # q/k/v biases start at zero, as transformers' do
+            assert torch.equal(p, torch.zeros_like(p)), name
+        elif p.dim() == 1:  # the other vectors are RMSNorm weights
+            assert torch.equal(p, torch.ones_like(p)), name
+        elif name.endswith(("wo.weight", "w_down.weight", "mlp.w_down")):
+            assert abs(p.std() - residual) < 0.3 * residual, name
+        else:
+            assert abs(p.std() - cfg.init_std) < 0.3 * cfg.init_std, name
+    assert torch.equal(build_model(cfg, seed=seed).embed.weight, model.embed.weight)

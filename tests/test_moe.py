@@ -26,8 +26,9 @@ def make_moe(cfg, seed: int) -> MoE:
     """A standalone MoE with O(1) activations (std 1/sqrt(fan_in)) so that 1e-5 is a real bound."""
     moe = MoE(cfg)
     gen = torch.Generator().manual_seed(seed)
-    moe.init_weights(gen, cfg.dim**-0.5, cfg.expert_hidden**-0.5)
     with torch.no_grad():
+        for p, fan_in in ((moe.w_gate, cfg.dim), (moe.w_up, cfg.dim), (moe.w_down, cfg.expert_hidden)):
+            p.copy_(torch.randn(p.shape, generator=gen) * fan_in**-0.5)
         for p in [moe.router.weight, *([] if moe.shared is None else moe.shared.parameters())]:
             p.normal_(0.0, p.shape[1] ** -0.5, generator=gen)
     return moe

@@ -2,10 +2,10 @@
 
 Every multi-process run goes through train.py end to end (tiny model, data made here) and is
 compared, loss by loss from its metrics.jsonl, with a one-process run of the same global batch:
-tensor parallel (TP=2), FSDP2 and DDP over 2 ranks, DeepSpeed ZeRO-2 / ZeRO-3. A checkpoint
-saved by 2 FSDP ranks resumes on 1 process and on TP=2; a ZeRO-3 checkpoint resumes through
---checkpoint.resume; a bad mesh stops before any setup. Activation checkpointing is checked in
-process (recomputation counted) and rides along in the DDP and TP-resume runs.
+DeepSpeed ZeRO-2 / ZeRO-3 (the native layouts, DDP / FSDP / TP / EP / PP and their mixes, are
+tests/test_parallel_matrix.py's). A ZeRO-3 checkpoint resumes through --checkpoint.resume; a
+bad mesh stops before any setup. Activation checkpointing is checked in process (recomputation
+counted) and rides along in the matrix's DDP and PP x FSDP runs.
 
 Tolerances: fp32 everywhere. Sharding changes only the order of floating-point sums (a matmul
 split in two halves and added, gradients averaged by a reduce-scatter instead of inside one
@@ -19,18 +19,13 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import socket
 import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
-from data.shards import write_shard
+from tests.helpers import run_jobs, synthetic_data
 
 ROOT = Path(__file__).resolve().parents[1]
 VOCAB = 256
@@ -68,68 +63,12 @@ def write_config(path: Path, data_dir: Path, run_dir: Path, **sections) -> Path:
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory) -> Path:
-    """A prepared data dir made directly with data.shards: a token stream with structure
-    (repeated random phrases) so the loss moves, and a manifest like data.prepare's."""
-    root = tmp_path_factory.mktemp("data")
-    rng = np.random.default_rng(0)
-    phrases = [rng.integers(1, VOCAB, size=rng.integers(3, 12)) for _ in range(40)]
-    manifest: dict = {"tokenizer": {"name": "synthetic", "n_vocab": VOCAB, "eot_id": 0}}
-    for split, n in (("train", 20_000), ("val", 4_000)):
-        pieces, total = [], 0
-        while total < n:
-            piece = phrases[rng.integers(len(phrases))]
-            pieces += [piece, [0]] if rng.random() < 0.1 else [piece]
-            total += len(piece)
-        tokens = np.concatenate(pieces)[:n].astype(np.uint16)
-        write_shard(root / f"{split}_000000.bin", tokens, VOCAB)
-        manifest[split] = {"shards": [{"file": f"{split}_000000.bin", "tokens": n}], "tokens": n}
-    (root / "manifest.json").write_text(json.dumps(manifest))
-    return root
+    return synthetic_data(tmp_path_factory.mktemp("data"), VOCAB)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def run_train(config: Path, nproc: int = 1, *extra: str):
-    """train.py in `nproc` processes, started directly with the environment torchrun gives its
-    workers (no agent process: one torch import less per run; tests/test_train.py covers
-    torchrun itself)."""
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
-    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(k, None)
-    cmd = [sys.executable, "train.py", "--config", str(config), *extra]
-    envs = [env] if nproc == 1 else [
-        dict(env, RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(nproc),
-             LOCAL_WORLD_SIZE=str(nproc), MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
-        for port in [str(_free_port())] for r in range(nproc)
-    ]
-    logs = Path(tempfile.mkdtemp(prefix="train_logs_"))
-    procs = []
-    for r, e in enumerate(envs):
-        out, err = open(logs / f"{r}.out", "w"), open(logs / f"{r}.err", "w")
-        procs.append(subprocess.Popen(cmd, cwd=ROOT, env=e, stdout=out, stderr=err))
-        out.close()
-        err.close()
-    deadline = time.time() + 600
-    # Poll all ranks: when one fails the others would wait in a collective, so stop them.
-    while any(p.poll() is None for p in procs) and time.time() < deadline:
-        if any(p.poll() not in (None, 0) for p in procs):
-            break
-        time.sleep(0.2)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
-    for r, p in enumerate(procs):
-        if p.returncode != 0:
-            out = (logs / f"{r}.out").read_text()[-3000:]
-            err = (logs / f"{r}.err").read_text()[-6000:]
-            raise AssertionError(f"rank {r} of {' '.join(cmd)} failed (exit {p.returncode}):\n"
-                                 f"{out}\n{err}")
-    shutil.rmtree(logs)
+def run_train(config: Path, nproc: int = 1, *extra: str) -> None:
+    """train.py with `config` in `nproc` processes (tests/helpers.run_jobs)."""
+    run_jobs([["--config", str(config), *extra]], nproc)
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -164,122 +103,33 @@ def test_reference_learns(reference):
 
 
 @pytest.fixture(scope="module")
-def fsdp_run(data_dir, tmp_path_factory) -> Path:
-    """FSDP2 over 2 ranks; checkpoints at steps 3 and 6 (sharded dcp/ + consolidated)."""
-    tmp = tmp_path_factory.mktemp("fsdp")
-    parallel = {"dp_shard": 2, "data_parallel": "fsdp"}
-    run_train(write_config(tmp / "c.toml", data_dir, tmp / "run", parallel=parallel), 2)
-    return tmp / "run"
-
-
-def test_fsdp_matches_one_process(fsdp_run, reference):
-    assert_close(losses(fsdp_run), losses(reference), 1e-5, "fsdp2")
-    assert_close(val_losses(fsdp_run), val_losses(reference), 1e-5, "fsdp2 validation")
-
-
-@pytest.mark.parametrize(
-    "name, parallel",
-    [
-        ("tp2", {"tp": 2}),
-        # activation checkpointing changes no number, so it rides along here
-        ("ddp2", {"dp_shard": 2, "data_parallel": "ddp", "activation_checkpointing": "full"}),
-    ],
-)
-def test_two_ranks_match_one_process(name, parallel, data_dir, reference, tmp_path):
-    config = write_config(tmp_path / "c.toml", data_dir, tmp_path / name, parallel=parallel,
-                          checkpoint={"every": 0})  # only the final checkpoint
-    run_train(config, 2)
-    assert_close(losses(tmp_path / name), losses(reference), 1e-5, name)
-    assert_close(val_losses(tmp_path / name), val_losses(reference), 1e-5, f"{name} validation")
-
-
-def _deepspeed_run(stage: int, data_dir: Path, tmp_path_factory) -> Path:
+def deepspeed_runs(data_dir, tmp_path_factory) -> Path:
+    """ZeRO-2, ZeRO-3, and ZeRO-3 resumed from its step-3 checkpoint: one 2-rank launch."""
     import deepspeed  # noqa: F401  (the deepspeed extra, which CI installs: fail, never skip)
-    tmp = tmp_path_factory.mktemp(f"zero{stage}")
-    parallel = {"engine": "deepspeed", "zero_stage": stage, "dp_shard": 2}
-    run_train(write_config(tmp / "c.toml", data_dir, tmp / "run", parallel=parallel), 2)
-    return tmp / "run"
-
-
-@pytest.fixture(scope="module")
-def zero2_run(data_dir, tmp_path_factory) -> Path:
-    return _deepspeed_run(2, data_dir, tmp_path_factory)
-
-
-@pytest.fixture(scope="module")
-def zero3_run(data_dir, tmp_path_factory) -> Path:
-    return _deepspeed_run(3, data_dir, tmp_path_factory)
+    tmp = tmp_path_factory.mktemp("deepspeed")
+    jobs = []
+    resume = f"--checkpoint.resume={tmp / 'zero3' / 'checkpoints' / 'step_000003'}"
+    for name, stage, extra in (("zero2", 2, []), ("zero3", 3, []), ("zero3-resumed", 3, [resume])):
+        parallel = {"engine": "deepspeed", "zero_stage": stage, "dp_shard": 2}
+        config = write_config(tmp / f"{name}.toml", data_dir, tmp / name, parallel=parallel)
+        jobs.append(["--config", str(config), *extra])
+    run_jobs(jobs, 2)
+    return tmp
 
 
 @pytest.mark.parametrize("stage", [2, 3])
-def test_deepspeed_zero_matches_native_adamw(stage, request, reference):
-    run = request.getfixturevalue(f"zero{stage}_run")
+def test_deepspeed_zero_matches_native_adamw(stage, deepspeed_runs, reference):
+    run = deepspeed_runs / f"zero{stage}"
     assert_close(losses(run), losses(reference), 1e-4, f"ZeRO-{stage}")
     ckpt = run / "checkpoints" / "step_000006"
     assert (ckpt / "deepspeed").is_dir() and (ckpt / "model.safetensors").is_file()
 
 
-def test_deepspeed_resumes_through_checkpoint_resume(zero3_run, data_dir, reference, tmp_path):
+def test_deepspeed_resumes_through_checkpoint_resume(deepspeed_runs, reference):
     """--checkpoint.resume of a ZeRO-3 step-3 checkpoint (DeepSpeed's partitioned files for
     model, optimizer and schedule + our loader state) continues the reference curve."""
-    parallel = {"engine": "deepspeed", "zero_stage": 3, "dp_shard": 2}
-    config = write_config(tmp_path / "c.toml", data_dir, tmp_path / "run", parallel=parallel)
-    run_train(config, 2, f"--checkpoint.resume={zero3_run / 'checkpoints' / 'step_000003'}")
     want = {s: v for s, v in losses(reference).items() if s > 3}
-    assert_close(losses(tmp_path / "run"), want, 1e-4, "ZeRO-3 resumed")
-
-
-def test_consolidated_export_equals_one_process_weights(fsdp_run, reference):
-    """model.safetensors of the 2-rank FSDP run holds the full weights under our names, equal
-    to the one-process run's, and model.load.load_model reads it (eval, HF export)."""
-    from model.checkpoint import load_model_state
-    from model.load import load_model
-
-    got = load_model_state(fsdp_run / "checkpoints" / "step_000006")
-    want = load_model_state(reference / "checkpoints" / "step_000006")
-    assert sorted(got) == sorted(want)
-    for name in want:
-        assert got[name].shape == want[name].shape, name
-        # Adam's update is ~lr per step whatever the gradient's size, so tiny float differences
-        # in the gradients move weights by at most about lr x (relative noise): 1e-6 absolute.
-        assert (got[name] - want[name]).abs().max() < 1e-6, name
-    model, cfg, _ = load_model(fsdp_run)
-    assert cfg.model.dim == MODEL["dim"] and model.embed.weight.shape == (VOCAB, MODEL["dim"])
-
-
-def test_dcp_checkpoint_consolidates_to_its_model_file(fsdp_run, tmp_path):
-    """`python -m parallel.checkpoint_dcp` rebuilds a 2-rank FSDP checkpoint's model.safetensors
-    from its sharded dcp/ (model and optimizer keys side by side) bit for bit, in one process."""
-    import torch
-
-    from model.checkpoint import load_model_state
-    from parallel import checkpoint_dcp
-
-    ckpt = tmp_path / "step_000006"
-    shutil.copytree(fsdp_run / "checkpoints" / "step_000006", ckpt)
-    want = load_model_state(ckpt)
-    (ckpt / "model.safetensors").unlink()
-    checkpoint_dcp.main(["--run", str(ckpt)])
-    got = load_model_state(ckpt)
-    assert sorted(got) == sorted(want)
-    for name in want:
-        assert got[name].dtype == want[name].dtype and torch.equal(got[name], want[name]), name
-
-
-@pytest.mark.parametrize(
-    "nproc, parallel",
-    [(1, {}), (2, {"tp": 2, "activation_checkpointing": "selective"})], ids=["1proc", "tp2"],
-)
-def test_fsdp_checkpoint_resumes_on_another_mesh(nproc, parallel, fsdp_run, data_dir, reference,
-                                                 tmp_path):
-    """The sharded checkpoint of step 3 (2 FSDP ranks) continues the reference loss curve on
-    one process and on tensor parallelism 2: DCP reshards model and optimizer on load."""
-    ckpt = fsdp_run / "checkpoints" / "step_000003"
-    assert (ckpt / "dcp").is_dir(), "a multi-rank native run writes a sharded dcp/ directory"
-    config = write_config(tmp_path / "c.toml", data_dir, tmp_path / "run", parallel=parallel)
-    run_train(config, nproc, f"--checkpoint.resume={ckpt}")
-    want = {s: v for s, v in losses(reference).items() if s > 3}
-    assert_close(losses(tmp_path / "run"), want, 1e-5, f"resumed on {parallel or '1 process'}")
+    assert_close(losses(deepspeed_runs / "zero3-resumed"), want, 1e-4, "ZeRO-3 resumed")
 
 
 # --- a bad mesh stops before any work ---------------------------------------------------------
@@ -297,7 +147,7 @@ def _job(**parallel):
         (3, {"tp": 2}, "does not divide the world size 3"),
         (2, {"dp_shard": 4}, "not the world size 2"),
         (4, {"tp": 4}, "larger than model.n_kv_heads = 2"),
-        (2, {"ep": 2}, "parallel.ep = 2: expert parallelism is not yet composed"),
+        (2, {"ep": 2}, "parallel.ep = 2 but the model has no experts"),
         (6, {"dp_replicate": 3, "dp_shard": 2}, "train.batch_size = 8 is not a multiple of "
                                                  "train.micro_batch_size (2) x data-parallel ranks (6)"),
     ],
