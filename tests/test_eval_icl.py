@@ -13,7 +13,7 @@ from eval.icl import IclTask, fewshot_indices, icl_items, load_icl_task
 from eval.probes import probe_report
 from eval.suite import load_items, parse_tasks, task_info
 from eval.tasks import TaskDataError, load_task
-from tests.helpers import write_icl_fixtures
+from tests.icl_fixtures import write_icl_fixtures
 
 
 @pytest.fixture(scope="module")

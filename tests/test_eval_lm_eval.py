@@ -13,7 +13,8 @@ from eval.core import CORE_TASKS
 from eval.icl import IclTask, load_icl_docs
 from eval.models import TransformerLogLikelihood
 from model.hf import export_model
-from tests.helpers import icl_fixture_texts, tiny_model, train_briefly, write_icl_fixtures
+from tests.helpers import tiny_model, train_briefly
+from tests.icl_fixtures import icl_fixture_texts, write_icl_fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -21,7 +21,7 @@ from eval.generation import (
     score_human_eval,
 )
 from eval.sandbox import run_python
-from tests.helpers import HUMAN_EVAL_PROBLEMS, icl_fixture_texts, write_icl_fixtures
+from tests.icl_fixtures import HUMAN_EVAL_PROBLEMS, icl_fixture_texts, write_icl_fixtures
 
 # The layers this machine gives the sandbox (every one on Linux 6.x with user namespaces and
 # Landlock); a test of a layer the kernel lacks would test nothing.

@@ -14,7 +14,8 @@ from eval.models import HFCachedLM, HFLogLikelihood, TransformerCachedLM, Transf
 from eval.scoring import encode_pair, evaluate_task
 from eval.suite import load_items
 from model.generate import generate
-from tests.helpers import icl_fixture_texts, tiny_model, to_hf_llama, write_icl_fixtures
+from tests.helpers import tiny_model, to_hf_llama
+from tests.icl_fixtures import icl_fixture_texts, write_icl_fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 V = 97

@@ -13,7 +13,8 @@ from eval.__main__ import main
 from eval.contamination import normalize_words
 from eval.suite import load_items
 from model.hf import export_model
-from tests.helpers import icl_fixture_texts, tiny_model, write_icl_fixtures
+from tests.helpers import tiny_model
+from tests.icl_fixtures import icl_fixture_texts, write_icl_fixtures
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
