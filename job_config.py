@@ -39,7 +39,13 @@ class DataConfig:
     tokenizer_script_balance: float = 1.0
     val_fraction: float = 0.02  # fraction of documents (by hash) held out for validation
     shard_tokens: int = 4_000_000  # tokens per shard file
-    workers: int = 2  # tokenizer (and cleaning) processes; 0: all in this process
+    # Where the preparation's tasks run (data/executor.py): "local" processes or "ray".
+    executor: str = "local"
+    workers: int = 2  # local: processes (0: all in this one); ray: CPUs of a Ray started for the job
+    ray_address: str = ""  # ray: cluster to join ("auto", "ray://head:10001"); "": start one
+    task_retries: int = 3  # ray: reruns of a task whose worker died
+    docs_per_task: int = 1000  # documents per read/clean task: bounds each task's memory
+    dedup_partitions: int = 8  # a dedup task holds 1 / dedup_partitions of the dedup state
     max_bytes: int = 0  # stop reading sources after this many bytes (0: no limit)
     document_masking: bool = False  # loader yields per-token document ids for attention
     # Domain mixture for training: "prepared_dir=weight" entries; the loader draws each

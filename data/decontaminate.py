@@ -27,6 +27,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -128,16 +129,30 @@ def load_benchmark_texts(name: str, path: str | Path) -> list[str]:
     return texts
 
 
-def _item_words(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Word hashes of all items at once -> (hashes uint64 (W,), item index of each word (W,)).
-
-    The items' matching bytes are joined with spaces so one vectorized pass covers them all."""
+def _item_chunks(texts: list[str]) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Word hashes of the items, a run of items at a time -> (hashes uint64 (W,), item index of
+    each word (W,)) per run. A run's matching bytes are joined with spaces so that one
+    vectorized pass covers it; runs of about 256 KB bound the temporaries (~40 bytes per byte)."""
     bufs = [match_bytes(t) for t in texts]
-    joined = b" ".join(bufs)
-    starts, ends = word_spans(joined)
-    item_start = np.cumsum([0] + [len(b) + 1 for b in bufs[:-1]])  # byte offset of each item
-    item_of_word = np.searchsorted(item_start, starts, side="right") - 1
-    return word_hashes(joined, starts, ends), item_of_word
+    first = 0
+    while first < len(bufs):
+        last, size = first, 0
+        while last < len(bufs) and (last == first or size + len(bufs[last]) < 1 << 18):
+            size += len(bufs[last]) + 1
+            last += 1
+        joined = b" ".join(bufs[first:last])
+        starts, ends = word_spans(joined)
+        item_start = np.cumsum([0] + [len(b) + 1 for b in bufs[first : last - 1]])
+        items = np.searchsorted(item_start, starts, side="right") - 1 + first
+        yield word_hashes(joined, starts, ends), items
+        first = last
+
+
+def _item_words(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Word hashes of all items -> (hashes uint64 (W,), item index of each word (W,))."""
+    chunks = list(_item_chunks(texts))
+    return (np.concatenate([np.zeros(0, np.uint64)] + [h for h, _ in chunks]),
+            np.concatenate([np.zeros(0, np.int64)] + [i for _, i in chunks]))
 
 
 def ngram_size(texts: list[str]) -> int:
@@ -163,13 +178,16 @@ class BenchmarkIndex:
     def build(cls, name: str, texts: list[str], n: int = 0) -> BenchmarkIndex:
         if not texts:
             return cls(name, n or 13, np.zeros(0, np.uint64), 0, 0)
-        words, item_of_word = _item_words(texts)
-        lengths = np.bincount(item_of_word, minlength=len(texts))
-        n = n or int(np.clip(np.percentile(lengths, 5), 8, 13))
-        grams = combine_ngrams(words, n)  # (W-n+1,), some crossing item boundaries
-        inside = item_of_word[: len(grams)] == item_of_word[n - 1 :]
+        if not n:
+            lengths = np.bincount(_item_words(texts)[1], minlength=len(texts))
+            n = int(np.clip(np.percentile(lengths, 5), 8, 13))
+        kept, lengths = [np.zeros(0, np.uint64)], np.zeros(len(texts), np.int64)
+        for words, item_of_word in _item_chunks(texts):  # runs of whole items
+            lengths += np.bincount(item_of_word, minlength=len(texts))
+            grams = combine_ngrams(words, n)  # (W-n+1,), some crossing item boundaries
+            kept.append(grams[item_of_word[: len(grams)] == item_of_word[n - 1 :]])
         # Sorted unique, by sort + neighbour compare (np.unique's hash path is slow on uint64).
-        hashes = np.sort(grams[inside])
+        hashes = np.sort(np.concatenate(kept))
         hashes = hashes[np.concatenate([[True], hashes[1:] != hashes[:-1]])]
         return cls(name, n, hashes, len(texts), int(np.sum(lengths < n)))
 

@@ -120,15 +120,22 @@ _BASE_INV = pow(_BASE, -1, 1 << 64)
 _POWERS: list[np.ndarray] = [np.ones(0, np.uint64), np.ones(0, np.uint64)]
 
 
+_POWERS_KEPT = 1 << 21  # entries kept between calls (32 MB for both tables)
+
+
 def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
     """BASE**k and BASE**-k mod 2**64 for k < n (at least; uint64 arithmetic wraps, which is the
-    mod). Grown by doubling and kept, so long documents pay for it once per process."""
+    mod). Grown by doubling and kept up to _POWERS_KEPT entries, so long documents pay for it
+    once per process; longer inputs get tables of their own, freed with them."""
     if len(_POWERS[0]) < n:
         size = 1 << max(16, (n - 1).bit_length())
         fwd = np.full(size, _BASE, np.uint64)
         inv = np.full(size, _BASE_INV, np.uint64)
         fwd[0] = inv[0] = 1
-        _POWERS[:] = [np.cumprod(fwd), np.cumprod(inv)]
+        tables = [np.cumprod(fwd), np.cumprod(inv)]
+        if size > _POWERS_KEPT:
+            return tables[0], tables[1]
+        _POWERS[:] = tables
     return _POWERS[0], _POWERS[1]
 
 

@@ -18,25 +18,15 @@ bounded number of chunks in flight, memory is bounded by the chunk size, not the
 
 Every stage has a `StageStats` (documents in / out / removed / changed, characters in / out,
 worker CPU seconds, per-type counts); `Pipeline.stats_dict()` is what data.prepare writes into
-manifest.json under "stages".
+manifest.json under "stages" (the seconds go to prepare_log.json: the manifest holds only what
+the output depends on).
 
-Beyond one machine: `Pipeline.map(docs)` is the worker half (pure, picklable result) and
-`Pipeline.merge(mapped)` the parent half, so any engine can run the map over input files and
-feed the merge in a fixed file order; no scheduler here. With Ray, for example:
-
-    files = expand_source(spec)                                  # data.sources, sorted
-    pipe = build_pipeline(cfg.data)
-    map_file = ray.remote(lambda f: pipe.map(iter_file(f, SourceErrors())))
-    futures = [map_file.remote(f) for f in files]                # runs on the cluster
-    for f, fut in zip(files, futures):                           # merge in file order
-        for text, doc in pipe.merge(ray.get(fut)):
-            ...                                                  # tokenize / write shards
-    manifest_stages = pipe.stats_dict()
-
-Dask: `client.map(map_file, files)` then `pipe.merge(future.result())` in order; Spark:
-`sc.parallelize(files, len(files)).map(map_file).toLocalIterator()` (keeps order). The merge
-holds the dedup state: ~70 bytes per document for exact dedup and ~600 for near dedup, so one
-merge process handles ~100M documents; beyond that, shard the merge by hash prefix.
+data.prepare does not merge in one process: it runs the same stages as a sharded job of
+tasks (data/job.py) on local processes or Ray, with the dedup decisions taken by partition
+(data/dedup_sharded.py), and gets the output of `run`. For that it uses `record` (a document's
+trip through some of the stages, in a worker) and `apply(..., admit)` (the counters, with the global
+stages' decisions given by `admit`). `map` / `merge` below are the same two halves over whole
+lists, for a custom engine that maps files remotely and merges in one place, in file order.
 """
 
 from __future__ import annotations
@@ -109,6 +99,13 @@ class StageStats:
     def add_counts(self, counts: dict[str, int]) -> None:
         for key, value in counts.items():
             self.counts[key] = self.counts.get(key, 0) + value
+
+    def add(self, other: dict[str, Any]) -> None:
+        """Add another part's counters (`dataclasses.asdict` of a StageStats of this stage)."""
+        for key in ("docs_in", "docs_out", "removed", "changed", "chars_in", "chars_out",
+                    "seconds"):
+            setattr(self, key, getattr(self, key) + other[key])
+        self.add_counts(other["counts"])
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -187,8 +184,10 @@ class Pipeline:
     def names(self) -> list[str]:
         return [s.name for s in self.stages]
 
-    def _apply(self, chars: int, record: Record) -> str | None:
-        """Walk one document's record in stage order; update counters; return the kept text."""
+    def apply(self, chars: int, record: Record, admit: Callable | None = None) -> str | None:
+        """Walk the record of one document of `chars` characters in stage order; update the
+        counters; return the kept text or None. `admit(stage, step signature, counts) -> keep`
+        replaces the global stages' own `admit` when given (decisions taken elsewhere)."""
         final, steps = record
         for stage, is_global, stats, step in zip(self.stages, self._global, self.stats, steps):
             stats.docs_in += 1
@@ -196,7 +195,7 @@ class Pipeline:
             if is_global:
                 sig, dt = step
                 t0 = time.process_time()
-                keep = stage.admit(sig, stats.counts)
+                keep = admit(stage, sig, stats.counts) if admit else stage.admit(sig, stats.counts)
                 stats.seconds += dt + time.process_time() - t0
                 if not keep:
                     stats.removed += 1
@@ -253,9 +252,18 @@ class Pipeline:
                 for bar in bars:
                     bar.close()
 
+    def is_global(self, i: int) -> bool:
+        return self._global[i]
+
+    def record(self, doc: Any, start: int = 0, stop: int | None = None) -> Record:
+        """Stages [start, stop) on one document (the worker half): (text out or None, steps);
+        a global stage's step is (signature, seconds)."""
+        stop = len(self.stages) if stop is None else stop
+        return _process_doc(list(zip(self.stages[start:stop], self._global[start:stop])), doc)
+
     def _emit(self, chunk: list[Any], records: list[Record], bars: list | None):
         for doc, record in zip(chunk, records):
-            text = self._apply(len(doc.text), record)
+            text = self.apply(len(doc.text), record)
             if text is not None:
                 yield text, doc
         if bars:
@@ -277,7 +285,7 @@ class Pipeline:
         """The parent half: global stages and counters over mapped documents, in the order
         given (keep it fixed, e.g. sorted by input file, for reproducible output)."""
         for doc, record in mapped:
-            text = self._apply(len(doc.text), record)
+            text = self.apply(len(doc.text), record)
             if text is not None:
                 yield text, doc
 

@@ -6,54 +6,53 @@ train / validation shards + manifest.json, in `data.path`.
 - Tokenizer: `data.tokenizer = "train"` trains a byte-level BPE on a sample of the corpus and
   saves it beside the shards; otherwise a tiktoken encoding name, a `.tiktoken` file, or
   "hf:DIR", a Hugging Face tokenizer (e.g. an imported model's, for continued pretraining).
-- Work is cut into units of about `data.shard_tokens` tokens, one shard file per unit, in a
-  fixed order. Worker processes tokenize units and write their shards atomically. A rerun
-  (after a crash or a kill) skips every shard already on disk, so it finishes with exactly the
-  shards of an uninterrupted run. manifest.json is written last: its presence means done.
+- The work is a job of tasks (data/job.py) on `data.executor`: "local" worker processes
+  (`data.workers` of them) or "ray" (a Ray cluster, `data.ray_address`). The output is the same
+  on both and for any number of workers: shards byte for byte, and the manifest.
+- Every finished task leaves its directory under `data.path/tasks/`; a rerun (after a crash or a
+  kill) runs only the unfinished tasks, so it finishes with exactly the files of an
+  uninterrupted run. manifest.json is written last: its presence means done; tasks/ is then
+  removed. Timings, memory and the machine go to prepare_log.json (the manifest holds only what
+  the data depends on, so that equal settings give an equal manifest).
 - Before its first output file, prepare records the settings that decide the output
-  (prepare.json: sources, stages and their settings, tokenizer, vocabulary size, split, unit
+  (prepare.json: sources, stages and their settings, tokenizer, vocabulary size, split, shard
   size). A rerun with other settings stops and names the fields that differ instead of mixing
-  old shards (or an old tokenizer) with new settings; `--overwrite` deletes the old output first.
+  old files (or an old tokenizer) with new settings; `--overwrite` deletes the old output first.
+  The finished tasks under tasks/ are checked against the same fingerprint (and against
+  docs_per_task / dedup_partitions, which decide how the work was cut).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
+import os
+import platform
 import shutil
 import sys
 import time
-from collections.abc import Callable, Iterator
-from concurrent.futures import ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
-from contextlib import contextmanager
+from collections.abc import Iterator
 from dataclasses import asdict
 from pathlib import Path
 
-import numpy as np
-from tqdm import tqdm
-
 from common.atomic import write_json
-from common.errors import PretrainError, read_json, run_cli
+from common.errors import read_json, run_cli
+from data.executor import ExecutorError, make_executor
+from data.job import TASKS_DIR, PrepareError, output_settings, run_job
 from data.manifest import MANIFEST_FILE, load_manifest
-from data.pipeline import build_pipeline
 from data.scripts import balance_weights, group_shares, script_of
-from data.shards import read_header, token_dtype, write_shard
 from data.sources import Document, SourceErrors, iter_documents
+from data.tasks import peak_rss, reset_peak_rss
 from data.tokenizer import TokenizerLike, load_tokenizer, train_bpe
 from job_config import ConfigError, DataConfig, JobConfig, config_diff, flat_dict, load_config
 
-BYTES_PER_TOKEN_GUESS = 4  # only sizes the work units; shards hold whatever a unit produced
 TOKENIZER_FILE = "tokenizer.tiktoken"
+LOG_FILE = "prepare_log.json"
 FINGERPRINT_FILE = "prepare.json"
 # The [data] sub-tables holding each cleaning stage's settings (stages without one have none).
 STAGE_SETTINGS = {"quality": "quality", "near_dedup": "near_dedup", "pii": "pii",
                   "decontaminate": "decontaminate"}
-
-
-class PrepareError(PretrainError, RuntimeError):
-    """data.prepare cannot go on (no documents, settings that differ from the data dir's)."""
+__all__ = ["PrepareError", "prepare", "iter_corpus", "resolve_tokenizer", "fingerprint"]
 
 
 def iter_corpus(cfg: DataConfig, errors: SourceErrors) -> Iterator[Document]:
@@ -101,89 +100,6 @@ def resolve_tokenizer(cfg: DataConfig, out: Path) -> TokenizerLike:
     return tok
 
 
-def iter_units(
-    docs: Iterator[Document], cfg: DataConfig, counts: dict
-) -> Iterator[tuple[str, int, list[str]]]:
-    """(split, unit index, texts): documents split train / val by position, grouped into units.
-
-    Document k goes to validation when floor((k+1) f) > floor(k f): exactly a fraction f, spread
-    evenly, and the same on every rerun.
-    """
-    unit_bytes = cfg.shard_tokens * BYTES_PER_TOKEN_GUESS
-    pending: dict[str, list[str]] = {"train": [], "val": []}
-    size = {"train": 0, "val": 0}
-    index = {"train": 0, "val": 0}
-    f = cfg.val_fraction
-    for k, doc in enumerate(docs):
-        split = "val" if int((k + 1) * f) > int(k * f) else "train"
-        pending[split].append(doc.text)
-        size[split] += len(doc.text)
-        counts[split]["documents"] += 1
-        counts[split]["chars"] += len(doc.text)
-        if size[split] >= unit_bytes:
-            yield split, index[split], pending[split]
-            index[split] += 1
-            pending[split], size[split] = [], 0
-    for split in ("train", "val"):
-        if pending[split]:
-            yield split, index[split], pending[split]
-
-
-# --- worker side ----------------------------------------------------------------------------
-_worker_tokenizer: TokenizerLike | None = None
-
-
-def _init_worker(tokenizer_spec: str) -> None:
-    global _worker_tokenizer
-    _worker_tokenizer = load_tokenizer(tokenizer_spec)
-
-
-def _tokenize_unit(job: tuple[str, list[str]]) -> int:
-    """Tokenize one unit's documents into its shard file: each is the tokenizer's `bos_ids`
-    (Llama 3's <|begin_of_text|>; none for ours, whose end-of-text already precedes every
-    document but the first), its text, and end-of-text."""
-    path, texts = job
-    tok = _worker_tokenizer
-    ids = tok.encode_batch(texts, num_threads=1)
-    bos = [] if tok.bos_ids == [tok.eot_id] else list(tok.bos_ids)
-    ids = [bos + doc + [tok.eot_id] for doc in ids]
-    tokens = np.empty(sum(len(d) for d in ids), dtype=token_dtype(tok.n_vocab))
-    pos = 0
-    for doc in ids:
-        tokens[pos : pos + len(doc)] = doc
-        pos += len(doc)
-    write_shard(path, tokens, tok.n_vocab)
-    return len(tokens)
-
-
-@contextmanager
-def _tokenizer_pool(workers: int, tokenizer_spec: str) -> Iterator[Callable]:
-    """A function jobs -> shard token counts, in order: `workers` spawned processes, or this
-    process for workers = 0. A worker that dies (killed, out of memory) stops the run with a
-    message instead of hanging it; the shards written so far are kept for the rerun."""
-    if workers <= 0:
-        _init_worker(tokenizer_spec)
-        yield lambda jobs: map(_tokenize_unit, jobs)
-        return
-    # spawn, not fork: safe with torch / tiktoken threads in the parent
-    with ProcessPoolExecutor(workers, mp.get_context("spawn"), _init_worker,
-                             (tokenizer_spec,)) as pool:
-        def tokenize_all(jobs):
-            try:
-                yield from pool.map(_tokenize_unit, jobs)
-            except BrokenProcessPool as e:
-                raise PrepareError(
-                    f"a tokenizer worker process died ({e}; killed, or out of memory? lower "
-                    f"data.workers or data.shard_tokens); rerun to continue from the shards "
-                    f"already written"
-                ) from None
-
-        yield tokenize_all
-
-
-# ---------------------------------------------------------------------------------------------
-
-
 def fingerprint(cfg: DataConfig) -> dict:
     """The settings that decide what prepare writes, as flat `data.` keys (not where it
     writes, nor how many workers it uses): a rerun must have exactly these to reuse files."""
@@ -202,7 +118,7 @@ def _output_files(out: Path, temporaries: bool = True) -> list[Path]:
     """What prepare (and the contamination index beside the shards) writes into `out`, and
     optionally the temporaries of writes that a kill interrupted."""
     names = ["train_*.bin", "val_*.bin", f"{TOKENIZER_FILE}*", MANIFEST_FILE, FINGERPRINT_FILE,
-             "ngrams_*"] + ([".*.tmp"] if temporaries else [])
+             LOG_FILE, TASKS_DIR, "ngrams_*"] + ([".*.tmp"] if temporaries else [])
     return sorted({p for name in names for p in out.glob(name)})
 
 
@@ -251,59 +167,40 @@ def _recorded_fingerprint(out: Path) -> dict:
                            f"--overwrite") from None
 
 
-def prepare(cfg: DataConfig, dry_run: bool = False, overwrite: bool = False) -> dict:
+def prepare(cfg: DataConfig, dry_run: bool = False, progress: bool = True,
+            overwrite: bool = False) -> dict:
     """Prepare `cfg.path`; returns the manifest. overwrite: delete an earlier preparation's
     files first (needed when the settings changed)."""
     out = Path(cfg.path)
     manifest_path = out / MANIFEST_FILE
-    settings = asdict(cfg)
+    settings = output_settings(cfg)
     if out.is_dir():
         check_fingerprint(cfg, out, overwrite)  # stops when the settings changed
     if manifest_path.exists():
         manifest = load_manifest(out)
         print(f"{out} is already prepared ({manifest['train']['tokens']:,} train tokens)")
         return manifest
-    errors = SourceErrors()
     if next(iter_corpus(cfg, SourceErrors()), None) is None:
         raise PrepareError(f"no documents found in data.sources = {cfg.sources}")
     out.mkdir(parents=True, exist_ok=True)
     check_fingerprint(cfg, out)  # records it, before the first output file
     tokenizer = resolve_tokenizer(cfg, out)
-    tokenizer_spec = str(out / TOKENIZER_FILE) if cfg.tokenizer == "train" else cfg.tokenizer
+    tokenizer_spec = str((out / TOKENIZER_FILE).resolve()) if cfg.tokenizer == "train" else (
+        str(Path(cfg.tokenizer).resolve()) if Path(cfg.tokenizer).exists() else cfg.tokenizer)
     # The manifest names a trained tokenizer relative to the data dir, so the dir can move.
     manifest_spec = TOKENIZER_FILE if cfg.tokenizer == "train" else cfg.tokenizer
 
-    counts = {s: {"documents": 0, "chars": 0, "tokens": 0, "shards": []} for s in ("train", "val")}
-    docs = iter_corpus(cfg, errors)
-    # Cleaning stages (data/pipeline.py): deterministic, so a rerun yields the same shards.
-    pipeline = build_pipeline(cfg)
-    docs = pipeline.documents(docs, workers=cfg.workers, progress=sys.stdout.isatty())
-    units = iter_units(docs, cfg, counts)
     t0 = time.time()
-    bar = tqdm(desc="tokenizing", unit="tok", unit_scale=True, file=sys.stdout, mininterval=2)
-    with _tokenizer_pool(cfg.workers, tokenizer_spec) as tokenize_all:
-        while True:
-            # A bounded window of units in flight keeps memory flat on any corpus size.
-            window = [u for _, u in zip(range(4 * max(1, cfg.workers)), units)]
-            if not window:
-                break
-            jobs, names = [], []
-            for split, index, texts in window:
-                name = f"{split}_{index:06d}.bin"
-                names.append((split, name))
-                if not dry_run and not (out / name).exists():
-                    jobs.append((str(out / name), texts))
-            if dry_run:
-                for _, _, texts in window:
-                    bar.update(sum(len(t) for t in texts) // BYTES_PER_TOKEN_GUESS)
-                continue
-            for n_tokens in tokenize_all(jobs):
-                bar.update(n_tokens)
-            for split, name in names:
-                n = read_header(out / name)["num_tokens"]
-                counts[split]["tokens"] += n
-                counts[split]["shards"].append({"file": name, "tokens": n})
-    bar.close()
+    executor = make_executor(cfg.executor, cfg.workers, cfg.ray_address, cfg.task_retries)
+    startup, t0 = time.time() - t0, time.time()
+    rss = reset_peak_rss()  # this process with the executor started: the driver's baseline
+    try:
+        result = run_job(cfg, out, tokenizer_spec, executor, fingerprint(cfg), dry_run, progress)
+    except ExecutorError as e:
+        raise PrepareError(f"data.prepare stopped: {e}") from e
+    finally:
+        executor.close()
+    counts, errors, pipeline = result.counts, result.errors, result.pipeline
     if counts["train"]["documents"] == 0:
         if pipeline.stats and pipeline.stats[0].docs_in:
             raise PrepareError(
@@ -317,6 +214,7 @@ def prepare(cfg: DataConfig, dry_run: bool = False, overwrite: bool = False) -> 
             f"data.val_fraction = {cfg.val_fraction}; raise it or add data"
         )
     elapsed = time.time() - t0
+    stages = pipeline.stats_dict()
     manifest = {
         "format": "token-shards-v1",
         "settings": settings,
@@ -325,8 +223,8 @@ def prepare(cfg: DataConfig, dry_run: bool = False, overwrite: bool = False) -> 
         "train": counts["train"],
         "val": counts["val"],
         "source_errors": {"count": errors.count, "first": errors.summary()[:100]},
-        "stages": pipeline.stats_dict(),
-        "seconds": round(elapsed, 2),
+        "stages": {name: {k: v for k, v in st.items() if k != "seconds"}
+                   for name, st in stages.items()},
     }
     print(pipeline.summary())
     for line in errors.summary()[:20]:
@@ -334,14 +232,35 @@ def prepare(cfg: DataConfig, dry_run: bool = False, overwrite: bool = False) -> 
     total = counts["train"]["tokens"] + counts["val"]["tokens"]
     print(
         f"{counts['train']['documents']:,} train / {counts['val']['documents']:,} val documents, "
-        f"{total:,} tokens in {elapsed:.1f}s ({total / max(elapsed, 1e-9):,.0f} tokens/s)"
+        f"{total:,} tokens in {elapsed:.1f}s ({total / max(elapsed, 1e-9):,.0f} tokens/s) on "
+        f"{executor.name} x {executor.workers}"
         + (f"; {errors.count} source errors" if errors.count else "")
     )
+    log = {
+        "seconds": round(elapsed, 2), "executor_start_seconds": round(startup, 2),
+        "executor": executor.name, "workers": executor.workers,
+        "docs_per_task": cfg.docs_per_task, "dedup_partitions": cfg.dedup_partitions,
+        "driver": {"rss_start_mb": round(rss, 1), "peak_rss_mb": round(peak_rss(), 1)},
+        "stage_seconds": {name: st["seconds"] for name, st in stages.items()},
+        "tasks": result.log, "machine": _machine(),
+    }
     if dry_run:
         print(json.dumps({k: manifest[k] for k in ("train", "val", "stages")}, indent=1))
         return manifest
+    write_json(out / LOG_FILE, log)
     write_json(manifest_path, manifest)
+    shutil.rmtree(out / TASKS_DIR, ignore_errors=True)  # intermediate files: done with them
     return manifest
+
+
+def _machine() -> dict:
+    import numpy
+
+    info = {"python": sys.version.split()[0], "platform": platform.platform(),
+            "cpu_count": os.cpu_count(), "numpy": numpy.__version__}
+    if "ray" in sys.modules:
+        info["ray"] = sys.modules["ray"].__version__
+    return info
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -13,6 +13,12 @@ A source spec is a string:
 Bad input never stops a run: an unreadable file, invalid UTF-8, a jsonl line that is not JSON
 or lacks the text field, a corrupt or truncated parquet file is recorded in `SourceErrors`
 (file, line, reason) and skipped. A source spec that names nothing raises SourceError.
+
+For parallel reading a file is cut into `Piece`s (`split_file`): a jsonl file into runs of
+lines (byte ranges found by one pass that only counts newlines), a parquet file into runs of row
+groups, any other file is one piece. `iter_piece` reads one; the pieces of a file, read in order,
+give exactly the documents (and errors, with their line numbers) of `iter_file` (a parquet file
+corrupt past its footer aside: each piece then reports and skips its own unreadable rest).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import sysconfig
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import numpy as np
 
 from common.errors import PretrainError
 
@@ -84,17 +92,80 @@ def _is_text_file(path: Path) -> bool:
     return path.suffix in TEXT_SUFFIXES or path.suffix in (".jsonl", ".parquet")
 
 
+@dataclass(frozen=True)
+class Piece:
+    """A part of one expanded source entry: a jsonl file's lines from byte `start` (line number
+    `first`) to byte `stop`, a parquet file's row groups [start, stop) (first row number
+    `first`); for other files and hf: datasets, the whole entry."""
+
+    path: str
+    start: int = 0
+    stop: int | None = None  # None: to the end
+    first: int = 1
+    docs: int = 1  # documents it holds at most (lines, rows; 1 for a text file)
+
+
+def split_file(path: str, docs_per_piece: int) -> list[Piece]:
+    """`path` cut into pieces of at most `docs_per_piece` lines / rows (whole row groups, so a
+    row group larger than that is a piece of its own)."""
+    suffix = Path(path).suffix
+    if path.startswith("hf:") or suffix not in (".jsonl", ".parquet"):
+        return [Piece(path)]
+    pieces = []
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            meta = pq.ParquetFile(path).metadata
+        except (OSError, ValueError):
+            return [Piece(path)]  # reading it reports the error
+        start, rows, first = 0, 0, 1
+        for group in range(meta.num_row_groups):
+            n = meta.row_group(group).num_rows
+            if rows and rows + n > docs_per_piece:
+                pieces.append(Piece(path, start, group, first, rows))
+                start, first, rows = group, first + rows, 0
+            rows += n
+        pieces.append(Piece(path, start, meta.num_row_groups, first, rows))
+        return pieces
+    try:
+        f = open(path, "rb")
+    except OSError:
+        return [Piece(path)]  # reading it reports the error
+    with f:
+        start, offset, lines, first, last = 0, 0, 0, 1, b"\n"
+        while block := f.read(1 << 24):
+            ends = np.flatnonzero(np.frombuffer(block, np.uint8) == ord("\n")) + offset + 1
+            # A piece ends after its docs_per_piece-th line: every docs_per_piece-th newline,
+            # counting the lines already in the current piece.
+            for end in ends[docs_per_piece - lines - 1 :: docs_per_piece].tolist():
+                pieces.append(Piece(path, start, end, first, docs_per_piece))
+                start, first = end, first + docs_per_piece
+            lines = (lines + len(ends)) % docs_per_piece
+            offset += len(block)
+            last = block[-1:]
+    if offset > start or not pieces:  # the rest, with a last line that may lack its newline
+        pieces.append(Piece(path, start, None, first, lines + (last != b"\n")))
+    return pieces
+
+
 def iter_file(path: str, errors: SourceErrors, text_field: str = "text") -> Iterator[Document]:
     """The documents of one expanded source entry."""
+    return iter_piece(Piece(path), errors, text_field)
+
+
+def iter_piece(piece: Piece, errors: SourceErrors, text_field: str = "text") -> Iterator[Document]:
+    """The documents of one piece of an expanded source entry."""
+    path = piece.path
     if path.startswith("hf:"):
         yield from _iter_hf(path, text_field)
         return
     suffix = Path(path).suffix
     try:
         if suffix == ".jsonl":
-            yield from _iter_jsonl(path, errors, text_field)
+            yield from _iter_jsonl(path, errors, text_field, piece)
         elif suffix == ".parquet":
-            yield from _iter_parquet(path, errors, text_field)
+            yield from _iter_parquet(path, errors, text_field, piece)
         else:
             raw = Path(path).read_bytes()
             try:
@@ -107,9 +178,16 @@ def iter_file(path: str, errors: SourceErrors, text_field: str = "text") -> Iter
         errors.add(path, None, f"unreadable: {e.strerror or e}")
 
 
-def _iter_jsonl(path: str, errors: SourceErrors, text_field: str) -> Iterator[Document]:
+def _iter_jsonl(
+    path: str, errors: SourceErrors, text_field: str, piece: Piece
+) -> Iterator[Document]:
     with open(path, "rb") as f:
-        for number, raw in enumerate(f, start=1):
+        f.seek(piece.start)
+        offset = piece.start
+        for number, raw in enumerate(f, start=piece.first):
+            if piece.stop is not None and offset >= piece.stop:
+                return
+            offset += len(raw)
             if not raw.strip():
                 continue
             try:
@@ -130,17 +208,21 @@ def _iter_jsonl(path: str, errors: SourceErrors, text_field: str) -> Iterator[Do
             yield Document(text, path, number)
 
 
-def _iter_parquet(path: str, errors: SourceErrors, text_field: str) -> Iterator[Document]:
+def _iter_parquet(
+    path: str, errors: SourceErrors, text_field: str, piece: Piece
+) -> Iterator[Document]:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    row = 0
+    row = piece.first - 1
     try:
         table = pq.ParquetFile(path)
         if text_field not in table.schema_arrow.names:
-            errors.add(path, None, f"no column {text_field!r} (columns: {table.schema_arrow.names})")
+            if piece.start == 0:  # reported once per file, by its first piece
+                errors.add(path, None, f"no column {text_field!r} (columns: {table.schema_arrow.names})")
             return
-        for batch in table.iter_batches(columns=[text_field]):
+        stop = table.metadata.num_row_groups if piece.stop is None else piece.stop
+        for batch in table.iter_batches(columns=[text_field], row_groups=range(piece.start, stop)):
             for text in batch.column(0).to_pylist():
                 row += 1
                 if isinstance(text, str):

@@ -1,7 +1,8 @@
 """The suite's one helper module: tiny training runs through train.py, tiny models, a small
 tokenizer, and the bridge to transformers used as the reference.
 
-The prepared corpus every run trains on is the `tiny_data` fixture (tests/conftest.py).
+The prepared corpus every run trains on is the `tiny_data` fixture (tests/conftest.py). The
+data tests' planted-case corpus and streaming reference are in tests/data_helpers.py.
 """
 
 from __future__ import annotations

@@ -15,7 +15,7 @@ ENTRY_POINTS = [
     "train", "data.prepare", "bench.throughput", "bench.throughput_gpu", "bench.kernels",
     "bench.gpu_check", "bench.hf_continue", "bench.faults", "bench.lm_eval_parity",
     "bench.eval_speed",
-    "bench.data", "eval.__main__", "eval.moe_load", "eval.contamination", "model.generate",
+    "bench.data", "bench.data_scale", "eval.__main__", "eval.moe_load", "eval.contamination", "model.generate",
     "model.hf", "model.hf_gguf", "parallel.checkpoint_dcp", "data.tokenizer_report",
     "eval.glitch_tokens", "bench.tokenizers",
 ]

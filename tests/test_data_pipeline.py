@@ -20,65 +20,8 @@ from data.decontaminate import DecontamConfig
 from data.pipeline import build_pipeline
 from data.sources import Document
 from job_config import DataConfig, load_config
-
-REPO = Path(__file__).resolve().parents[1]
-VOCAB = [
-    "".join(random.Random(i).choice("bcdfghklmnprstvwz") + random.Random(i + 7).choice("aeiou")
-            for _ in range(3)) + str(i)
-    for i in range(3000)
-]
-
-
-def prose(rng: random.Random, n: int) -> str:
-    """n random words in sentences; the prose quality rules pass it (it has stop words)."""
-    words = []
-    for i in range(n):
-        words.append(rng.choice(["the", "and", "of", "to"]) if i % 4 == 0 else rng.choice(VOCAB))
-        if i % 12 == 11:
-            words[-1] += "."
-    return " ".join(words) + "."
-
-
-def planted_corpus(tmp: Path, rng: random.Random) -> tuple[list[str], dict]:
-    """Source files with planted duplicates, PII, contamination, junk and bad input."""
-    bench_items = [prose(rng, 40) for _ in range(5)]
-    (tmp / "bench.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in bench_items))
-    plan = {"exact": 3, "near": 2, "email": 2, "phone": 1, "contaminated": 2, "junk": 2}
-    docs = [prose(rng, 300) for _ in range(30)]
-    records = list(docs)
-    records += [docs[1], docs[5], docs[9]]  # exact duplicates
-    for i in (2, 6):  # near duplicates: 2 words of 300 changed (Jaccard ~0.94)
-        words = docs[i].split()
-        words[100], words[200] = "changed", "edited"
-        records.append(" ".join(words))
-    records[10] += " Write to jane.roe@gmail.com or call 415-555-0132."
-    records[11] += " Or bob.smith@yahoo.co.uk."
-    for i in (12, 13):  # a benchmark item pasted in the middle
-        records[i] = records[i][:800] + " " + bench_items[i - 10] + " " + records[i][800:]
-    records += ["buy now " * 3, "click here"]  # junk: too few words for the prose rules
-    rng.shuffle(records[30:])
-    lines = [json.dumps({"text": t}) for t in records]
-    lines.insert(4, "{not json")  # bad input: counted with its line number
-    lines.insert(9, json.dumps({"body": "no text field"}))
-    (tmp / "corpus.jsonl").write_text("\n".join(lines) + "\n")
-    (tmp / "latin1.txt").write_bytes("caf\xe9 au lait".encode("latin-1"))  # invalid UTF-8
-    return [str(tmp / "corpus.jsonl"), str(tmp / "latin1.txt")], plan
-
-
-def small_data_config(tmp: Path, sources: list[str], **overrides) -> DataConfig:
-    cfg = DataConfig(
-        path=str(tmp / "prepared"),
-        sources=sources,
-        tokenizer="train",
-        vocab_size=300,
-        val_fraction=0.1,
-        shard_tokens=5000,
-        workers=1,
-        decontaminate=DecontamConfig(benchmarks=[f"toy={tmp / 'bench.jsonl'}"], ngram=13),
-    )
-    for key, value in overrides.items():
-        setattr(cfg, key, value)
-    return cfg
+from tests.data_helpers import planted_corpus, small_data_config
+from tests.helpers import REPO, prose
 
 
 def test_manifest_counts_equal_planted_and_bad_input_reported(tmp_path):
@@ -122,7 +65,8 @@ def test_unreadable_file_does_not_stop_the_run(tmp_path, monkeypatch):
         return real_read(self)
 
     monkeypatch.setattr(Path, "read_bytes", read_bytes)
-    manifest = prepare(small_data_config(tmp_path, [str(folder)]))
+    # workers=0: the tasks run in this process, where the patch is.
+    manifest = prepare(small_data_config(tmp_path, [str(folder)], workers=0))
     assert manifest["train"]["documents"] + manifest["val"]["documents"] == 11
     assert any("doc3.txt: unreadable" in e for e in manifest["source_errors"]["first"])
 

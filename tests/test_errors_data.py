@@ -260,14 +260,14 @@ def test_offline_tiktoken_name_says_what_to_do(tmp_path, monkeypatch):
 def test_a_dead_tokenizer_worker_stops_with_a_message(tmp_path, seed, monkeypatch):
     """Case (fault met in real use): a tokenizer worker killed (out of memory) used to hang
     data.prepare forever (multiprocessing.Pool loses the task). Now the run stops with a
-    PrepareError and a rerun finishes from the shards already written."""
+    PrepareError and a rerun finishes from the tasks (shards) already written."""
     source = corpus(tmp_path, random.Random(seed), 60)
     cfg = small_config(tmp_path / "data", [str(source)], workers=1)
     # the worker SIGKILLs itself in its 2nd shard write (common/atomic.py's test hook)
     monkeypatch.setenv("PRETRAIN_FAULT_LOG", str(tmp_path / "faults.log"))
     monkeypatch.setenv("PRETRAIN_KILL_AT", "4")
     monkeypatch.setenv("PRETRAIN_KILL_MATCH", ".bin")  # only shards: the worker's writes
-    with pytest.raises(PrepareError, match="tokenizer worker process died"):
+    with pytest.raises(PrepareError, match="a worker process died"):
         prepare(cfg)
     monkeypatch.delenv("PRETRAIN_KILL_AT")
     manifest = prepare(cfg)
