@@ -1,13 +1,14 @@
 """python -m eval --run DIR [--step N] | --hf DIR [--tasks ...] [--device auto] [--out FILE]
 
-Perplexity and bits per byte of a trained run on its validation shards, and zero-shot
-benchmarks (HellaSwag, LAMBADA, ARC-Easy/Challenge, PIQA, Winogrande) scored as
-lm-evaluation-harness scores them, each item checked for contamination against the run's
-training shards. The results of a run go into the run: <run>/eval/step_<N>.json.
+Perplexity and bits per byte of a trained run on its validation shards; zero-shot benchmarks
+(HellaSwag, LAMBADA, ARC-Easy/Challenge, PIQA, Winogrande) scored as lm-evaluation-harness
+scores them; CORE's few-shot tasks and its aggregate; generation tasks (gsm8k, human_eval in a
+sandbox); factuality and gender-bias probes. Every item is checked for contamination against
+the run's training shards. The results of a run go into the run: <run>/eval/step_<N>.json.
 
     python -m eval --run runs/tiny                                  # perplexity only
     python -m eval --run runs/tiny --tasks hellaswag,lambada --limit 500 --out results.json
-    python -m eval --hf exported/ --tasks all                       # an exported model
+    python -m eval --hf exported/ --tasks core,probes --limit 200   # an exported model
     python -m eval --run runs/dpo --no-perplexity --preference      # held-out pairs (DPO)
 """
 
@@ -21,6 +22,7 @@ from common.atomic import write_json
 from common.cli import add_run_arguments, parse_device
 from common.device import resolve_device
 from common.errors import PretrainError
+from eval.core import CORE_TASKS, core_report, format_core
 from eval.models import (
     LogLikelihoodModel,
     TransformerLogLikelihood,
@@ -29,8 +31,10 @@ from eval.models import (
 )
 from eval.perplexity import evaluate_perplexity
 from eval.preference import evaluate_preference
+from eval.probes import format_probes, probe_report
 from eval.scoring import format_table, run_tasks
-from eval.tasks import TASKS, get_task
+from eval.suite import parse_tasks
+from eval.tasks import TASKS
 from model.checkpoint import load_config_dict
 from model.load import load_model
 from model.quant import add_quantize_arguments
@@ -64,10 +68,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_benchmark_arguments(parser: argparse.ArgumentParser) -> None:
     """The zero-shot benchmark options (read by `run_benchmarks`)."""
-    g = parser.add_argument_group("zero-shot benchmarks")
+    g = parser.add_argument_group("benchmarks")
     g.add_argument(
         "--tasks", default="",
-        help=f"comma-separated benchmark tasks ({', '.join(TASKS)}), or 'all'",
+        help="comma-separated tasks or groups: zeroshot (" + ", ".join(TASKS) + "), core "
+        "(core:<label>, the 22 CORE tasks), probes (bigbench_misconceptions, winogender), "
+        "generation (gsm8k, human_eval), all",
+    )
+    g.add_argument(
+        "--max-new-tokens", metavar="N", type=int, default=None,
+        help="generation tasks: at most N new tokens per answer (default: gsm8k 256, "
+        "human_eval 384)",
     )
     g.add_argument("--limit", type=int, default=None, help="first N items of each task")
     g.add_argument(
@@ -117,7 +128,8 @@ def main(argv: list[str] | None = None) -> None:
 
 def evaluate(args: argparse.Namespace) -> dict:
     """Run what `args` asks for, print it, write the JSON report; returns the report."""
-    tasks = parse_tasks(args.tasks)  # an unknown task stops here, before loading a model
+    # An unknown task stops here, before loading a model.
+    tasks, skipped = parse_tasks(args.tasks, args.benchmark_dir)
     device = resolve_device(args.device)
 
     results: dict = {}
@@ -151,8 +163,11 @@ def evaluate(args: argparse.Namespace) -> dict:
                     f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in r.items()))
         if tasks:
             lm = TransformerLogLikelihood(model, args.batch_size)
+    for group, names in skipped.items():
+        print(f"--tasks {group}: no files for {', '.join(names)} (skipped)")
     if tasks:
         results.update(run_benchmarks(lm, tokenizer, tasks, args, ckpt))
+        results["skipped"] = skipped
     out = Path(args.out) if args.out else results_path(ckpt) if ckpt else None
     if out is not None:
         write_json(out, results)
@@ -165,15 +180,6 @@ def results_path(ckpt: Path) -> Path:
     that is not inside a run's checkpoints/)."""
     run = ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
     return run / EVAL_DIR / f"{ckpt.name}.json"
-
-
-def parse_tasks(spec: str) -> list[str]:
-    """'hellaswag,lambada' or 'all' -> names; an unknown name stops before any slow work."""
-    names = list(TASKS) if spec.strip() == "all" else [t.strip() for t in spec.split(",")]
-    names = [n for n in names if n]
-    for name in names:
-        get_task(name)
-    return names
 
 
 def contamination_dir(option: str, ckpt: Path | None) -> Path | None:
@@ -201,10 +207,10 @@ def run_benchmarks(
     check_dir = contamination_dir(args.contamination, ckpt)
     results = run_tasks(
         lm, tokenizer, tasks, args.limit, args.benchmark_dir, check_dir, args.dirty_threshold,
-        log_samples=args.log_samples,
+        log_samples=args.log_samples, max_new_tokens=args.max_new_tokens,
     )
     print(format_table(results))
-    return {
+    report = {
         "tasks": results,
         "limit": args.limit,
         "contamination": {
@@ -212,6 +218,14 @@ def run_benchmarks(
             "threshold": args.dirty_threshold if args.dirty_threshold is not None else "any",
         },
     }
+    if any(name in CORE_TASKS for name in results):
+        report["core"] = core_report(results)
+        print(format_core(report["core"]))
+    probes = probe_report(results)
+    if probes:
+        report["probes"] = probes
+        print(format_probes(probes))
+    return report
 
 
 if __name__ == "__main__":

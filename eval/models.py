@@ -1,42 +1,68 @@
 """The models a benchmark scores: anything that turns token pairs into log-likelihoods.
 
-`LogLikelihoodModel` is all eval/scoring.py needs of a model. `TransformerLogLikelihood` wraps our
-native Transformer, `HFLogLikelihood` a Hugging Face causal LM, so an exported model can be
-compared with the native one on identical token requests. `load_native` / `load_hf` return a
+`LogLikelihoodModel` is all eval/scoring.py needs of a model, `GenerativeModel` all that
+eval/generation.py needs. `TransformerLogLikelihood` wraps our native Transformer,
+`HFLogLikelihood` a Hugging Face causal LM, so an exported model can be compared with the
+native one on identical token requests. Each has two ways to score: request by request as
+lm-evaluation-harness does, and (given the requests' groups, e.g. one multiple-choice item's
+choices) one forward of the shared context per group (eval/shared_context.py), through a
+`CachedLM` adapter (`TransformerCachedLM`, `HFCachedLM`) that greedy decoding uses too. `load_native` / `load_hf` return a
 scorer with the tokenizer it must be scored with: a checkpoint's tokenizer is checked to be the
 one its run was trained with, a Hugging Face directory's is its own tokenizer.json.
 
-A task type that needs more of a model than log-likelihoods (generation) adds its protocol here,
-beside `LogLikelihoodModel`, and an adapter method to each model class.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import warnings
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import torch
-import torch.nn.functional as F
+from torch.distributed.tensor import DTensor
 
 from common.device import resolve_device
 from data.tokenizer import TokenizerMismatchError, load_tokenizer
+from eval.generation import greedy_generate
+from eval.shared_context import TokenRequest, score_positions, shared_context_loglikelihood
 from model.load import checkpoint_tokenizer, load_model
-
-TokenRequest = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
+from model.transformer import KVCache
 
 
 @runtime_checkable
 class LogLikelihoodModel(Protocol):
     """Scores continuations: for each (context, continuation) token pair, the sum over the
     continuation's tokens of log p(token | everything before it), and whether every
-    continuation token is the model's argmax (greedy) prediction."""
+    continuation token is the model's argmax (greedy) prediction. Requests with the same
+    `groups` id may be scored together (one forward of their common prefix); the results are
+    the same."""
 
     max_seq_len: int
 
-    def loglikelihood(self, requests: list[TokenRequest]) -> list[tuple[float, bool]]: ...
+    def loglikelihood(
+        self, requests: list[TokenRequest], groups: Sequence[int] | None = None
+    ) -> list[tuple[float, bool]]: ...
+
+
+@runtime_checkable
+class GenerativeModel(Protocol):
+    """Greedy continuations of token prompts (new tokens only), each ending where `stop`
+    (tokens so far -> bool) says or after max_new_tokens."""
+
+    max_seq_len: int
+
+    def generate(
+        self,
+        prompts: list[list[int]],
+        max_new_tokens: int,
+        stop: Callable[[list[int]], bool] | None = None,
+        progress: Callable[[int], None] | None = None,
+    ) -> list[list[int]]: ...
 
 
 class _BatchedLogLikelihood(ABC):
@@ -63,8 +89,27 @@ class _BatchedLogLikelihood(ABC):
         """Logits (N, V) at positions (rows[k], cols[k]) only; override to skip the rest."""
         return self.logits(tokens)[rows, cols]
 
+    cached: Any = None  # the CachedLM adapter of the shared-context path and of decoding
+
+    def loglikelihood(
+        self, requests: list[TokenRequest], groups: Sequence[int] | None = None
+    ) -> list[tuple[float, bool]]:
+        if groups is None or self.cached is None:
+            return self.each(requests)
+        return shared_context_loglikelihood(
+            self.cached, requests, groups, self.max_seq_len, self.batch_size, self.device,
+            self.each,
+        )
+
+    def generate(self, prompts, max_new_tokens, stop=None, progress=None) -> list[list[int]]:
+        return greedy_generate(
+            self.cached, prompts, max_new_tokens, self.max_seq_len, self.device,
+            self.batch_size, stop, progress,
+        )
+
     @torch.inference_mode()
-    def loglikelihood(self, requests: list[TokenRequest]) -> list[tuple[float, bool]]:
+    def each(self, requests: list[TokenRequest]) -> list[tuple[float, bool]]:
+        """Request by request, as lm-eval's `_loglikelihood_tokens`."""
         inputs, targets, too_long = [], [], 0
         for i, (ctx, cont) in enumerate(requests):
             if not cont:
@@ -94,9 +139,8 @@ class _BatchedLogLikelihood(ABC):
             for row, i in enumerate(batch):
                 tokens[row, : len(inputs[i])] = torch.tensor(inputs[i])
             # Position t predicts token t + 1, so a continuation of n_cont tokens is predicted
-            # by the last n_cont input positions. Take those positions of every sequence as one
-            # (N, V) block (N = total continuation tokens): one log_softmax and one device ->
-            # host copy per batch.
+            # by the last n_cont input positions: those positions of every sequence make one
+            # (N, V) block (N = total continuation tokens).
             rows, cols, target = [], [], []
             for row, i in enumerate(batch):
                 n_in, n_cont = len(inputs[i]), len(targets[i])
@@ -107,14 +151,8 @@ class _BatchedLogLikelihood(ABC):
             rows_t = torch.tensor(rows, device=dev)
             target_t = torch.tensor(target, device=dev)
             logits = self.logits_at(tokens.to(dev), rows_t, torch.tensor(cols, device=dev))
-            logprobs = F.log_softmax(logits.float(), dim=-1)  # (N, V)
-            picked = logprobs.gather(1, target_t[:, None]).squeeze(1).double()  # (N,)
-            missed = (logprobs.argmax(-1) != target_t).double()  # (N,) 1 where not greedy
-            zeros = torch.zeros(len(batch), dtype=torch.float64, device=dev)
-            sums = zeros.index_add(0, rows_t, picked)  # (B,) summed log-likelihood per request
-            misses = zeros.index_add(0, rows_t, missed)
-            for row, (ll, miss) in enumerate(zip(sums.tolist(), misses.tolist())):
-                results[batch[row]] = (ll, miss == 0)
+            for row, score in enumerate(score_positions(logits, target_t, rows_t, len(batch))):
+                results[batch[row]] = score
         return results  # type: ignore[return-value]
 
 
@@ -125,13 +163,17 @@ class TransformerLogLikelihood(_BatchedLogLikelihood):
         device = next(model.parameters()).device
         super().__init__(model.cfg.max_seq_len, batch_size, device)
         self.model = model
+        # A model sharded by parallel/ (DTensor parameters: FSDP, TP) forwards whole
+        # sequences only; its KV cache would be sharded too.
+        if not any(isinstance(p, DTensor) for p in model.parameters()):
+            self.cached = TransformerCachedLM(model)
 
-    def loglikelihood(self, requests: list[TokenRequest]) -> list[tuple[float, bool]]:
+    def loglikelihood(self, requests, groups=None) -> list[tuple[float, bool]]:
         # Eval mode while scoring, then back to what it was (eval runs inside training too).
         was_training = self.model.training
         self.model.eval()
         try:
-            return super().loglikelihood(requests)
+            return super().loglikelihood(requests, groups)
         finally:
             self.model.train(was_training)
 
@@ -153,6 +195,10 @@ class HFLogLikelihood(_BatchedLogLikelihood):
         max_len = max_seq_len or model.config.max_position_embeddings
         super().__init__(max_len, batch_size, device)
         self.model = model.eval()
+        try:
+            self.cached = HFCachedLM(self.model)
+        except ValueError as e:  # no exact shortcut for this model: request by request
+            warnings.warn(f"{e}; scoring request by request", stacklevel=2)
 
     @classmethod
     def from_pretrained(
@@ -173,6 +219,93 @@ class HFLogLikelihood(_BatchedLogLikelihood):
 
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=tokens).logits
+
+    def logits_at(self, tokens: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor):
+        if self.cached is None:  # logits not a projection of the hidden states alone
+            return super().logits_at(tokens, rows, cols)
+        # Project only the scored positions (the full (B, T, V) logits are most of the cost
+        # at SmolLM2's 49k vocabulary).
+        hidden = self.cached.base(input_ids=tokens).last_hidden_state  # (B, T, dim)
+        return self.cached.project(hidden[rows, cols])
+
+
+# ---------------------------------------------------------------------------------------------
+# The KV-cache adapters (eval/shared_context.py's CachedLM)
+# ---------------------------------------------------------------------------------------------
+
+
+class TransformerCachedLM:
+    """Our model/transformer.py Transformer with its static KVCache, whose entries sit at the
+    token's position: a continuation at positions L, L+1, ... of a row whose prefix has L
+    real tokens overwrites that row's padding before anyone reads it (the cache's rule)."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.model = model
+
+    def prefill(self, tokens: torch.Tensor, extra: int):
+        """tokens: (B, T) prefixes, right-padded; the cache keeps T + extra entries."""
+        cache = self.model.new_cache(tokens.shape[0], tokens.shape[1] + extra)
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+        return cache, self.model(tokens, cache=cache.step(positions), return_hidden=True)
+
+    def select(self, cache: KVCache, rows: torch.Tensor, lengths: torch.Tensor) -> KVCache:
+        """A copy of prefix rows `rows` (R,) for R continuations; the continuations' positions
+        (from `lengths`) decide what each sees."""
+        return KVCache([k[rows] for k in cache.k], [v[rows] for v in cache.v])
+
+    def extend(self, state: KVCache, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """tokens, positions: (R, t); a token sees its row's entries 0 .. its position."""
+        kv_len = min(int(positions.max()) + 1, state.max_len)  # fewer entries read: faster
+        return self.model(tokens, cache=state.step(positions, kv_len), return_hidden=True)
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.model.output(hidden)
+
+
+@dataclass
+class _HFState:
+    cache: Any  # transformers DynamicCache
+    mask: torch.Tensor  # (R, slots so far) 1 = a real key
+
+
+class HFCachedLM:
+    """A Hugging Face causal LM: its base model with past_key_values, an attention mask with
+    the pad slots zeroed and explicit position_ids; the output embedding projects."""
+
+    def __init__(self, model):
+        if getattr(model.config, "final_logit_softcapping", None):
+            raise ValueError(
+                f"{type(model).__name__} caps its logits: projecting hidden states with the "
+                "output embedding alone would not give its logits"
+            )
+        self.model = model
+        self.base = model.base_model
+        self.head = model.get_output_embeddings()
+        # transformers 5.2x renamed the forward's past_key_values to cache.
+        params = inspect.signature(self.base.forward).parameters
+        self.cache_key = "cache" if "cache" in params else "past_key_values"
+
+    def prefill(self, tokens: torch.Tensor, extra: int):
+        out = self.base(input_ids=tokens, use_cache=True)
+        return (out[self.cache_key], tokens.shape[1]), out.last_hidden_state
+
+    def select(self, cache, rows: torch.Tensor, lengths: torch.Tensor) -> _HFState:
+        past, filled = cache
+        past.batch_select_indices(rows)  # in place: the prefill's cache is used once
+        slot = torch.arange(filled, device=rows.device)
+        return _HFState(past, (slot[None] < lengths[:, None]).long())
+
+    def extend(self, state: _HFState, tokens: torch.Tensor, positions: torch.Tensor):
+        ones = torch.ones(tokens.shape, dtype=state.mask.dtype, device=tokens.device)
+        state.mask = torch.cat([state.mask, ones], dim=1)
+        out = self.base(
+            input_ids=tokens, attention_mask=state.mask, position_ids=positions,
+            use_cache=True, **{self.cache_key: state.cache},
+        )
+        return out.last_hidden_state
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.head(hidden)
 
 
 # ---------------------------------------------------------------------------------------------

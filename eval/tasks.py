@@ -209,17 +209,22 @@ def _read_text(path: Path) -> str:
         raise TaskDataError(f"{path}: not UTF-8 text (byte {e.start})") from None
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path, check: Callable[[object, str], None] | None = None) -> list[dict]:
+    """The objects of a jsonl file (blank lines skipped); `check(obj, "file:line")` may raise
+    a TaskDataError naming what is wrong with one."""
     docs = []
     for lineno, line in enumerate(_read_text(path).split("\n"), 1):
         if not line.strip():
             continue
         try:
-            docs.append(json.loads(line))
+            doc = json.loads(line)
         except json.JSONDecodeError as e:
             raise TaskDataError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
         except RecursionError:
             raise TaskDataError(f"{path}:{lineno}: JSON nested too deeply") from None
+        if check is not None:
+            check(doc, f"{path}:{lineno}")
+        docs.append(doc)
     return docs
 
 
@@ -257,7 +262,7 @@ def _load_local(spec: TaskSpec, files: list[Path]) -> list[Item]:
     if name == "hellaswag" and files[0].suffix == ".txt":
         docs, build = _read_hellaswag_text(files[0]), _hellaswag_text_item
     elif name == "piqa":
-        docs = _read_jsonl(files[0])
+        docs = read_jsonl(files[0])
         labels = _read_text(files[1]).split()
         if any(label not in ("0", "1") for label in labels):
             raise TaskDataError(f"{files[1]}: expected one label 0 or 1 per line")
@@ -269,7 +274,7 @@ def _load_local(spec: TaskSpec, files: list[Path]) -> list[Item]:
             doc["label"] = int(label)
         build = piqa_item
     else:
-        docs, build = _read_jsonl(files[0]), _ITEM_BUILDERS[name]
+        docs, build = read_jsonl(files[0]), _ITEM_BUILDERS[name]
     items = []
     for i, doc in enumerate(docs):
         try:

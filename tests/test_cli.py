@@ -14,6 +14,7 @@ import pytest
 ENTRY_POINTS = [
     "train", "data.prepare", "bench.throughput", "bench.throughput_gpu", "bench.kernels",
     "bench.gpu_check", "bench.hf_continue", "bench.faults", "bench.posttrain_export",
+    "bench.lm_eval_parity", "bench.eval_speed",
     "bench.data", "bench.data_scale", "eval.__main__", "eval.moe_load", "eval.contamination",
     "model.generate",
     "model.hf", "model.hf_gguf", "model.hf_peft", "parallel.checkpoint_dcp",
@@ -23,7 +24,7 @@ ENTRY_POINTS = [
 ]
 OVERRIDES = {"train", "data.prepare", "bench.throughput"}  # --section.key=value
 RUN_READERS = {"eval.__main__", "eval.moe_load", "model.generate", "eval.glitch_tokens",
-               "inference.serve", "bench.posttrain_export"}  # run the model on --device
+               "inference.serve", "bench.posttrain_export", "bench.lm_eval_parity"}  # run the model on --device
 # The least each tool needs to get past argparse (paths need not exist: parsing comes first).
 MINIMAL_ARGS = {
     "train": ["--config", "configs/tiny.toml"],
@@ -35,6 +36,7 @@ MINIMAL_ARGS = {
     "model.hf_peft": ["--run", "nope", "--out-dir", "nope"],
     "bench.posttrain_export": ["--run", "nope"],
     "parallel.checkpoint_dcp": ["--run", "nope"],
+    "bench.eval_speed": ["--hf", "nope"],
     "data.tokenizer_report": ["--tokenizer", "nope", "--languages", "nope", "--out", "nope"],
     "eval.glitch_tokens": ["--run", "nope"],
     "inference.serve": ["--run", "nope"],

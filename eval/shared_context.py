@@ -1,0 +1,160 @@
+"""Scoring the choices of an item from one forward of their shared context.
+
+lm-evaluation-harness forwards context + choice once per choice, so a 10-shot item with four
+choices runs its thousand-token context four times. Here the requests of one item (a *group*)
+are scored together: the longest token prefix common to all their model inputs is forwarded
+once (`prefill`, keeping the KV cache), the cache rows are copied to one per request
+(`select`), and only each request's remainder is forwarded on top of it (`extend`). Items are
+batched by length: groups sorted by total length, a batch holding up to `batch_size` requests.
+
+The scores are the ones lm-eval's `_loglikelihood_tokens` gives (eval/models.py's standard path):
+the same tokens are predicted from the same tokens at the same positions, only in two forwards
+instead of one (fp32 results agree to rounding). Requests whose input is longer than the
+model's window are truncated per request in lm-eval, which no shared prefix can express: such
+a group, a group of one request, and a group with no shared prefix go to the standard path.
+
+Any model plugs in through `CachedLM` (eval/models.py: our Transformer and a Hugging Face causal
+LM); greedy generation (eval/generation.py) decodes through the same four methods.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+TokenRequest = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
+
+
+class CachedLM(Protocol):
+    """A causal LM that can continue from a KV cache, rows of different lengths in one batch.
+
+    prefill(tokens (B, P), extra) -> (cache, hidden (B, P, dim)): tokens right-padded (pads
+      are harmless: a causal model never lets a real position see a later pad); room is left
+      for `extra` more tokens per row.
+    select(cache, rows (R,), lengths (R,)) -> state: cache row rows[r] for output row r, of
+      which only the first lengths[r] slots are real (the rest is padding no query may see).
+    extend(state, tokens (R, S), positions (R, S)) -> hidden (R, S, dim): append the tokens at
+      their absolute positions (RoPE) and return their hidden states.
+    project(hidden (N, dim)) -> logits (N, V).
+    """
+
+    def prefill(self, tokens: torch.Tensor, extra: int) -> tuple[Any, torch.Tensor]: ...
+
+    def select(self, cache: Any, rows: torch.Tensor, lengths: torch.Tensor) -> Any: ...
+
+    def extend(self, state: Any, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
+
+    def project(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+
+# ---------------------------------------------------------------------------------------------
+# Scoring
+# ---------------------------------------------------------------------------------------------
+
+
+def score_positions(
+    logits: torch.Tensor, target: torch.Tensor, rows: torch.Tensor, n_rows: int
+) -> list[tuple[float, bool]]:
+    """logits (N, V) predicting target (N,), position k belonging to request rows[k] ->
+    per request (summed log-likelihood, every target token the argmax). One log_softmax and
+    one device -> host copy for the whole block."""
+    logprobs = F.log_softmax(logits.float(), dim=-1)  # (N, V)
+    picked = logprobs.gather(1, target[:, None]).squeeze(1).double()  # (N,)
+    missed = (logprobs.argmax(-1) != target).double()  # (N,) 1 where not greedy
+    zeros = torch.zeros(n_rows, dtype=torch.float64, device=logits.device)
+    sums = zeros.index_add(0, rows, picked)
+    misses = zeros.index_add(0, rows, missed)
+    return [(ll, miss == 0) for ll, miss in zip(sums.tolist(), misses.tolist())]
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    first, n = seqs[0], min(len(s) for s in seqs)
+    for i in range(n):
+        if any(s[i] != first[i] for s in seqs[1:]):
+            return i
+    return n
+
+
+def shared_context_loglikelihood(
+    lm: CachedLM,
+    requests: Sequence[TokenRequest],
+    groups: Sequence[int],
+    max_seq_len: int,
+    batch_size: int,
+    device: torch.device,
+    fallback: Callable[[list[TokenRequest]], list[tuple[float, bool]]],
+) -> list[tuple[float, bool]]:
+    """(summed log-likelihood, greedy) per request, as lm-eval scores them; requests with the
+    same `groups` id (one item's choices) share one forward of their common prefix.
+    `fallback` scores the requests that cannot share (see the module docstring)."""
+    if len(groups) != len(requests):
+        raise ValueError(f"{len(groups)} group ids for {len(requests)} requests")
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(groups):
+        members.setdefault(g, []).append(i)
+    # The model input of a request is (context + continuation)[:-1]: position t predicts t + 1.
+    inputs = [list(ctx) + list(cont[:-1]) for ctx, cont in requests]
+    shared: list[tuple[list[int], int]] = []  # (request indices, shared prefix length)
+    alone: list[int] = []
+    for idx in members.values():
+        fits = all(len(inputs[i]) <= max_seq_len for i in idx)
+        # The prefix ends before the first scored position (the last context token), so
+        # every position whose logits are needed is in the extension.
+        p = min(common_prefix_length([inputs[i] for i in idx]),
+                min(len(requests[i][0]) - 1 for i in idx)) if len(idx) > 1 and fits else 0
+        if p > 0:
+            shared.append((idx, p))
+        else:
+            alone += idx
+    results: list[tuple[float, bool] | None] = [None] * len(requests)
+    if alone:
+        for i, r in zip(alone, fallback([requests[i] for i in alone])):
+            results[i] = r
+    # Longest first (an out-of-memory shows at once); similar lengths share a batch.
+    shared.sort(key=lambda g: -max(len(inputs[i]) for i in g[0]))
+    batch: list[tuple[list[int], int]] = []
+    for group in shared:
+        if batch and sum(len(g[0]) for g in batch) + len(group[0]) > batch_size:
+            _score_batch(lm, batch, requests, inputs, results, max_seq_len, device)
+            batch = []
+        batch.append(group)
+    if batch:
+        _score_batch(lm, batch, requests, inputs, results, max_seq_len, device)
+    return results  # type: ignore[return-value]
+
+
+@torch.inference_mode()
+def _score_batch(lm, batch, requests, inputs, results, max_seq_len, device) -> None:
+    width = max(p for _, p in batch)
+    suffix_width = max(len(inputs[i]) - p for idx, p in batch for i in idx)
+    prefix = torch.zeros(len(batch), width, dtype=torch.long)
+    for g, (idx, p) in enumerate(batch):
+        prefix[g, :p] = torch.tensor(inputs[idx[0]][:p])
+    cache, _ = lm.prefill(prefix.to(device), suffix_width)
+
+    order = [(g, i, p) for g, (idx, p) in enumerate(batch) for i in idx]
+    suffix = torch.zeros(len(order), suffix_width, dtype=torch.long)
+    lengths = torch.tensor([p for _, _, p in order])
+    rows, cols, target = [], [], []
+    for r, (_, i, p) in enumerate(order):
+        rest = inputs[i][p:]
+        suffix[r, : len(rest)] = torch.tensor(rest)
+        cont = requests[i][1]
+        # Input position t predicts token t + 1: the continuation's n tokens are predicted by
+        # the last n input positions, i.e. suffix positions len(rest) - n .. len(rest) - 1.
+        rows += [r] * len(cont)
+        cols += range(len(rest) - len(cont), len(rest))
+        target += cont
+    # Row r's tokens sit at positions p, p + 1, ...; its pads are clamped into the window
+    # (their outputs are never read; real positions are all < max_seq_len).
+    positions = (lengths[:, None] + torch.arange(suffix_width)[None]).clamp(max=max_seq_len - 1)
+    state = lm.select(cache, torch.tensor([g for g, _, _ in order], device=device), lengths.to(device))
+    hidden = lm.extend(state, suffix.to(device), positions.to(device))  # (R, S, dim)
+    rows_t = torch.tensor(rows, device=device)
+    logits = lm.project(hidden[rows_t, torch.tensor(cols, device=device)])  # (N, V)
+    scores = score_positions(logits, torch.tensor(target, device=device), rows_t, len(order))
+    for (_, i, _), score in zip(order, scores):
+        results[i] = score

@@ -1,0 +1,121 @@
+"""Scoring an item's choices from one forward of their shared context gives lm-eval's scores
+(the request-by-request path) for our Transformer and for a Hugging Face Llama, real SmolLM2
+included; batched greedy decoding equals one-prompt decoding (model.generate) and transformers'
+generate; few-shot tasks score the same either way."""
+
+import random
+
+import pytest
+import torch
+
+from eval.generation import greedy_generate
+from eval.icl import IclTask, load_icl_task
+from eval.models import HFCachedLM, HFLogLikelihood, TransformerCachedLM, TransformerLogLikelihood
+from eval.scoring import encode_pair, evaluate_task
+from eval.suite import load_items
+from model.generate import generate
+from tests.helpers import tiny_model, to_hf_llama
+from tests.icl_fixtures import icl_fixture_texts, write_icl_fixtures
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+V = 97
+
+
+def random_requests(rng: random.Random, max_seq_len: int):
+    """Items of 1-5 choices sharing a context (multiple choice), items whose contexts share a
+    prefix and whose continuation is shared (schema), and items too long for the window."""
+    requests, groups = [], []
+    for g in range(14):
+        kind = rng.choice(["mc", "mc", "schema", "long"])
+        base = [rng.randrange(V) for _ in range(rng.randint(1, 40))]
+        for _ in range(rng.randint(1, 5)):
+            if kind == "schema":
+                ctx = base + [rng.randrange(V) for _ in range(rng.randint(1, 4))]
+                cont = [7, 8, 9]
+            else:
+                ctx = base + [rng.randrange(V) for _ in range(max_seq_len)] if kind == "long" else base
+                cont = [rng.randrange(V) for _ in range(rng.randint(1, 8))]
+            requests.append((ctx, cont))
+            groups.append(g)
+    return requests, groups
+
+
+@pytest.fixture(scope="module")
+def model():
+    m = tiny_model(V, seed=3, max_seq_len=64)
+    with torch.no_grad():
+        m.output_weight.mul_(8)  # peaked predictions: greedy flags and argmaxes mean something
+    return m
+
+
+@pytest.mark.parametrize("batch_size", [1, 5])
+def test_shared_context_equals_request_by_request_native(model, seed, batch_size):
+    requests, groups = random_requests(random.Random(seed), 64)
+    lm = TransformerLogLikelihood(model, batch_size=batch_size)
+    each = lm.each(requests)
+    shared = lm.loglikelihood(requests, groups)
+    # fp32, the same products summed in another order (two forwards instead of one)
+    assert [s[0] for s in shared] == pytest.approx([e[0] for e in each], abs=2e-5)
+    assert [s[1] for s in shared] == [e[1] for e in each]
+
+
+def test_shared_context_equals_request_by_request_hf(model, seed):
+    requests, groups = random_requests(random.Random(seed), 64)
+    lm = HFLogLikelihood(to_hf_llama(model), batch_size=4)
+    each, shared = lm.each(requests), lm.loglikelihood(requests, groups)
+    assert [s[0] for s in shared] == pytest.approx([e[0] for e in each], abs=2e-5)
+    assert [s[1] for s in shared] == [e[1] for e in each]
+    native = TransformerLogLikelihood(model, batch_size=4).loglikelihood(requests, groups)
+    assert [s[0] for s in shared] == pytest.approx([n[0] for n in native], abs=2e-5)
+
+
+def test_few_shot_tasks_score_the_same_either_way(tmp_path):
+    from data.tokenizer import train_bpe
+
+    bench = write_icl_fixtures(tmp_path)
+    tok = train_bpe(icl_fixture_texts(bench), 300)
+    lm = TransformerLogLikelihood(tiny_model(300, seed=2, max_seq_len=64), batch_size=6)
+    for name in ("core:arc_easy", "core:winogrande", "core:lambada_openai", "core:hellaswag"):
+        items = load_items(name, bench, limit=8)  # 10-shot prompts overflow 64: some truncated
+        a = evaluate_task(lm, tok, name, items, progress=False, log_samples=True)
+        b = evaluate_task(lm, tok, name, items, progress=False, log_samples=True,
+                          shared_context=False)
+        assert a["metrics"] == b["metrics"], name
+        for x, y in zip(a["samples"], b["samples"]):
+            assert x["loglik"] == pytest.approx(y["loglik"], abs=2e-5)
+
+
+def test_greedy_generate_equals_one_prompt_at_a_time(model, seed):
+    rng = random.Random(seed)
+    prompts = [[rng.randrange(V) for _ in range(rng.randint(1, 30))] for _ in range(7)]
+    got = greedy_generate(TransformerCachedLM(model), prompts, 12, 64, torch.device("cpu"), 3)
+    assert got == [generate(model, p, 12, temperature=0) for p in prompts]
+    stop = lambda ids: ids[-1] == got[0][3]  # noqa: E731 - stops row 0 after 4 tokens
+    short = greedy_generate(TransformerCachedLM(model), prompts[:1], 12, 64, torch.device("cpu"), 3, stop)
+    assert short[0] == got[0][: got[0].index(got[0][3]) + 1]
+
+
+def test_greedy_generate_equals_transformers_generate(model, seed):
+    rng = random.Random(seed)
+    hf = to_hf_llama(model)
+    prompts = [[rng.randrange(V) for _ in range(rng.randint(1, 30))] for _ in range(5)]
+    got = greedy_generate(HFCachedLM(hf), prompts, 10, 64, torch.device("cpu"), 2)
+    ref = [hf.generate(torch.tensor([p]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
+                       eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    assert got == ref
+
+
+def test_smollm2_few_shot_items_score_the_same_either_way(smollm2_dir, tmp_path):
+    """A real model, its own tokenizer: three 3-shot multiple-choice items scored both ways."""
+    from data.hf_tokenizer import HFTokenizer
+
+    bench = write_icl_fixtures(tmp_path, n=8)
+    lm = HFLogLikelihood.from_pretrained(smollm2_dir, batch_size=8)
+    tok = HFTokenizer(smollm2_dir)
+    task = IclTask("arc3", "world_knowledge/arc_easy.jsonl", "multiple_choice", 3, "\nAnswer: ")
+    items = load_icl_task(task, bench, limit=3)
+    requests = [encode_pair(tok, c, x) for it in items for c, x in zip(it.contexts, it.continuations)]
+    groups = [i for i, it in enumerate(items) for _ in it.contexts]
+    each, shared = lm.each(requests), lm.loglikelihood(requests, groups)
+    assert [s[0] for s in shared] == pytest.approx([e[0] for e in each], abs=1e-3)
+    assert [s[1] for s in shared] == [e[1] for e in each]
