@@ -76,9 +76,10 @@ class StopRequested:
         print(f"\nsignal {signum}: saving a checkpoint at the end of this step", flush=True)
 
 
-def benchmark_evaluator(cfg: JobConfig, raw: nn.Module, device: torch.device, tokenizer):
+def benchmark_evaluator(cfg: JobConfig, raw: nn.Module, device: torch.device, objective):
     """A function step -> {metric: value} scoring train.eval_tasks on the model (every rank
-    scores the same items: a sharded model needs all ranks in each forward), or None."""
+    scores the same items: a sharded model needs all ranks in each forward) with the
+    objective's tokenizer, or None."""
     t = cfg.train
     if not (t.eval_tasks and t.eval_every):
         return None
@@ -87,6 +88,7 @@ def benchmark_evaluator(cfg: JobConfig, raw: nn.Module, device: torch.device, to
     from eval.tasks import load_task
 
     benchmarks = {name: load_task(name, limit=t.eval_limit or None) for name in t.eval_tasks}
+    tokenizer = objective.tokenizer  # only here: hand-made data dirs may not name one
 
     def evaluate(step: int) -> tuple[dict, str]:
         with autocast_context(cfg, device):
@@ -158,7 +160,7 @@ def train(cfg: JobConfig) -> dict:
     # chosen for this layout
     step_fns = build_train_step(model, pm, cfg, device, objective.build_loss)
     loss_fn = step_fns.loss_fn
-    evaluate_benchmarks = benchmark_evaluator(cfg, raw, device, objective.tokenizer)
+    evaluate_benchmarks = benchmark_evaluator(cfg, raw, device, objective)
     eval_every = t.eval_every if evaluate_benchmarks else 0
     start_step, tokens_seen = 0, 0
     if ckpt is not None:
