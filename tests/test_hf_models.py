@@ -15,6 +15,7 @@ import json
 
 import pytest
 import torch
+import transformers  # the hf extra: CI installs it, a missing one fails
 
 from model import hf
 from model.config import RopeScaling, model_config
@@ -22,8 +23,6 @@ from model.layers import rope_frequencies
 from model.load import load_model
 from model.transformer import build_model
 from tests.helpers import run_train, stdlib_sample
-
-transformers = pytest.importorskip("transformers")
 
 TOL = 1e-4
 
