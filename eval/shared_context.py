@@ -118,39 +118,47 @@ def shared_context_loglikelihood(
     batch: list[tuple[list[int], int]] = []
     for group in shared:
         if batch and sum(len(g[0]) for g in batch) + len(group[0]) > batch_size:
-            _score_batch(lm, batch, requests, inputs, results, max_seq_len, device)
+            _score_batch(lm, batch, requests, inputs, results, device)
             batch = []
         batch.append(group)
     if batch:
-        _score_batch(lm, batch, requests, inputs, results, max_seq_len, device)
+        _score_batch(lm, batch, requests, inputs, results, device)
     return results  # type: ignore[return-value]
 
 
 @torch.inference_mode()
-def _score_batch(lm, batch, requests, inputs, results, max_seq_len, device) -> None:
+def _score_batch(lm, batch, requests, inputs, results, device) -> None:
     width = max(p for _, p in batch)
     suffix_width = max(len(inputs[i]) - p for idx, p in batch for i in idx)
+    # The cache holds the longest input (<= max_seq_len: longer groups went to the fallback);
+    # width + suffix_width can exceed it when the longest prefix and the longest remainder
+    # belong to different groups.
+    longest = max(len(inputs[i]) for idx, _ in batch for i in idx)
     prefix = torch.zeros(len(batch), width, dtype=torch.long)
     for g, (idx, p) in enumerate(batch):
         prefix[g, :p] = torch.tensor(inputs[idx[0]][:p])
-    cache, _ = lm.prefill(prefix.to(device), suffix_width)
+    cache, _ = lm.prefill(prefix.to(device), longest - width)
 
     order = [(g, i, p) for g, (idx, p) in enumerate(batch) for i in idx]
     suffix = torch.zeros(len(order), suffix_width, dtype=torch.long)
+    positions = torch.zeros(len(order), suffix_width, dtype=torch.long)
     lengths = torch.tensor([p for _, _, p in order])
     rows, cols, target = [], [], []
     for r, (_, i, p) in enumerate(order):
         rest = inputs[i][p:]
+        # A row shorter than suffix_width is padded with copies of its last token at its
+        # last position: a pad then writes the very keys and values that token writes, so
+        # it can clobber no entry, even in a row that fills the whole cache.
+        suffix[r] = rest[-1]
         suffix[r, : len(rest)] = torch.tensor(rest)
+        positions[r] = p + len(rest) - 1
+        positions[r, : len(rest)] = torch.arange(p, p + len(rest))
         cont = requests[i][1]
         # Input position t predicts token t + 1: the continuation's n tokens are predicted by
         # the last n input positions, i.e. suffix positions len(rest) - n .. len(rest) - 1.
         rows += [r] * len(cont)
         cols += range(len(rest) - len(cont), len(rest))
         target += cont
-    # Row r's tokens sit at positions p, p + 1, ...; its pads are clamped into the window
-    # (their outputs are never read; real positions are all < max_seq_len).
-    positions = (lengths[:, None] + torch.arange(suffix_width)[None]).clamp(max=max_seq_len - 1)
     state = lm.select(cache, torch.tensor([g for g, _, _ in order], device=device), lengths.to(device))
     hidden = lm.extend(state, suffix.to(device), positions.to(device))  # (R, S, dim)
     rows_t = torch.tensor(rows, device=device)

@@ -27,8 +27,9 @@ settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "suite"))
 
 @pytest.fixture
 def seed() -> int:
-    """A fresh random seed per test, printed so a failure can be replayed."""
-    s = random.randrange(2**31)
+    """A fresh random seed per test, printed so a failure can be replayed: TEST_SEED=<seed>
+    python -m pytest <test> runs it with that seed."""
+    s = int(os.environ.get("TEST_SEED") or random.randrange(2**31))
     torch.manual_seed(s)
     print(f"random seed {s}")
     return s

@@ -59,6 +59,23 @@ def test_shared_context_equals_request_by_request_native(model, seed, batch_size
     assert [s[1] for s in shared] == [e[1] for e in each]
 
 
+def test_shared_context_fills_the_window_when_prefix_and_remainder_are_long(model, seed):
+    """One batch holding an item with a long shared context and an item whose choices diverge
+    early and fill the whole 64-token window: the longest prefix plus the longest remainder
+    (58 + 59 tokens) exceed the window, each request does not (CI found this at seed 525999496)."""
+    rng = random.Random(seed)
+    toks = lambda n: [rng.randrange(V) for _ in range(n)]
+    long_ctx, short_base = toks(58), toks(5)
+    requests = [(long_ctx, toks(1)), (long_ctx, toks(5)), (long_ctx, toks(7))]
+    requests += [(short_base + toks(50), toks(10)), (short_base + toks(30), toks(3))]
+    groups = [0, 0, 0, 1, 1]
+    assert max(len(c) + len(t) - 1 for c, t in requests) == 64  # a row fills the cache
+    lm = TransformerLogLikelihood(model, batch_size=8)
+    each, shared = lm.each(requests), lm.loglikelihood(requests, groups)
+    assert [s[0] for s in shared] == pytest.approx([e[0] for e in each], abs=2e-5)
+    assert [s[1] for s in shared] == [e[1] for e in each]
+
+
 def test_shared_context_equals_request_by_request_hf(model, seed):
     requests, groups = random_requests(random.Random(seed), 64)
     lm = HFLogLikelihood(to_hf_llama(model), batch_size=4)
