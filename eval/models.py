@@ -14,6 +14,7 @@ one its run was trained with, a Hugging Face directory's is its own tokenizer.js
 
 from __future__ import annotations
 
+import copy
 import inspect
 import json
 import warnings
@@ -291,7 +292,15 @@ class HFCachedLM:
 
     def select(self, cache, rows: torch.Tensor, lengths: torch.Tensor) -> _HFState:
         past, filled = cache
-        past.batch_select_indices(rows)  # in place: the prefill's cache is used once
+        # batch_select_indices works in place: on a copy whose layers are copies, it leaves
+        # the prefill's tensors to the pool's next selection (transformers >= 4.56 keeps a
+        # cache's tensors in .layers; before, a deep copy).
+        if hasattr(past, "layers"):
+            past = copy.copy(past)
+            past.layers = [copy.copy(layer) for layer in past.layers]
+        else:
+            past = copy.deepcopy(past)
+        past.batch_select_indices(rows)
         slot = torch.arange(filled, device=rows.device)
         return _HFState(past, (slot[None] < lengths[:, None]).long())
 

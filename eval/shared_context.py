@@ -4,8 +4,9 @@ lm-evaluation-harness forwards context + choice once per choice, so a 10-shot it
 choices runs its thousand-token context four times. Here the requests of one item (a *group*)
 are scored together: the longest token prefix common to all their model inputs is forwarded
 once (`prefill`, keeping the KV cache), the cache rows are copied to one per request
-(`select`), and only each request's remainder is forwarded on top of it (`extend`). Items are
-batched by length: groups sorted by total length, a batch holding up to `batch_size` requests.
+(`select`), and only each request's remainder is forwarded on top of it (`extend`). Groups are
+pooled by prefix length, `batch_size` groups per prefill; a pool's requests are extended
+`batch_size` at a time, sorted by the length of their remainder.
 
 The scores are the ones lm-eval's `_loglikelihood_tokens` gives (eval/models.py's standard path):
 the same tokens are predicted from the same tokens at the same positions, only in two forwards
@@ -35,7 +36,8 @@ class CachedLM(Protocol):
       are harmless: a causal model never lets a real position see a later pad); room is left
       for `extra` more tokens per row.
     select(cache, rows (R,), lengths (R,)) -> state: cache row rows[r] for output row r, of
-      which only the first lengths[r] slots are real (the rest is padding no query may see).
+      which only the first lengths[r] slots are real (the rest is padding no query may see);
+      a copy: the prefill's cache serves several selections and is never changed.
     extend(state, tokens (R, S), positions (R, S)) -> hidden (R, S, dim): append the tokens at
       their absolute positions (RoPE) and return their hidden states.
     project(hidden (N, dim)) -> logits (N, V).
@@ -113,56 +115,60 @@ def shared_context_loglikelihood(
     if alone:
         for i, r in zip(alone, fallback([requests[i] for i in alone])):
             results[i] = r
-    # Longest first (an out-of-memory shows at once); similar lengths share a batch.
-    shared.sort(key=lambda g: -max(len(inputs[i]) for i in g[0]))
-    batch: list[tuple[list[int], int]] = []
-    for group in shared:
-        if batch and sum(len(g[0]) for g in batch) + len(group[0]) > batch_size:
-            _score_batch(lm, batch, requests, inputs, results, device)
-            batch = []
-        batch.append(group)
-    if batch:
-        _score_batch(lm, batch, requests, inputs, results, device)
+    # A pool of `batch_size` groups shares one prefill, their prefixes padded to the longest:
+    # sorted by prefix length (longest first: an out-of-memory shows at once), the padding is
+    # small. The pool's requests are then extended `batch_size` at a time, sorted by the
+    # length of their remainder, so the choices of one item (often of very different lengths)
+    # need not all be padded to its longest: a quarter fewer tokens forwarded on HellaSwag.
+    shared.sort(key=lambda g: (-g[1], -max(len(inputs[i]) for i in g[0])))
+    for start in range(0, len(shared), batch_size):
+        _score_pool(lm, shared[start : start + batch_size], requests, inputs, results,
+                    batch_size, device)  # fmt: skip
     return results  # type: ignore[return-value]
 
 
 @torch.inference_mode()
-def _score_batch(lm, batch, requests, inputs, results, device) -> None:
-    width = max(p for _, p in batch)
-    suffix_width = max(len(inputs[i]) - p for idx, p in batch for i in idx)
-    # The cache holds the longest input (<= max_seq_len: longer groups went to the fallback);
-    # width + suffix_width can exceed it when the longest prefix and the longest remainder
-    # belong to different groups.
-    longest = max(len(inputs[i]) for idx, _ in batch for i in idx)
-    prefix = torch.zeros(len(batch), width, dtype=torch.long)
-    for g, (idx, p) in enumerate(batch):
+def _score_pool(lm, pool, requests, inputs, results, batch_size, device) -> None:
+    """One prefill of the pool's prefixes (G, width), then its requests in chunks of
+    `batch_size`, each from a copy of its groups' cache rows."""
+    width = max(p for _, p in pool)
+    # The cache holds the longest input (<= max_seq_len: longer groups went to the fallback).
+    longest = max(len(inputs[i]) for idx, _ in pool for i in idx)
+    prefix = torch.zeros(len(pool), width, dtype=torch.long)
+    for g, (idx, p) in enumerate(pool):
         prefix[g, :p] = torch.tensor(inputs[idx[0]][:p])
     cache, _ = lm.prefill(prefix.to(device), longest - width)
 
-    order = [(g, i, p) for g, (idx, p) in enumerate(batch) for i in idx]
-    suffix = torch.zeros(len(order), suffix_width, dtype=torch.long)
-    positions = torch.zeros(len(order), suffix_width, dtype=torch.long)
-    lengths = torch.tensor([p for _, _, p in order])
-    rows, cols, target = [], [], []
-    for r, (_, i, p) in enumerate(order):
-        rest = inputs[i][p:]
-        # A row shorter than suffix_width is padded with copies of its last token at its
-        # last position: a pad then writes the very keys and values that token writes, so
-        # it can clobber no entry, even in a row that fills the whole cache.
-        suffix[r] = rest[-1]
-        suffix[r, : len(rest)] = torch.tensor(rest)
-        positions[r] = p + len(rest) - 1
-        positions[r, : len(rest)] = torch.arange(p, p + len(rest))
-        cont = requests[i][1]
-        # Input position t predicts token t + 1: the continuation's n tokens are predicted by
-        # the last n input positions, i.e. suffix positions len(rest) - n .. len(rest) - 1.
-        rows += [r] * len(cont)
-        cols += range(len(rest) - len(cont), len(rest))
-        target += cont
-    state = lm.select(cache, torch.tensor([g for g, _, _ in order], device=device), lengths.to(device))
-    hidden = lm.extend(state, suffix.to(device), positions.to(device))  # (R, S, dim)
-    rows_t = torch.tensor(rows, device=device)
-    logits = lm.project(hidden[rows_t, torch.tensor(cols, device=device)])  # (N, V)
-    scores = score_positions(logits, torch.tensor(target, device=device), rows_t, len(order))
-    for (_, i, _), score in zip(order, scores):
-        results[i] = score
+    # (group row, request, prefix length), longest remainder first
+    order = sorted(((g, i, p) for g, (idx, p) in enumerate(pool) for i in idx),
+                   key=lambda r: -(len(inputs[r[1]]) - r[2]))  # fmt: skip
+    for start in range(0, len(order), batch_size):
+        chunk = order[start : start + batch_size]
+        suffix_width = len(inputs[chunk[0][1]]) - chunk[0][2]
+        suffix = torch.zeros(len(chunk), suffix_width, dtype=torch.long)
+        positions = torch.zeros(len(chunk), suffix_width, dtype=torch.long)
+        rows, cols, target = [], [], []
+        for r, (_, i, p) in enumerate(chunk):
+            rest = inputs[i][p:]
+            # A row shorter than suffix_width is padded with copies of its last token at its
+            # last position: a pad then writes the very keys and values that token writes, so
+            # it can clobber no entry, even in a row that fills the whole cache.
+            suffix[r] = rest[-1]
+            suffix[r, : len(rest)] = torch.tensor(rest)
+            positions[r] = p + len(rest) - 1
+            positions[r, : len(rest)] = torch.arange(p, p + len(rest))
+            cont = requests[i][1]
+            # Input position t predicts token t + 1: the continuation's n tokens are predicted
+            # by the last n input positions, i.e. suffix positions len(rest) - n .. len(rest) - 1.
+            rows += [r] * len(cont)
+            cols += range(len(rest) - len(cont), len(rest))
+            target += cont
+        group_rows = torch.tensor([g for g, _, _ in chunk], device=device)
+        lengths = torch.tensor([p for _, _, p in chunk], device=device)
+        state = lm.select(cache, group_rows, lengths)
+        hidden = lm.extend(state, suffix.to(device), positions.to(device))  # (R, S, dim)
+        rows_t = torch.tensor(rows, device=device)
+        logits = lm.project(hidden[rows_t, torch.tensor(cols, device=device)])  # (N, V)
+        scores = score_positions(logits, torch.tensor(target, device=device), rows_t, len(chunk))
+        for (_, i, _), score in zip(chunk, scores):
+            results[i] = score

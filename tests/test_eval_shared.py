@@ -117,8 +117,11 @@ def test_greedy_generate_equals_transformers_generate(model, seed):
     hf = to_hf_llama(model)
     prompts = [[rng.randrange(V) for _ in range(rng.randint(1, 30))] for _ in range(5)]
     got = greedy_generate(HFCachedLM(hf), prompts, 10, 64, torch.device("cpu"), 2)
-    ref = [hf.generate(torch.tensor([p]), max_new_tokens=10, min_new_tokens=10, do_sample=False,
-                       eos_token_id=None, pad_token_id=0)[0, len(p):].tolist() for p in prompts]
+    # An explicit attention mask: without one, generate masks every prompt token equal to
+    # pad_token_id (a random prompt holds token 0 now and then).
+    ref = [hf.generate(torch.tensor([p]), attention_mask=torch.ones(1, len(p), dtype=torch.long),
+                       max_new_tokens=10, min_new_tokens=10, do_sample=False, eos_token_id=None,
+                       pad_token_id=0)[0, len(p):].tolist() for p in prompts]
     assert got == ref
 
 
