@@ -36,6 +36,7 @@ from kernels._common import (
     check_tensor,
     interpreting,
 )
+from model.loss import default_chunk_size  # noqa: F401 - one heuristic, re-exported
 
 
 @triton.jit
@@ -90,13 +91,6 @@ def _tiles(V: int) -> tuple[int, int, int]:
         return 32, 64, 1  # many rows per program (it pays per program), several blocks per row
     block = min(triton.next_power_of_2(V), 4096)
     return 1, block, 8 if block >= 2048 else 4
-
-
-def default_chunk_size(n_tokens: int, vocab_size: int, dim: int) -> int:
-    """Liger-Kernel's heuristic: about as many rows per chunk as make the chunk's logits the size
-    of the hidden states, rounded to a power of two."""
-    chunks = triton.cdiv(vocab_size, dim)
-    return max(1, min(n_tokens, triton.next_power_of_2(triton.cdiv(n_tokens, chunks))))
 
 
 WHERE = "kernels.cross_entropy.fused_linear_cross_entropy"

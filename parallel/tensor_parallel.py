@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import nn
 from torch.distributed._functional_collectives import AsyncCollectiveTensor
 from torch.distributed.device_mesh import DeviceMesh
@@ -46,7 +45,7 @@ from torch.distributed.tensor.parallel import (
     parallelize_module,
 )
 
-from model.loss import IGNORE_INDEX
+from model.loss import Reductions, chunked_cross_entropy, default_chunk_size
 from model.moe import MoE
 
 
@@ -121,59 +120,12 @@ def replicated_parameter_names(model: nn.Module) -> list[str]:
     return [name for name, p in model.named_parameters() if not isinstance(p, DTensor)]
 
 
-class _VocabParallelCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy (+ z-loss) of logits = hidden @ weight.T whose vocabulary is split
-    over `group`, in chunks of rows; the forward computes the gradients (when asked for) while
-    each chunk's logits are in memory and the backward only scales them.
+class _GroupReductions(Reductions):
+    """ChunkedCrossEntropy's row reductions over the TP group (the vocabulary's slices)."""
 
-    hidden: (N, dim), the same rows on every rank; weight: (V/P, dim), this rank's rows
-    [start, start + V/P); targets: (N,) global ids. Returns the scalar loss, the same on every
-    rank; d hidden is this rank's vocabulary slice's part (the caller sums it over the group).
-    """
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, start, group, z_loss, chunk, grad_enabled):
-        N, n_local = hidden.shape[0], weight.shape[0]
-        valid = targets != IGNORE_INDEX
-        count = valid.sum().clamp(min=1).float()
-        need = grad_enabled and (ctx.needs_input_grad[0] or ctx.needs_input_grad[1])
-        grad_h = torch.empty_like(hidden) if need else None
-        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need else None
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        for lo in range(0, N, chunk):
-            hi = min(lo + chunk, N)
-            h = hidden[lo:hi]
-            logits = F.linear(h, weight).float()  # (C, V/P), fp32 for the softmax
-            # Stable softmax: subtract the global max of each row.
-            row_max = logits.max(dim=-1).values
-            dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
-            exp = (logits - row_max[:, None]).exp_()  # (C, V/P)
-            # The target logit lives on exactly one rank; the others contribute 0.
-            local_t = targets[lo:hi] - start
-            mine = (local_t >= 0) & (local_t < n_local)
-            local_t = torch.where(mine, local_t, torch.zeros_like(local_t))
-            target_logit = (logits.gather(1, local_t[:, None]).squeeze(1) - row_max) * mine
-            both = torch.stack([target_logit, exp.sum(dim=-1)])  # (2, C): one all-reduce
-            dist.all_reduce(both, op=dist.ReduceOp.SUM, group=group)
-            lse = both[1].log() + row_max  # (C,)
-            ok = valid[lo:hi].float()
-            total += ((lse - both[0] - row_max + z_loss * lse.pow(2)) * ok).sum()
-            if need:
-                # d mean loss / d logits = (softmax (1 + 2 z lse) - onehot(target)) / count
-                scale = ok / count
-                grad = exp.div_(both[1][:, None]).mul_((scale * (1 + 2 * z_loss * lse))[:, None])
-                grad.scatter_add_(1, local_t[:, None], -(scale * mine)[:, None])
-                grad_h[lo:hi] = grad.to(hidden.dtype) @ weight
-                grad_w.add_(grad.t() @ h.float())
-        ctx.save_for_backward(grad_h, grad_w)
-        ctx.weight_dtype = weight.dtype
-        return total / count
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        grad_h, grad_w = ctx.saved_tensors
-        return (grad_h * grad_out.to(grad_h.dtype), (grad_w * grad_out).to(ctx.weight_dtype),
-                None, None, None, None, None, None)
+    def __init__(self, group):
+        self.max_ = lambda t: dist.all_reduce(t, op=dist.ReduceOp.MAX, group=group)
+        self.sum_ = lambda t: dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
 
 
 def vocab_parallel_loss(
@@ -187,8 +139,6 @@ def vocab_parallel_loss(
     tp rank. fused: in chunks of rows (never the whole (B*T, V/P) logits). Returns a plain
     scalar, the same on every tp rank.
     """
-    from kernels.cross_entropy import default_chunk_size
-
     mesh = output_weight.device_mesh
     if isinstance(hidden, DTensor):
         hidden = hidden.to_local()
@@ -204,10 +154,5 @@ def vocab_parallel_loss(
     full = full.flatten(0, 1)  # (B*T, dim)
     n = full.shape[0]
     chunk = default_chunk_size(n, weight.shape[0], full.shape[1]) if fused else n
-    with torch.autocast(full.device.type, enabled=False):  # dtypes explicit inside
-        dtype = torch.get_autocast_dtype(full.device.type) if torch.is_autocast_enabled(
-            full.device.type) else full.dtype
-        return _VocabParallelCrossEntropy.apply(
-            full.to(dtype), weight.to(dtype), targets.flatten(), start, mesh.get_group(),
-            float(z_loss), int(chunk), torch.is_grad_enabled(),
-        )
+    return chunked_cross_entropy(full, weight, targets.flatten(), z_loss, chunk, start,
+                                 _GroupReductions(mesh.get_group()))
