@@ -39,10 +39,10 @@ from tqdm import tqdm
 from common.atomic import write_json
 from common.cli import add_run_arguments, parse_device
 from data.loader import parse_mixture
-from data.manifest import load_manifest, manifest_tokenizer
+from data.manifest import load_manifest
 from data.shards import read_shard
 from data.tokenizer import Tokenizer
-from model.load import load_model
+from model.load import checkpoint_tokenizer, load_model
 from model.transformer import Transformer
 
 OUT_FILE = "glitch_tokens.json"
@@ -253,7 +253,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = parse_device(parser, args.device)
     model, cfg, ckpt = load_model(args.run, device, step=args.step)
-    tok = manifest_tokenizer(cfg.data.path)
+    tok = checkpoint_tokenizer(ckpt, cfg)  # the model's own (refused if the data's differs)
     paths = [cfg.data.path, *(p for p in parse_mixture(cfg.data.mixture) if p != cfg.data.path)]
     counts = token_counts(paths, tok.n_vocab)
     if model.cfg.vocab_size < tok.n_vocab:
