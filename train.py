@@ -46,6 +46,7 @@ from parallel.dist import (
     init_distributed,
     memory_report,
     peak_memory_gib,
+    reset_peak_memory,
 )
 from parallel.mesh import build_mesh, check_parallel
 from parallel.moe_balance import register_expert_bias_update
@@ -193,6 +194,7 @@ def train(cfg: JobConfig) -> dict:
               f"{cfg.parallel.data_parallel}, activation checkpointing "
               f"{cfg.parallel.activation_checkpointing}")
         print("\n".join(rank_lines), flush=True)
+    reset_peak_memory(device)  # peak_mem_gib from here on: the training's, not loading's
     log = MetricsLog(run_dir, cfg, is_main, resumed=start_step if ckpt is not None else None)
     progress = Progress(cfg, device, dist_info.world_size)
     say = print if is_main else (lambda *args, **kwargs: None)  # rank 0 speaks
@@ -246,7 +248,7 @@ def train(cfg: JobConfig) -> dict:
             "step": step, "loss": loss_value, "lr": scheduler.get_last_lr()[0],
             "grad_norm": float(grad_norm), "tokens": tokens_seen,
             "time_s": time.time() - t_start, "cpu_s": time.process_time(),  # wall / CPU seconds
-            "peak_mem_gib": peak_memory_gib(device),  # this rank's, so far (before checkpoints)
+            "peak_mem_gib": peak_memory_gib(device),  # this rank's since setup (before checkpoints)
         }
         if due(t.log_every, step) or step == t.steps:
             # loads per expert (MoE), domains drawn (mixtures): both since the last log line

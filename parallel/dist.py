@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -100,12 +102,30 @@ def cleanup() -> None:
 
 
 def peak_memory_gib(device: torch.device) -> float:
-    """This rank's peak memory so far: CUDA allocation, or the process's RSS on CPU (GiB)."""
+    """This rank's peak memory since the start or the last reset_peak_memory: CUDA allocation,
+    or the process's resident set (Linux: VmHWM; elsewhere the lifetime ru_maxrss), in GiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    import resource
+    try:
+        status = Path("/proc/self/status").read_text()
+        return int(re.search(r"^VmHWM:\s+(\d+) kB", status, re.M).group(1)) / 2**20
+    except (OSError, AttributeError):
+        import resource
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    """Restart peak_memory_gib from the memory in use now. train.py calls it after setup, so
+    the training steps' peak is not a transient of loading (two copies of the weights while a
+    checkpoint is read), as torch.cuda.reset_peak_memory_stats does on a GPU."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: VmHWM := current RSS
+    except OSError:
+        pass  # elsewhere the peak stays the process's lifetime peak
 
 
 def memory_report(device: torch.device) -> str:

@@ -1,5 +1,6 @@
 """The chunked linear + cross-entropy (model/loss.py: lm_loss's fused path off CUDA, and the
-vocabulary-parallel loss of tensor parallelism) equals the plain loss in value and gradients."""
+vocabulary-parallel loss of tensor parallelism) equals the plain loss in value and gradients; the
+peak memory train.py reports restarts after setup."""
 
 import pytest
 import torch
@@ -38,3 +39,20 @@ def test_chunked_cross_entropy_skips_the_gradient_of_a_frozen_head(seed):
     lm_loss(plain_h[None], weight, targets[None]).backward()
     torch.testing.assert_close(hidden.grad, plain_h.grad, rtol=1e-5, atol=1e-6)
     assert weight.grad is None
+
+
+def test_peak_memory_restarts_after_setup():
+    """train.py resets the peak after setup: a transient freed before the reset (loading's
+    second copy of the weights) is not the training's peak; one after it is."""
+    from parallel.dist import peak_memory_gib, reset_peak_memory
+
+    cpu = torch.device("cpu")
+    transient = torch.ones(2**27)  # 0.5 GiB, touched
+    before = peak_memory_gib(cpu)
+    del transient
+    reset_peak_memory(cpu)
+    after = peak_memory_gib(cpu)
+    assert after < before - 0.4, (before, after)
+    again = torch.ones(2**27)
+    assert peak_memory_gib(cpu) > after + 0.4
+    del again
