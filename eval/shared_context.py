@@ -5,7 +5,7 @@ choices runs its thousand-token context four times. Here the requests of one ite
 are scored together: the longest token prefix common to all their model inputs is forwarded
 once (`prefill`, keeping the KV cache), the cache rows are copied to one per request
 (`select`), and only each request's remainder is forwarded on top of it (`extend`). Groups are
-pooled by prefix length, `batch_size` groups per prefill; a pool's requests are extended
+pooled by prefix length, 2 x `batch_size` groups per prefill; a pool's requests are extended
 `batch_size` at a time, sorted by the length of their remainder.
 
 The scores are the ones lm-eval's `_loglikelihood_tokens` gives (eval/models.py's standard path):
@@ -115,15 +115,19 @@ def shared_context_loglikelihood(
     if alone:
         for i, r in zip(alone, fallback([requests[i] for i in alone])):
             results[i] = r
-    # A pool of `batch_size` groups shares one prefill, their prefixes padded to the longest:
+    # A pool of 2 x batch_size groups shares one prefill, their prefixes padded to the longest:
     # sorted by prefix length (longest first: an out-of-memory shows at once), the padding is
     # small. The pool's requests are then extended `batch_size` at a time, sorted by the
     # length of their remainder, so the choices of one item (often of very different lengths)
-    # need not all be padded to its longest: a quarter fewer tokens forwarded on HellaSwag.
+    # need not all be padded to its longest. HellaSwag 0-shot, 200 items on SmolLM2: 19.7k
+    # tokens forwarded (16.7k without padding), against 26.3k when each batch held whole
+    # items and 34.1k for lm-eval. The pool's cache (2 x batch_size rows of its longest
+    # input) stays below the (batch_size, T, V) logits lm-eval's batch holds.
+    pool = 2 * batch_size
     shared.sort(key=lambda g: (-g[1], -max(len(inputs[i]) for i in g[0])))
-    for start in range(0, len(shared), batch_size):
-        _score_pool(lm, shared[start : start + batch_size], requests, inputs, results,
-                    batch_size, device)  # fmt: skip
+    for start in range(0, len(shared), pool):
+        _score_pool(lm, shared[start : start + pool], requests, inputs, results, batch_size,
+                    device)  # fmt: skip
     return results  # type: ignore[return-value]
 
 
