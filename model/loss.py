@@ -131,7 +131,13 @@ def chunked_cross_entropy(
 ) -> torch.Tensor:
     """hidden (N, dim), weight (V, dim), targets (N,) -> the mean loss, as lm_loss's plain path
     (see ChunkedCrossEntropy). Under autocast the matmuls run in its dtype, as F.linear would."""
-    chunk = chunk or default_chunk_size(hidden.shape[0], weight.shape[0], hidden.shape[1])
+    if chunk is None:
+        chunk = default_chunk_size(hidden.shape[0], weight.shape[0], hidden.shape[1])
+        if hidden.device.type == "cpu":
+            # Liger's chunks (8 rows of a 49k vocabulary) leave a CPU's matmuls too small to be
+            # efficient: at least 64 MB of fp32 logits per chunk there.
+            floor = 1 << max(0, (2**24 // weight.shape[0]).bit_length() - 1)
+            chunk = min(hidden.shape[0], max(chunk, floor))
     device = hidden.device.type
     dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else hidden.dtype
     with torch.autocast(device, enabled=False):  # dtypes explicit inside
