@@ -12,12 +12,17 @@ HF=data_cache/hf/SmolLM2-135M-Instruct
 [ -d runs/smollm2/checkpoints ] || $PY -m model.hf import --hf $HF --out-dir runs/smollm2
 
 # 1. Memory: LoRA vs all parameters at the same batch, without and with activation
-# checkpointing (peak_mem_gib of the last step: the process's peak RSS on a CPU).
-for ac in none full; do
-  for kind in lora full; do
-    $PY train.py --config configs/smollm2-sft-$kind.toml --train.run_dir=runs/mem-$kind-$ac \
-      --train.steps=2 --train.batch_size=2 --train.micro_batch_size=1 --train.val_every=0 \
-      --checkpoint.every=0 --logging.plot=false --parallel.activation_checkpointing=$ac
+# checkpointing, the chunked loss on (peak_mem_gib of the last step: the peak since setup; on a
+# CPU the resident set, first as glibc leaves it, then with freed tensors returned: the live peak).
+for malloc in default 131072; do
+  for ac in none full; do
+    for kind in lora full; do
+      env $([ $malloc = default ] || echo MALLOC_MMAP_THRESHOLD_=$malloc) \
+        $PY train.py --config configs/smollm2-sft-$kind.toml --train.run_dir=runs/mem-$kind-$ac-$malloc \
+        --train.steps=2 --train.batch_size=2 --train.micro_batch_size=1 --train.val_every=0 \
+        --checkpoint.every=0 --logging.plot=false --parallel.activation_checkpointing=$ac \
+        --train.fused_loss=true --train.log_every=1
+    done
   done
 done
 # 2. LoRA SFT: held-out loss at the start and the end; 3. a short full-parameter SFT run.
