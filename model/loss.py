@@ -8,7 +8,6 @@ tensor parallelism (parallel/tensor_parallel.py), given reductions over the TP g
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
 import torch
@@ -32,13 +31,15 @@ def lm_loss(
     on SmolLM2 at 1,024 tokens a micro-batch is the plain loss's logits, softmax and gradient).
     z_loss: coefficient of mean(logsumexp(logits)^2), which keeps the softmax normalizer near 1.
     """
-    if fused and (hidden.device.type == "cuda" or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")):
-        from kernels.cross_entropy import fused_linear_cross_entropy
-
-        return fused_linear_cross_entropy(
-            hidden.flatten(0, 1), output_weight, targets.flatten(), IGNORE_INDEX, z_loss
-        )
     if fused:
+        from kernels._common import interpreting
+
+        if hidden.device.type == "cuda" or interpreting():
+            from kernels.cross_entropy import fused_linear_cross_entropy
+
+            return fused_linear_cross_entropy(
+                hidden.flatten(0, 1), output_weight, targets.flatten(), IGNORE_INDEX, z_loss
+            )
         return chunked_cross_entropy(hidden.flatten(0, 1), output_weight, targets.flatten(), z_loss)
     logits = F.linear(hidden, output_weight).float().flatten(0, 1)  # (B*T, V)
     targets = targets.flatten()
