@@ -262,6 +262,15 @@ class TransformerCachedLM:
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.model.output(hidden)
 
+    def packed(self, tokens: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor):
+        """tokens, positions (R, W), visible (R, W, W): a fresh cache of W entries, token t
+        written to entry t (its position is only for RoPE)."""
+        R, W = tokens.shape
+        cache = self.model.new_cache(R, W)
+        write = torch.arange(W, device=tokens.device).expand(R, W)
+        step = cache.step(positions, W, write, visible)
+        return self.model(tokens, cache=step, return_hidden=True)
+
 
 @dataclass
 class _HFState:
@@ -315,6 +324,16 @@ class HFCachedLM:
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.head(hidden)
+
+    def packed(self, tokens: torch.Tensor, positions: torch.Tensor, visible: torch.Tensor):
+        """A 4D mask goes to the attention as it is (transformers' custom-mask contract): the
+        additive form (0 seen, the dtype's minimum hidden) serves eager and sdpa alike."""
+        dtype = self.head.weight.dtype
+        mask = torch.zeros(visible.shape, dtype=dtype, device=visible.device)
+        mask.masked_fill_(~visible, torch.finfo(dtype).min)
+        out = self.base(input_ids=tokens, attention_mask=mask[:, None], position_ids=positions,
+                        use_cache=False)
+        return out.last_hidden_state
 
 
 # ---------------------------------------------------------------------------------------------

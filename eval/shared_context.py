@@ -8,6 +8,14 @@ once (`prefill`, keeping the KV cache), the cache rows are copied to one per req
 pooled by prefix length, 2 x `batch_size` groups per prefill; a pool's requests are extended
 `batch_size` at a time, sorted by the length of their remainder.
 
+A group of at most PACK_WIDTH tokens in all (its prefix once, then each request's remainder: a
+zero-shot item) needs no cache: groups are packed whole into rows of PACK_WIDTH tokens and
+forwarded once, each remainder seeing its group's prefix and itself only, at the positions it
+has alone (`packed`). Nothing is padded but the end of a row: on HellaSwag 0-shot (200 items,
+SmolLM2, batch 16) 17.1k tokens are forwarded where prefill + extend forwards 19.7k (16.7k
+real) and lm-eval 34.1k. Long groups (few-shot prompts) keep the cache path: a dense mask over
+a long prefix would cost more attention than its causal prefill.
+
 The scores are the ones lm-eval's `_loglikelihood_tokens` gives (eval/models.py's standard path):
 the same tokens are predicted from the same tokens at the same positions, only in two forwards
 instead of one (fp32 results agree to rounding). Requests whose input is longer than the
@@ -20,6 +28,7 @@ LM); greedy generation (eval/generation.py) decodes through the same four method
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -27,6 +36,10 @@ import torch
 import torch.nn.functional as F
 
 TokenRequest = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
+# Tokens per packed row. Attention over a packed row is dense (W x W whatever the mask): on
+# HellaSwag 0-shot with SmolLM2 (576 wide) that is 8% of the matmuls at 256 and 16% at 512, while
+# rows of 256 hold all its items (about 80 tokens each) with 1.5% padding.
+PACK_WIDTH = 256
 
 
 class CachedLM(Protocol):
@@ -41,6 +54,9 @@ class CachedLM(Protocol):
     extend(state, tokens (R, S), positions (R, S)) -> hidden (R, S, dim): append the tokens at
       their absolute positions (RoPE) and return their hidden states.
     project(hidden (N, dim)) -> logits (N, V).
+    packed(tokens (R, W), positions (R, W), visible (R, W, W) bool) -> hidden (R, W, dim): one
+      forward with no cache, token t of row r at positions[r, t] seeing the tokens u of its
+      row with visible[r, t, u] (several sequences packed in one row).
     """
 
     def prefill(self, tokens: torch.Tensor, extra: int) -> tuple[Any, torch.Tensor]: ...
@@ -50,6 +66,9 @@ class CachedLM(Protocol):
     def extend(self, state: Any, tokens: torch.Tensor, positions: torch.Tensor) -> torch.Tensor: ...
 
     def project(self, hidden: torch.Tensor) -> torch.Tensor: ...
+
+    def packed(self, tokens: torch.Tensor, positions: torch.Tensor,
+               visible: torch.Tensor) -> torch.Tensor: ...
 
 
 # ---------------------------------------------------------------------------------------------
@@ -115,6 +134,11 @@ def shared_context_loglikelihood(
     if alone:
         for i, r in zip(alone, fallback([requests[i] for i in alone])):
             results[i] = r
+    width = min(PACK_WIDTH, max_seq_len)
+    packable = [g for g in shared if _group_length(g, inputs) <= width]
+    if packable:
+        _score_packed(lm, packable, requests, inputs, results, batch_size, width, device)
+        shared = [g for g in shared if _group_length(g, inputs) > width]
     # A pool of 2 x batch_size groups shares one prefill, their prefixes padded to the longest:
     # sorted by prefix length (longest first: an out-of-memory shows at once), the padding is
     # small. The pool's requests are then extended `batch_size` at a time, sorted by the
@@ -129,6 +153,84 @@ def shared_context_loglikelihood(
         _score_pool(lm, shared[start : start + pool], requests, inputs, results, batch_size,
                     device)  # fmt: skip
     return results  # type: ignore[return-value]
+
+
+def _group_length(group: tuple[list[int], int], inputs: list[list[int]]) -> int:
+    """Tokens of a packed group: its prefix once, then each request's remainder."""
+    idx, p = group
+    return p + sum(len(inputs[i]) - p for i in idx)
+
+
+def _pack(lengths: list[int], width: int) -> list[list[int]]:
+    """Items of `lengths` (each <= width) into rows of `width`: best fit, longest first (a
+    row's end is all that is padded). -> the items of each row."""
+    rows: list[list[int]] = []
+    free: list[tuple[int, int]] = []  # (room left, row), sorted
+    for g in sorted(range(len(lengths)), key=lambda g: -lengths[g]):
+        k = bisect.bisect_left(free, (lengths[g], -1))
+        if k == len(free):
+            rows.append([g])
+            room, row = width - lengths[g], len(rows) - 1
+        else:
+            room, row = free.pop(k)
+            rows[row].append(g)
+            room -= lengths[g]
+        bisect.insort(free, (room, row))
+    return rows
+
+
+@torch.inference_mode()
+def _score_packed(lm, groups, requests, inputs, results, batch_size, width, device) -> None:
+    """Whole groups packed into rows of `width` tokens, `batch_size` rows per forward, no cache.
+
+    Row layout: [prefix of group a][remainder 1 of a][remainder 2 of a]...[prefix of b]...[pad].
+    A token sees the earlier tokens of its own segment and its group's prefix; a remainder's
+    positions continue its prefix's (p, p + 1, ...), as if it followed the prefix alone. Pads
+    (group -1) see only earlier pads: no row of the mask is empty, and no real token sees one.
+    """
+    lengths = [_group_length(g, inputs) for g in groups]
+    rows = _pack(lengths, width)
+    rows.sort(key=lambda r: -sum(lengths[g] for g in r))  # chunk widths fall: little padding
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        W = sum(lengths[g] for g in chunk[0])
+        tokens = torch.zeros(len(chunk), W, dtype=torch.long)
+        positions = torch.zeros(len(chunk), W, dtype=torch.long)
+        group_of = torch.full((len(chunk), W), -1, dtype=torch.long)
+        segment = torch.zeros(len(chunk), W, dtype=torch.long)  # 0: a prefix, k: remainder k
+        rows_s, cols, target, owners = [], [], [], []
+        for r, row in enumerate(chunk):
+            o = 0
+            for g in row:
+                idx, p = groups[g]
+                tokens[r, o : o + p] = torch.tensor(inputs[idx[0]][:p])
+                positions[r, o : o + p] = torch.arange(p)
+                group_of[r, o : o + p] = g
+                o += p
+                for k, i in enumerate(idx, start=1):
+                    rest, n_cont = inputs[i][p:], len(requests[i][1])
+                    span = slice(o, o + len(rest))
+                    tokens[r, span] = torch.tensor(rest)
+                    positions[r, span] = torch.arange(p, p + len(rest))
+                    group_of[r, span], segment[r, span] = g, k
+                    # input position t predicts token t + 1 (as in _score_pool)
+                    rows_s += [len(owners)] * n_cont
+                    cols_r = range(o + len(rest) - n_cont, o + len(rest))
+                    cols += [(r, c) for c in cols_r]
+                    target += requests[i][1]
+                    owners.append(i)
+                    o += len(rest)
+        causal = torch.ones(W, W, dtype=torch.bool).tril()
+        same_group = group_of[:, :, None] == group_of[:, None, :]
+        seen_segment = (segment[:, None, :] == 0) | (segment[:, :, None] == segment[:, None, :])
+        visible = causal & same_group & seen_segment  # (R, W, W)
+        hidden = lm.packed(tokens.to(device), positions.to(device), visible.to(device))
+        at = torch.tensor(cols, device=device)
+        logits = lm.project(hidden[at[:, 0], at[:, 1]])  # (N, V)
+        rows_t = torch.tensor(rows_s, device=device)
+        scores = score_positions(logits, torch.tensor(target, device=device), rows_t, len(owners))
+        for i, score in zip(owners, scores):
+            results[i] = score
 
 
 @torch.inference_mode()

@@ -163,20 +163,27 @@ class KVCache:
         return KVCache([k[start:stop] for k in self.k], [v[start:stop] for v in self.v])
 
     def step(
-        self, positions: torch.Tensor, kv_len: int | None = None, write: torch.Tensor | None = None
+        self,
+        positions: torch.Tensor,
+        kv_len: int | None = None,
+        write: torch.Tensor | None = None,
+        visible: torch.Tensor | None = None,
     ) -> CacheStep:
         """The cache as one forward of tokens at `positions` (B, T) uses it. Attention reads the
         first `kv_len` entries (default all: fixed shapes for torch.compile; fewer is faster
         eagerly, and must exceed every position). write: (B, T) entries to write each token's
-        keys and values to, default `positions` (padding can aim at an entry no one reads)."""
+        keys and values to, default `positions` (padding can aim at an entry no one reads).
+        visible: (B, T, kv_len) bool, the entries each token sees, default entries 0 .. its
+        position (several sequences packed in one row: eval/shared_context.py)."""
         kv_len = kv_len or self.max_len
         write = positions if write is None else write
         B, T = positions.shape
         _, n_kv, _, head_dim = self.k[0].shape
         index = write[:, None, :, None].expand(B, n_kv, T, head_dim)  # scatter along positions
-        keys = torch.arange(kv_len, device=positions.device)
-        mask = (keys[None, None, :] <= positions[:, :, None])[:, None]  # (B, 1, T, kv_len)
-        return CacheStep(self, positions, index, mask)
+        if visible is None:
+            keys = torch.arange(kv_len, device=positions.device)
+            visible = keys[None, None, :] <= positions[:, :, None]  # (B, T, kv_len)
+        return CacheStep(self, positions, index, visible[:, None])  # mask (B, 1, T, kv_len)
 
 
 @dataclass

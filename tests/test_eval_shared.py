@@ -59,6 +59,58 @@ def test_shared_context_equals_request_by_request_native(model, seed, batch_size
     assert [s[1] for s in shared] == [e[1] for e in each]
 
 
+@pytest.mark.parametrize("kind", ["native", "hf"])
+def test_packed_rows_score_as_the_cache_path_does(model, seed, kind, monkeypatch):
+    """Short groups are packed whole into rows with a block mask (no cache), long ones take
+    prefill + extend: both paths run here, and each gives the request-by-request scores."""
+    import eval.shared_context as sc
+
+    rng = random.Random(seed)
+    toks = lambda n: [rng.randrange(V) for _ in range(n)]
+    requests, groups = [], []
+    for g in range(12):  # 3-20 token contexts, 2-4 choices of 1-6 tokens: 5-44 tokens a group
+        ctx = toks(rng.randint(3, 20))
+        for _ in range(rng.randint(2, 4)):
+            requests.append((ctx, toks(rng.randint(1, 6))))
+            groups.append(g)
+    for g in range(12, 15):  # 40-token contexts, 4 choices of 6-8 tokens: more than 64 a group
+        ctx = toks(40)
+        for _ in range(4):
+            requests.append((ctx, toks(rng.randint(6, 8))))
+            groups.append(g)
+    lm = (TransformerLogLikelihood(model, batch_size=3) if kind == "native"
+          else HFLogLikelihood(to_hf_llama(model), batch_size=3))
+    calls = {"packed": 0, "extend": 0}
+    for name in calls:
+        method = getattr(lm.cached, name)
+        def counted(*a, _m=method, _n=name, **k):
+            calls[_n] += 1
+            return _m(*a, **k)
+        monkeypatch.setattr(lm.cached, name, counted)
+    each, shared = lm.each(requests), lm.loglikelihood(requests, groups)
+    assert calls["packed"] > 0 and calls["extend"] > 0, calls
+    assert [s[0] for s in shared] == pytest.approx([e[0] for e in each], abs=2e-5)
+    assert [s[1] for s in shared] == [e[1] for e in each]
+    monkeypatch.setattr(sc, "PACK_WIDTH", 0)  # everything through the cache path
+    cached = lm.loglikelihood(requests, groups)
+    assert [s[0] for s in shared] == pytest.approx([c[0] for c in cached], abs=2e-5)
+
+
+def test_pack_fills_rows_best_fit_longest_first(seed):
+    from eval.shared_context import _pack
+
+    rng = random.Random(seed)
+    lengths = [rng.randint(1, 64) for _ in range(200)]
+    rows = _pack(lengths, 64)
+    assert sorted(g for r in rows for g in r) == list(range(200))  # each item once
+    used = [sum(lengths[g] for g in r) for r in rows]
+    assert max(used) <= 64
+    # A row is opened only for an item that fits in no open row, whose room only shrinks after:
+    # no two rows' contents would fit in one.
+    assert all(a + b > 64 for i, a in enumerate(used) for b in used[i + 1 :])
+    assert len(rows) <= 2 * sum(lengths) // 64 + 1
+
+
 def test_shared_context_fills_the_window_when_prefix_and_remainder_are_long(model, seed):
     """One batch holding an item with a long shared context and an item whose choices diverge
     early and fill the whole 64-token window: the longest prefix plus the longest remainder
