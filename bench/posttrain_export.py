@@ -7,7 +7,7 @@
    raises (none expected) and its logits against our merged model (model/load.py);
 2. the adapter in PEFT's format (`python -m model.hf_peft`) loaded by
    `peft.PeftModel.from_pretrained` onto our export of the run's base (checkpoint.init_from):
-   its logits against the same.
+   its logits against the same, in fp32 and in float64 (rounding apart from error).
 
 Prints a table (max |difference| of the logits) and writes it to --out when given.
 """
@@ -102,6 +102,12 @@ def main(argv: list[str] | None = None) -> None:
                 diff = (model(tokens).logits.float() - want).abs().max().item()
             rows.append(("PEFT adapter on the base export", len(messages2), diff))
             messages += messages2
+            # The same two in float64 (our merged weights stay rounded to fp32): what is left
+            # of the fp32 difference is rounding, not a different function.
+            with torch.no_grad():
+                want64 = ours.double()(tokens)
+                diff = (model.double()(tokens).logits - want64).abs().max().item()
+            rows.append(("PEFT adapter on the base export, both in float64", 0, diff))
     lines = [f"{ckpt}: {tokens.shape[1]} tokens of a held-out conversation, on {device}", "",
              "| model | warnings | max abs logit difference vs ours (merged) |",
              "|---|---|---|"]

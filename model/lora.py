@@ -179,8 +179,9 @@ def merge_lora(model: nn.Module) -> int:
         parent = model.get_submodule(name.rpartition(".")[0])
         plain = nn.Linear(module.in_features, module.out_features, bias=module.bias is not None,
                           device="meta")
-        delta = module.delta_weight().to(module.weight.dtype)
-        plain.weight = nn.Parameter(module.weight + delta, requires_grad=False)
+        # W + s B A in float64, rounded once to the weight's dtype (fp32 twice: 1 ulp off)
+        exact = module.weight.double() + module.delta_weight().double()
+        plain.weight = nn.Parameter(exact.to(module.weight.dtype), requires_grad=False)
         plain.bias = module.bias
         setattr(parent, name.rpartition(".")[2], plain)
         merged += 1
