@@ -23,8 +23,7 @@ from data.dedup import NearDedupConfig
 from data.pii import PIIConfig
 from data.pipeline import DEFAULT_STAGES
 from data.quality import QualityConfig
-from model.config import ModelConfig, model_config
-from model.lora import LoRAConfig
+from model.config import LoRAConfig, ModelConfig, model_config
 
 
 @dataclass

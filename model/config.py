@@ -209,3 +209,46 @@ def model_config(size: str | None = None, **overrides) -> ModelConfig:
             raise ModelConfigError(f"model.{key}: unknown field; known fields: {sorted(known)}")
     values.update(overrides)
     return ModelConfig(**values)
+
+
+# Our projection names and their Hugging Face (PEFT target_modules) names.
+PROJECTIONS = {
+    "wq": "q_proj", "wk": "k_proj", "wv": "v_proj", "wo": "o_proj",
+    "w_gate": "gate_proj", "w_up": "up_proj", "w_down": "down_proj",
+}
+ALL_LINEAR = "all-linear"
+
+
+@dataclass
+class LoRAConfig:
+    rank: int = 0  # adapter rank r; 0: no adapters (full-parameter training)
+    alpha: float = 16.0  # the update is scaled by alpha / rank
+    dropout: float = 0.0  # dropout on the adapter's input (training only)
+    # Projections to adapt, in every block: ours (wq, wk, wv, wo, w_gate, w_up, w_down) or the
+    # Hugging Face names (q_proj, ...), or ["all-linear"]. MLP targets skip MoE layers (their
+    # experts are stacked tensors, not projections).
+    targets: list[str] = field(default_factory=lambda: ["wq", "wk", "wv", "wo"])
+    # Blocks to adapt (PEFT's layers_to_transform): [] for all, or indices, negative from the
+    # end ([-8, -7, ..., -1]: the last 8). Adapting only the top blocks also saves compute:
+    # nothing below the lowest adapter needs a backward pass.
+    layers: list[int] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        if self.rank < 0:
+            raise ValueError(f"lora.rank = {self.rank}: expected 0 (off) or a positive rank")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"lora.dropout = {self.dropout}: expected 0 <= dropout < 1")
+        known = set(PROJECTIONS) | set(PROJECTIONS.values()) | {ALL_LINEAR}
+        bad = [t for t in self.targets if t not in known]
+        if bad or not self.targets:
+            raise ValueError(f"lora.targets = {self.targets}: expected names from {sorted(known)}")
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.rank
+
+    def our_targets(self) -> list[str]:
+        """The targets as our module names, in PROJECTIONS order."""
+        hf_to_ours = {v: k for k, v in PROJECTIONS.items()}
+        names = {hf_to_ours.get(t, t) for t in self.targets}
+        return [n for n in PROJECTIONS if ALL_LINEAR in names or n in names]

@@ -30,10 +30,9 @@ from safetensors.torch import save_file
 from common.atomic import atomic_dir, write_json
 from common.errors import run_cli
 from model.checkpoint import find_checkpoint, load_model_state, resolve_checkpoint
-from model.config import ModelConfig
+from model.config import PROJECTIONS, LoRAConfig, ModelConfig
 from model.hf_config import LLAMA, QWEN3, ExportError, hf_architecture
 from model.load import load_job_config
-from model.lora import PROJECTIONS, LoRAConfig
 
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
