@@ -11,8 +11,8 @@ Each run is `python -m data.prepare` in its own process (all stages + tokenizati
 BPE trained once beforehand), read back from its prepare_log.json; the baseline is data.prepare
 as of `--baseline-commit` (the streaming merge in one process), from `git archive`.
 
-Prints one row per run: wall seconds of the job (a Ray cluster's start-up is shown apart: a
-cluster starts once for many jobs), speedup over one worker of the same executor, and peak
+Prints one row per run: wall seconds of the job (a Ray cluster's start and stop are shown apart: a
+cluster lives for many jobs), speedup over one worker of the same executor, and peak
 resident memory of the largest process, absolute and above that process's baseline (the
 interpreter + imports + executor runtime, before any data). Then per-stage CPU seconds and
 MB/s per core, the rates the README's cost estimate uses.
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
                                 baseline_path)
         if baseline:
             rows.append({"run": f"baseline {args.baseline_commit}, 2 workers",
-                         "seconds": baseline["seconds"], "startup": 0.0,
+                         "seconds": baseline["seconds"], "startup": 0.0, "stop": 0.0,
                          "driver": (baseline["peak_rss_mb"],
                                     baseline["peak_rss_mb"] - baseline["rss_start_mb"]),
                          "worker": None, "same": True, "load": load0})
@@ -257,6 +257,7 @@ def main(argv: list[str] | None = None) -> dict:
         driver = log["driver"]
         rows.append({"run": f"{executor}, {workers} worker{'s' if workers > 1 else ''}",
                      "seconds": log["seconds"], "startup": log["executor_start_seconds"],
+                     "stop": log.get("executor_stop_seconds", 0.0),
                      "driver": (driver["peak_rss_mb"],
                                 driver["peak_rss_mb"] - driver["rss_start_mb"]),
                      "worker": (worker_peak, max(s["peak_rss_above_start_mb"] for s in ran),
@@ -271,13 +272,13 @@ def main(argv: list[str] | None = None) -> dict:
         f"{args.docs_per_task}, dedup_partitions {args.dedup_partitions}; {os.cpu_count()} CPUs, "
         f"load average {load0:.1f} at start, {os.getloadavg()[0]:.1f} at the end; fastest of "
         f"{args.repeat} interleaved runs.",
-        "Job seconds exclude starting the executor (Ray: a cluster, once for many jobs). Peak "
-        "resident memory in MB, absolute / above the process's baseline (driver: at its start, "
+        "Job seconds exclude starting and stopping the executor (Ray: a cluster lives for many "
+        "jobs; both shown apart). Peak resident memory in MB, absolute / above the process's baseline (driver: at its start, "
         "executor running; worker: the least any task started with).",
         "",
-        "| run | job s | start s | speedup | driver (merge process) MB | largest worker MB "
+        "| run | job s | start s | stop s | speedup | driver (merge process) MB | largest worker MB "
         "| output = baseline | load at start |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     one = {r["run"].split(",")[0]: r["seconds"] for r in rows if r["run"].endswith(" 1 worker")}
     for r in rows:
@@ -286,7 +287,7 @@ def main(argv: list[str] | None = None) -> dict:
         same = {True: "yes", False: "NO", None: "-"}[r["same"]]
         driver = f"{r['driver'][0]:.0f} / {r['driver'][1]:.0f}"
         worker = f"{r['worker'][0]:.0f} / {r['worker'][2]:.0f}" if r["worker"] else "-"
-        lines.append(f"| {r['run']} | {r['seconds']:.1f} | {r['startup']:.1f} | {speed} | "
+        lines.append(f"| {r['run']} | {r['seconds']:.1f} | {r['startup']:.1f} | {r['stop']:.1f} | {speed} | "
                      f"{driver} | {worker} | {same} | {r['load']:.1f} |")
     # Every run, in order: a round's runs follow each other, so their ratio shares a load.
     lines += ["", "Every run in order (round: one run of each setting; speedup: over the same "

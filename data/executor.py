@@ -8,8 +8,7 @@
 
 A task is a module-level function and a tuple of picklable arguments; it reads what it needs
 from files (data.path is on a filesystem every worker sees: a local disk here, a shared one on
-a cluster) and returns something small. `isolated=True` runs each task in a process of its own
-that exits afterwards (a task whose memory should not stay in a worker: building the stages).
+a cluster) and returns something small.
 
 - Local: a `concurrent.futures.ProcessPoolExecutor` of `workers` spawned processes (no fork:
   the driver may hold threads); workers=0 runs the tasks in this process, one by one (same
@@ -42,8 +41,7 @@ class Executor(Protocol):
     name: str
     workers: int  # tasks that run at the same time
 
-    def run(self, fn: Callable, jobs: Iterable[tuple], name: str = "",
-            isolated: bool = False) -> Iterator[tuple[int, Any]]:
+    def run(self, fn: Callable, jobs: Iterable[tuple], name: str = "") -> Iterator[tuple[int, Any]]:
         """Run fn(*job) for every job; yield (job index, result) as tasks complete."""
         ...
 
@@ -60,19 +58,13 @@ class LocalExecutor:
         self.workers = max(1, workers)
         self._pool: cf.ProcessPoolExecutor | None = None
 
-    def run(self, fn: Callable, jobs: Iterable[tuple], name: str = "",
-            isolated: bool = False) -> Iterator[tuple[int, Any]]:
+    def run(self, fn: Callable, jobs: Iterable[tuple], name: str = "") -> Iterator[tuple[int, Any]]:
         if self.inline:
             for i, job in enumerate(jobs):
                 yield i, fn(*job)
             return
-        spawn = mp.get_context("spawn")
-        if isolated:  # one at a time, each in a process of its own
-            for i, job in enumerate(jobs):
-                with cf.ProcessPoolExecutor(1, mp_context=spawn) as pool:
-                    yield i, self._result(pool.submit(fn, *job))
-            return
         if self._pool is None:
+            spawn = mp.get_context("spawn")
             self._pool = cf.ProcessPoolExecutor(self.workers, mp_context=spawn)
         pool = self._pool
         submit = lambda job: pool.submit(fn, *job)  # noqa: E731
@@ -121,12 +113,10 @@ class RayExecutor:
         self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
         self.retries = retries
         self._remote = ray.remote(_call)
-        self._remote_isolated = ray.remote(max_calls=1)(_call)  # its worker exits after it
 
-    def run(self, fn: Callable, jobs: Iterable[tuple], name: str = "",
-            isolated: bool = False) -> Iterator[tuple[int, Any]]:
+    def run(self, fn: Callable, jobs: Iterable[tuple], name: str = "") -> Iterator[tuple[int, Any]]:
         ray = self._ray
-        remote = (self._remote_isolated if isolated else self._remote).options(
+        remote = self._remote.options(
             num_cpus=1, max_retries=self.retries, retry_exceptions=False,
             name=name or getattr(fn, "__name__", "task"),
         )

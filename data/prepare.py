@@ -196,10 +196,13 @@ def prepare(cfg: DataConfig, dry_run: bool = False, progress: bool = True,
     rss = reset_peak_rss()  # this process with the executor started: the driver's baseline
     try:
         result = run_job(cfg, out, tokenizer_spec, executor, fingerprint(cfg), dry_run, progress)
+        elapsed = time.time() - t0
     except ExecutorError as e:
         raise PrepareError(f"data.prepare stopped: {e}") from e
     finally:
-        executor.close()
+        t1 = time.time()
+        executor.close()  # timed apart, as its start: a cluster's lifetime, not the job's
+        stopping = time.time() - t1
     counts, errors, pipeline = result.counts, result.errors, result.pipeline
     if counts["train"]["documents"] == 0:
         if pipeline.stats and pipeline.stats[0].docs_in:
@@ -213,7 +216,6 @@ def prepare(cfg: DataConfig, dry_run: bool = False, progress: bool = True,
             f"no validation documents: {counts['train']['documents']} documents with "
             f"data.val_fraction = {cfg.val_fraction}; raise it or add data"
         )
-    elapsed = time.time() - t0
     stages = pipeline.stats_dict()
     manifest = {
         "format": "token-shards-v1",
@@ -238,6 +240,7 @@ def prepare(cfg: DataConfig, dry_run: bool = False, progress: bool = True,
     )
     log = {
         "seconds": round(elapsed, 2), "executor_start_seconds": round(startup, 2),
+        "executor_stop_seconds": round(stopping, 2),
         "executor": executor.name, "workers": executor.workers,
         "docs_per_task": cfg.docs_per_task, "dedup_partitions": cfg.dedup_partitions,
         "driver": {"rss_start_mb": round(rss, 1), "peak_rss_mb": round(peak_rss(), 1)},

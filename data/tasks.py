@@ -68,7 +68,7 @@ def peak_rss() -> float:
 def run_task(task_dir: str, fn: Callable, args: tuple) -> dict:
     """Worker side: run fn(tmp, *args) into task_dir, atomically; the result record."""
     rss = reset_peak_rss()
-    wall, cpu = time.perf_counter(), time.process_time()
+    started, wall, cpu = time.time(), time.perf_counter(), time.process_time()
     with atomic_dir(task_dir) as tmp:
         result = fn(tmp, *args)
         info = {
@@ -77,6 +77,7 @@ def run_task(task_dir: str, fn: Callable, args: tuple) -> dict:
             "cpu_seconds": round(time.process_time() - cpu, 4),
             "rss_start_mb": round(rss, 1),
             "peak_rss_mb": round(peak_rss(), 1),
+            "started": round(started, 3),  # epoch seconds: a job's timeline, task by task
             "pid": os.getpid(),
             "host": socket.gethostname(),
         }
@@ -103,13 +104,11 @@ class TaskRunner:
         jobs: Sequence[tuple],
         keys: Sequence[int | str] | None = None,
         until: Callable[[list], bool] | None = None,
-        isolated: bool = False,
     ) -> list[Any]:
         """fn(tmp, *job) for every job not done yet; their results, in job order.
 
         `until(results)` (results so far, None where not done) stops submitting new tasks
-        once true; the results of tasks never run stay None. `isolated`: each task in a process
-        of its own (data/executor.py)."""
+        once true; the results of tasks never run stay None."""
         keys = list(range(len(jobs))) if keys is None else list(keys)
         infos: list[dict | None] = [None] * len(jobs)
         for i, key in enumerate(keys):
@@ -123,7 +122,7 @@ class TaskRunner:
         bar = tqdm(total=len(jobs), initial=skipped, desc=f"{stage:<24}", unit="task",
                    file=sys.stdout, mininterval=2, disable=not self.progress or not todo)
         calls = ((str(self.dir(stage, keys[i])), fn, jobs[i]) for i in todo)
-        for j, info in self.executor.run(run_task, calls, name=stage, isolated=isolated):
+        for j, info in self.executor.run(run_task, calls, name=stage):
             infos[todo[j]] = info
             bar.update(1)
             if until and until(results()):
@@ -141,5 +140,10 @@ class TaskRunner:
                 default=None),
             "rss_start_mb_min": min((info["rss_start_mb"] for info in ran), default=None),
             "processes": len({(info["host"], info["pid"]) for info in ran}),
+            # epoch seconds: where the stage's wall time went (idle workers, driver work)
+            "first_started": min((info.get("started", 0) for info in ran), default=None),
+            "last_finished": max((info.get("started", 0) + info["seconds"] for info in ran),
+                                 default=None),
+            "driver_started": round(time.time() - (time.perf_counter() - wall), 3),
         }
         return results()
