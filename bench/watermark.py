@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from bench.tables import RESULTS_DIR, write_table
 from bench.throughput import device_name
@@ -101,9 +102,14 @@ def main(argv: list[str] | None = None) -> None:
     engine = Engine(model, tokenizer, args.batch, max(map(len, prompts)) + args.new_tokens + 1)
     params = [SamplingParams(max_new_tokens=args.new_tokens, temperature=1.0, seed=args.seed + i, watermark=cfg)
               for i in range(len(prompts))]  # fmt: skip
+    # Progress in tokens (an upper bound: a generation may stop early), with rate and ETA.
+    bar = tqdm(total=len(prompts) * args.new_tokens, desc="generating", unit="tok",
+               file=sys.stderr, mininterval=5)
     t0 = time.perf_counter()
-    seqs = engine.generate(prompts, params)
+    seqs = engine.generate(prompts, params, on_token=lambda s, t, d: t is None or bar.update(1))
     seconds = time.perf_counter() - t0
+    bar.close()
+    print(f"scoring {len(seqs)} generations and human texts", file=sys.stderr, flush=True)
     marked = [s.generated for s in seqs]
     human = human_texts(args.data or job.data.path, tokenizer.eot_id, args.generations, args.new_tokens)
     rng = random.Random(args.seed)
