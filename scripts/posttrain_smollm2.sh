@@ -32,6 +32,6 @@ $PY train.py --config configs/smollm2-sft-full.toml --train.steps=10 --train.val
 # 4. Exports: merged model in transformers, PEFT adapter on the base's export, vs ours.
 $PY -m bench.posttrain_export --run runs/smollm2-sft-lora --out runs/smollm2-sft-lora/exports.md
 # 5. DPO with LoRA: held-out preference accuracy and margin; then the same eval afterwards.
-$PY train.py --config configs/smollm2-dpo-lora.toml --train.steps="${STEPS_DPO:-100}" \
-  --train.val_every="${STEPS_DPO:-100}"
+$PY train.py --config configs/smollm2-dpo-lora.toml --train.steps="${STEPS_DPO:-140}" \
+  --train.val_every="$(( ${STEPS_DPO:-140} / 2 ))"
 $PY -m eval --run runs/smollm2-dpo-lora --no-perplexity --preference --tasks hellaswag --limit 200
