@@ -240,6 +240,8 @@ class TransformerCachedLM:
     token's position: a continuation at positions L, L+1, ... of a row whose prefix has L
     real tokens overwrites that row's padding before anyone reads it (the cache's rule)."""
 
+    packs = True  # the cache path's attention takes any mask (KVCache.step's `visible`)
+
     def __init__(self, model: torch.nn.Module):
         self.model = model
 
@@ -291,6 +293,10 @@ class HFCachedLM:
         self.model = model
         self.base = model.base_model
         self.head = model.get_output_embeddings()
+        # A custom 4D mask is honoured by the eager and sdpa attentions only (flash-attention
+        # and flex take other masks): other models score every item through the cache path.
+        impl = getattr(model.config, "_attn_implementation", None) or "eager"
+        self.packs = impl in ("eager", "sdpa")
         # transformers 5.2x renamed the forward's past_key_values to cache.
         params = inspect.signature(self.base.forward).parameters
         self.cache_key = "cache" if "cache" in params else "past_key_values"

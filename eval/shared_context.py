@@ -38,7 +38,7 @@ import torch.nn.functional as F
 TokenRequest = tuple[list[int], list[int]]  # (context tokens, continuation tokens)
 # Tokens per packed row. Attention over a packed row is dense (W x W whatever the mask): on
 # HellaSwag 0-shot with SmolLM2 (576 wide) that is 8% of the matmuls at 256 and 16% at 512, while
-# rows of 256 hold all its items (about 80 tokens each) with 1.5% padding.
+# rows of 256 hold all its items (about 80 tokens each) with 2% padding.
 PACK_WIDTH = 256
 
 
@@ -56,8 +56,10 @@ class CachedLM(Protocol):
     project(hidden (N, dim)) -> logits (N, V).
     packed(tokens (R, W), positions (R, W), visible (R, W, W) bool) -> hidden (R, W, dim): one
       forward with no cache, token t of row r at positions[r, t] seeing the tokens u of its
-      row with visible[r, t, u] (several sequences packed in one row).
+      row with visible[r, t, u] (several sequences packed in one row); used when `packs`.
     """
+
+    packs: bool  # packed() honours any mask (else every group takes the cache path)
 
     def prefill(self, tokens: torch.Tensor, extra: int) -> tuple[Any, torch.Tensor]: ...
 
@@ -134,7 +136,7 @@ def shared_context_loglikelihood(
     if alone:
         for i, r in zip(alone, fallback([requests[i] for i in alone])):
             results[i] = r
-    width = min(PACK_WIDTH, max_seq_len)
+    width = min(PACK_WIDTH, max_seq_len) if getattr(lm, "packs", False) else 0
     packable = [g for g in shared if _group_length(g, inputs) <= width]
     if packable:
         _score_packed(lm, packable, requests, inputs, results, batch_size, width, device)

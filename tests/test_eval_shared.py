@@ -96,6 +96,19 @@ def test_packed_rows_score_as_the_cache_path_does(model, seed, kind, monkeypatch
     assert [s[0] for s in shared] == pytest.approx([c[0] for c in cached], abs=2e-5)
 
 
+def test_models_whose_attention_takes_no_custom_mask_are_not_packed(model, seed, monkeypatch):
+    """flash-attention and flex take no 4D mask: such a model scores through the cache path."""
+    hf = to_hf_llama(model)
+    monkeypatch.setattr(hf.config, "_attn_implementation", "flash_attention_2")
+    assert not HFCachedLM(hf).packs
+    lm = HFLogLikelihood(to_hf_llama(model), batch_size=4)
+    monkeypatch.setattr(lm.cached, "packs", False)
+    monkeypatch.setattr(lm.cached, "packed", lambda *a: pytest.fail("packed a row"))
+    requests, groups = random_requests(random.Random(seed), 64)
+    shared, each = lm.loglikelihood(requests, groups), lm.each(requests)
+    assert [s[0] for s in shared] == pytest.approx([e[0] for e in each], abs=2e-5)
+
+
 def test_pack_fills_rows_best_fit_longest_first(seed):
     from eval.shared_context import _pack
 
