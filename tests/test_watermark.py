@@ -93,8 +93,10 @@ def test_detect_cli_reads_a_run(tmp_path, seed, capsys, one_thread):
             [SamplingParams(max_new_tokens=150, seed=seed, watermark=cfg), SamplingParams(max_new_tokens=150, seed=seed)],
         )
     out = tmp_path / "scores.json"
+    # Each distinct n-gram counted once: a tiny random model's unmarked text repeats itself, and
+    # counting every occurrence flagged it at seed 1872900585 (z 4.19, CI).
     main(["detect", "--run", str(tmp_path / "run"), "--text", marked.text, "--text", plain.text,
-          "--delta", "4", "--out", str(out)])  # fmt: skip
+          "--delta", "4", "--ignore-repeated-ngrams", "--out", str(out)])  # fmt: skip
     report = json.loads(out.read_text())
     assert [t["watermarked"] for t in report["texts"]] == [True, False]
     assert "WATERMARKED" in capsys.readouterr().out
