@@ -137,10 +137,11 @@ def shared_context_loglikelihood(
         for i, r in zip(alone, fallback([requests[i] for i in alone])):
             results[i] = r
     width = min(PACK_WIDTH, max_seq_len) if getattr(lm, "packs", False) else 0
-    packable = [g for g in shared if _group_length(g, inputs) <= width]
+    fits = [_group_length(g, inputs) <= width for g in shared]
+    packable = [g for g, f in zip(shared, fits) if f]
+    shared = [g for g, f in zip(shared, fits) if not f]
     if packable:
         _score_packed(lm, packable, requests, inputs, results, batch_size, width, device)
-        shared = [g for g in shared if _group_length(g, inputs) > width]
     # A pool of 2 x batch_size groups shares one prefill, their prefixes padded to the longest:
     # sorted by prefix length (longest first: an out-of-memory shows at once), the padding is
     # small. The pool's requests are then extended `batch_size` at a time, sorted by the
