@@ -2,6 +2,7 @@
 speculative decoding) next to transformers' `generate` on the same weights, in one run.
 
     python -m bench.generate --run runs/smollm2 [--hf DIR] [--batch-sizes 1 8] [--new-tokens 64]
+                             [--compiled fp32 int8 int8+spec]
 
 The transformers model is the run exported by model.hf (a temporary directory), or --hf DIR
 when it already is one. Every measurement is greedy, with prompts of equal length cut from the
@@ -13,7 +14,9 @@ transformers' (exact for fp32 and for speculative decoding with an fp32 target; 
 models compute other numbers). The draft model for speculative decoding is the same run
 quantized to int4 (--draft int4): it shares the tokenizer and every weight's shape, costs no
 extra file, and agrees with the target far more often than a truncated stack of its first
-layers does (untrained early exits, measured in the README's table).
+layers does (untrained early exits, measured in the README's table). --compiled adds rows of
+the same engines with torch.compile'd decode steps (one engine per batch size: a compiled step
+runs every slot); their warm-up compiles each graph before any timing.
 """
 
 from __future__ import annotations
@@ -88,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--speculate-k", type=int, default=3)
     parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    parser.add_argument("--compile", action="store_true", help="also time our fp32 decode step compiled")
+    parser.add_argument("--compiled", nargs="+", choices=IMPLEMENTATIONS[1:], default=[], metavar="IMPL",
+                        help="also time these of ours with torch.compile'd decode steps (Engine(compile=True))")
     return parser
 
 
@@ -130,13 +134,19 @@ def run(args, device, tok, hf) -> str:
         target = impl.removesuffix("+spec")
         draft = models[args.draft] if impl.endswith("+spec") else None
         engines[impl] = Engine(models[target], None, max_batch, max_len, draft, args.speculate_k)
-    if args.compile:
-        engines["fp32 compiled"] = Engine(models["fp32"], None, max_batch, max_len, compile=True)
+    for impl in args.compiled:  # one engine per batch size: a compiled step runs every slot
+        target = impl.removesuffix("+spec")
+        draft = models[args.draft] if impl.endswith("+spec") else None
+        engines[f"{impl} compiled"] = {b: Engine(models[target], None, b, max_len, draft, args.speculate_k,
+                                                 compile=True) for b in args.batch_sizes}  # fmt: skip
     prompts = prompts_from_stdlib(tok, max_batch, args.prompt_tokens)
     impls = [i for i in args.only if i == "transformers"] + list(engines)
-    # warm-up (and compilation): one short call each
+    # warm-up (and compilation: every batch size, each compiled length): a short call each
     for impl in impls:
-        call(impl, hf, engines, prompts[:1], 2)
+        for b in args.batch_sizes:
+            t0 = time.perf_counter()
+            call(impl, hf, engines, prompts[:b], args.speculate_k + 3)
+            print(f"warm-up {impl} b{b}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     times = {(i, b): [] for i in impls for b in args.batch_sizes}
     ttft = {(i, b): [] for i in impls for b in args.batch_sizes}
     ids: dict = {}
@@ -148,15 +158,20 @@ def run(args, device, tok, hf) -> str:
                 times[impl, b].append(b * args.new_tokens / seconds)
                 ttft[impl, b].append(call(impl, hf, engines, prompts[:b], 1)[1])
                 ids[impl, b] = out
-                if impl in engines and engines[impl].draft is not None:
-                    accept[impl] = engines[impl].acceptance_rate()
+                engine = engines.get(impl)
+                engine = engine[b] if isinstance(engine, dict) else engine
+                if engine is not None and engine.draft is not None:
+                    accept[impl] = engine.acceptance_rate()
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(
             f"{i} b{b} {times[i, b][-1]:.1f} tok/s" for i in impls for b in args.batch_sizes), file=sys.stderr)  # fmt: skip
     return format_table(args, device, impls, times, ttft, ids, accept, models)
 
 
 def call(impl, hf, engines, prompts, n):
-    return hf_generate(hf, prompts, n) if impl == "transformers" else ours_generate(engines[impl], prompts, n)
+    if impl == "transformers":
+        return hf_generate(hf, prompts, n)
+    engine = engines[impl]
+    return ours_generate(engine[len(prompts)] if isinstance(engine, dict) else engine, prompts, n)
 
 
 def format_table(args, device, impls, times, ttft, ids, accept, models) -> str:

@@ -19,9 +19,11 @@ scores all of them in one forward, and inference/sampling.py's rule accepts a pr
 decoding gives the target's greedy tokens exactly. engine.stats counts proposals and
 acceptances.
 
-torch.compile (compile=True) compiles the plain decode step for a full batch of one-token rows
-(fixed shapes: every slot, every cache entry); it pays only where per-op overhead dominates
-(bench/generate.py measures it).
+torch.compile (compile=True) compiles the forwards of a few tokens per row: the plain decode
+step, and with a draft its steps and the target's verification of k drafts; each runs every
+slot over every cache entry (fixed shapes: one graph per model and row length, at most
+1, 2 and k + 1). Prefills stay eager. It pays where per-op overhead dominates, as at batch 1
+on a CPU (bench/generate.py measures it).
 """
 
 from __future__ import annotations
@@ -130,7 +132,8 @@ class Engine:
         self.slots: list[Sequence | None] = [None] * max_batch
         self.waiting: deque[Sequence] = deque()
         self.stats: Counter = Counter()
-        self._decode_compiled = torch.compile(self._decode_full, dynamic=False) if compile else None
+        self._compiled = torch.compile(self._forward_full, dynamic=False) if compile else None
+        self._compiled_lengths = {1, 2, speculate_k + 1} if draft is not None else {1}
 
     def _allocate(self, model: Transformer, batch: int) -> KVCache:
         p = model.norm.weight  # activations' dtype and device, in a quantized model too
@@ -233,10 +236,12 @@ class Engine:
             setattr(s, attr, start + n)
         tokens, positions, write = (torch.tensor(x) for x in (tokens, positions, write))
         kv_len = int(positions.max()) + 1
-        if self._decode_compiled is not None and model is self.model and T == 1 and not every_position:
+        if self._compiled is not None and T in self._compiled_lengths:
             self._count(len(seqs))
-            logits = self._decode_padded(tokens, positions, write, lo)
-            return [logits[s.slot] for s in seqs]
+            logits = self._forward_padded(model, cache, tokens, positions, write, lo)  # (B, T, V)
+            if every_position:
+                return [logits[s.slot, : len(p)] for s, p in zip(seqs, pending)]
+            return [logits[s.slot, len(p) - 1] for s, p in zip(seqs, pending)]
         step = cache.rows(lo, hi).step(positions.to(self.device), kv_len, write.to(self.device))
         hidden = model(tokens.to(self.device), cache=step, return_hidden=True)  # (B, T, dim)
         self._count(len(seqs))
@@ -246,23 +251,23 @@ class Engine:
         last = torch.tensor([len(p) - 1 for p in pending])
         return list(model.output(hidden[rows, last]))  # the head only where it is needed
 
-    def _decode_padded(self, tokens, positions, write, lo):
-        """The compiled decode step runs every slot (fixed shapes): rows of no sequence here
-        write to the trash entry."""
-        B = self.cache.batch
-        full = [torch.zeros(B, 1, dtype=torch.long), torch.zeros(B, 1, dtype=torch.long),
-                torch.full((B, 1), self.trash, dtype=torch.long)]  # fmt: skip
+    def _forward_padded(self, model, cache, tokens, positions, write, lo):
+        """A compiled forward runs every slot (fixed shapes): rows of no sequence here write to
+        the trash entry."""
+        B, T = cache.batch, tokens.shape[1]
+        full = [torch.zeros(B, T, dtype=torch.long), torch.zeros(B, T, dtype=torch.long),
+                torch.full((B, T), self.trash, dtype=torch.long)]  # fmt: skip
         for t, part in zip(full, (tokens, positions, write)):
             t[lo : lo + part.shape[0]] = part
-        return self._decode_compiled(*(t.to(self.device) for t in full))  # (B, V): every slot
+        return self._compiled(model, cache, *(t.to(self.device) for t in full))  # (B, T, V)
 
     def _count(self, rows: int) -> None:
         self.stats["forwards"] += 1
         self.stats["max_rows"] = max(self.stats["max_rows"], rows)
 
-    def _decode_full(self, tokens, positions, write):
-        step = self.cache.step(positions, None, write)
-        return self.model(tokens, cache=step)[:, -1]
+    @staticmethod
+    def _forward_full(model, cache, tokens, positions, write):
+        return model(tokens, cache=cache.step(positions, None, write))
 
     # --- sampling ---------------------------------------------------------------------------
 

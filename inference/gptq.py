@@ -28,14 +28,21 @@ from model.quant import (
     TiedHead,
     int4_codes,
     int4_scale_zero,
+    int4_scale_zero_searched,
     pack_int4,
     scales_zeros,
 )
 from model.transformer import Transformer
 
 
-def gptq_int4(w: torch.Tensor, H: torch.Tensor, group: int, block: int = 128, damp: float = 0.01):
-    """w (N, K), H (K, K) -> (packed uint8 (N, K / 2), scales and zeros bf16 (K / G, N, 2))."""
+def gptq_int4(w: torch.Tensor, H: torch.Tensor, group: int, block: int = 128, damp: float = 0.01,
+              act_order: bool = False, clip: bool = False):  # fmt: skip
+    """w (N, K), H (K, K) -> (packed uint8 (N, K / 2), scales and zeros bf16 (K / G, N, 2)).
+
+    act_order: quantize the columns in order of decreasing H diagonal (the inputs that matter
+    most first, while the most columns remain to absorb their error); each group's scale and
+    zero are then fixed before the loop, from the unquantized weights ("static groups").
+    clip: each group's range from int4_scale_zero_searched, weighted by H's diagonal."""
     W = w.detach().double().clone()
     N, K = W.shape
     H = H.double().clone()
@@ -43,26 +50,41 @@ def gptq_int4(w: torch.Tensor, H: torch.Tensor, group: int, block: int = 128, da
     H[dead, dead] = 1
     W[:, dead] = 0
     H += damp * torch.diag(H).mean() * torch.eye(K, dtype=H.dtype)
-    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
-    Q = torch.zeros_like(W)
+    diag = torch.diag(H).float()
+
+    def params(cols: torch.Tensor, k0: int):  # (N, G) weights of the group starting at k0
+        if clip:
+            return int4_scale_zero_searched(cols.float(), diag[k0 : k0 + group])
+        return int4_scale_zero(cols.float())
+
     scale = torch.zeros(N, K // group, dtype=W.dtype)
     zero = torch.zeros_like(scale)
-    block = max(group, block - block % group)  # blocks hold whole groups
+    order = torch.arange(K)
+    if act_order:
+        for g in range(K // group):
+            scale[:, g], zero[:, g] = params(W[:, g * group : (g + 1) * group], g * group)
+        order = torch.argsort(torch.diag(H), descending=True)
+        W, H = W[:, order], H[order][:, order]
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    block = max(group, block - block % group)  # blocks hold whole groups (in order)
     for b0 in range(0, K, block):
         b1 = min(b0 + block, K)
         W1, U1 = W[:, b0:b1].clone(), U[b0:b1, b0:b1]
         err = torch.zeros_like(W1)
         for i in range(b1 - b0):
             col = b0 + i
-            if col % group == 0:
-                g = col // group
-                scale[:, g], zero[:, g] = int4_scale_zero(W1[:, i : i + group].float())
-            s, z = scale[:, col // group], zero[:, col // group]
+            g = int(order[col]) // group
+            if not act_order and col % group == 0:
+                scale[:, g], zero[:, g] = params(W1[:, i : i + group], col)
+            s, z = scale[:, g], zero[:, g]
             Q[:, col] = codes = int4_codes(W1[:, i], s, z)
             e = (W1[:, i] - ((codes - 8) * s + z)) / U1[i, i]
             W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
             err[:, i] = e
         W[:, b1:] -= err @ U[b0:b1, b1:]
+    if act_order:
+        Q = Q[:, torch.argsort(order)]
     return pack_int4(Q), scales_zeros(scale.float(), zero.float())
 
 
@@ -88,7 +110,7 @@ class _Hessians:
 
 @torch.no_grad()
 def gptq_quantize_model(model: Transformer, batches: list[torch.Tensor], group_size: int = 64,
-                        log=print) -> Transformer:  # fmt: skip
+                        log=print, act_order: bool = False, clip: bool = False) -> Transformer:  # fmt: skip
     """GPTQ int4 for every Linear of every block (calibration: token batches (B, T)); the
     embedding (and a tied head) int8, an untied head int4 by RTN, as quantize_model does."""
     t0 = time.time()
@@ -103,7 +125,7 @@ def gptq_quantize_model(model: Transformer, batches: list[torch.Tensor], group_s
             block(x, cos, sin)
         hooks.remove()
         for name, linear in linears.items():
-            packed, sz = gptq_int4(linear.weight, hooks.H[name], group_size)
+            packed, sz = gptq_int4(linear.weight, hooks.H[name], group_size, act_order=act_order, clip=clip)
             parent = block.get_submodule(name.rsplit(".", 1)[0]) if "." in name else block
             setattr(parent, name.rsplit(".", 1)[-1],
                     QuantLinear.from_packed(packed, sz, "int4", group_size, linear.bias))  # fmt: skip

@@ -45,6 +45,24 @@ def test_batched_ragged_and_speculative_greedy_equal_plain(seed, one_thread):
         assert engine.acceptance_rate() == 1.0  # the target as its own draft: every draft kept
 
 
+def test_compiled_engine_gives_the_eager_ids(seed, one_thread):
+    """torch.compile'd draft and verification steps (every slot, every cache entry) on an int8
+    target (fbgemm's op inside the graph) give the eager engine's greedy ids."""
+    from model.quant import quantize_model
+
+    target = quantize_model(tiny_model(97, seed=seed, max_seq_len=64, **PEAKED), "int8")
+    draft = tiny_model(97, seed=seed + 1, max_seq_len=64, n_layers=1, **PEAKED)
+    gen = torch.Generator().manual_seed(seed)
+    prompts = [torch.randint(0, 97, (n,), generator=gen).tolist() for n in (5, 1, 9)]
+    params = SamplingParams(max_new_tokens=12, temperature=0)
+    with torch.no_grad():
+        want = [s.generated for s in Engine(target, max_batch=2, max_len=32).generate(prompts, params)]
+        # with a draft every compiled length runs: draft steps of 1 and 2 tokens, verification
+        # of 1 + 3 (the plain decode step is the first of these on the target)
+        engine = Engine(target, max_batch=2, max_len=32, draft=draft, speculate_k=3, compile=True)
+        assert [s.generated for s in engine.generate(prompts, params)] == want
+
+
 def test_context_limit_and_bad_prompts(one_thread):
     model = tiny_model(50, max_seq_len=32)
     engine = Engine(model, max_batch=2, max_len=16)

@@ -9,6 +9,9 @@ from model.quant import (
     QuantLinear,
     _from_cpu_layout,
     _to_cpu_layout,
+    fbgemm_int8_mm,
+    fbgemm_pack,
+    fbgemm_unpack,
     quantize_int4,
     quantize_int8,
     quantize_model,
@@ -60,11 +63,53 @@ def test_cpu_ops_match_the_dequantized_reference(seed, mode, group):
     layer = QuantLinear.from_linear(linear, mode, group or 64)
     x = torch.randn(2, 5, 256)
     ref = x @ layer.dequantize().T
-    out = layer(x)  # ATen's weight-only op on bf16 activations
+    out = layer(x)  # int8: fbgemm with activation digits; int4: ATen's op on bf16 activations
     assert out.shape == (2, 5, 96) and out.dtype == torch.float32
-    assert rel_err(out, ref) < 1e-2  # bf16 activations: 8 significant bits
+    assert rel_err(out, ref) < (1e-3 if mode == "int8" else 1e-2)  # ~13 bits / bf16's 8 bits
     # the quantized layer approximates the float one: int8 closely, int4 roughly
     assert rel_err(ref, linear(x)) < (0.02 if mode == "int8" else 0.2)
+
+
+def test_fbgemm_int8_product_is_exact_on_integer_digits(seed):
+    """Rows whose largest entry is 63 and whose entries are integers are one digit each: fbgemm
+    must then return the exact integer product times the scales (its quantization of the
+    digits, pinned by the sentinel row, changes nothing); any row is within 2^-12 of its own
+    largest entry's contribution and does not depend on the rest of the batch."""
+    q, scale = quantize_int8(torch.randn(40, 96))
+    handle = fbgemm_pack(q, scale)
+    x = torch.randint(-63, 64, (7, 96)).float()
+    x[:, 0] = 63  # each row's absmax
+    exact = (x.double() @ q.double().T) * scale.double()
+    out = fbgemm_int8_mm(x, handle, 40)
+    assert (out.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+    assert torch.equal(fbgemm_unpack(handle), q)
+    y = torch.randn(5, 96) * torch.logspace(-3, 3, 5)[:, None]  # rows of very different sizes
+    ref = (y.double() @ q.double().T) * scale.double()
+    batched = fbgemm_int8_mm(y, handle, 40)
+    for i in range(5):  # each row alone gives the same numbers, relative to its own size
+        assert torch.equal(fbgemm_int8_mm(y[i : i + 1], handle, 40), batched[i : i + 1])
+        bound = 2**-12 * (y[i].abs().max() * q.double().abs().sum(1) * scale.double()).max()
+        assert (batched[i].double() - ref[i]).abs().max() <= bound
+
+
+def test_fbgemm_layer_keeps_one_copy_and_round_trips(seed):
+    """After a CPU forward the int8 weight lives in fbgemm's packing only; the state dict, a deep
+    copy and weight_bytes still see the canonical int8 matrix; loading a state dict repacks."""
+    import copy
+
+    layer = QuantLinear.from_linear(torch.nn.Linear(64, 32, bias=False), "int8")
+    before = {k: v.clone() for k, v in layer.state_dict().items()}
+    x = torch.randn(3, 64)
+    y = layer(x)
+    assert layer.cpu_layout and layer.weight.numel() == 0
+    after = layer.state_dict()
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
+    assert weight_bytes(layer) == 32 * 64 + 32 * 4
+    clone = copy.deepcopy(layer)
+    assert not clone.cpu_layout and torch.equal(clone.weight, before["weight"])
+    assert torch.equal(clone(x), y)
+    layer.load_state_dict(before)
+    assert torch.equal(layer(x), y)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
