@@ -45,6 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seq-len", type=int, default=0, help="default: the run's train.seq_len")
     parser.add_argument("--gptq", action="store_true", help="also int4 (each group size) by GPTQ")
     parser.add_argument("--calibration", type=int, default=16, help="GPTQ: train windows")
+    parser.add_argument("--act-order", action="store_true", help="GPTQ: columns by decreasing Hessian diagonal")
+    parser.add_argument("--clip", action="store_true", help="GPTQ: search each group's range")
     return parser
 
 
@@ -55,7 +57,8 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_grad_enabled(False)
     configs = [("fp32", None, 0), ("int8", "int8", 0)]
     configs += [(f"int4 g{g}", "int4", g) for g in args.group_sizes]
-    configs += [(f"int4 g{g} GPTQ", "gptq", g) for g in args.group_sizes if args.gptq]
+    options = "".join(f" +{o}" for o, on in (("act-order", args.act_order), ("clip", args.clip)) if on)
+    configs += [(f"int4 g{g} GPTQ{options}", "gptq", g) for g in args.group_sizes if args.gptq]
     rows, cfg = [], None
     for name, mode, group in configs:
         model, cfg, ckpt = load_model(args.run, device, args.step, None if mode == "gptq" else mode, group or 64)
@@ -65,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
             stream = TokenStream(data, "train", load_manifest(data))
             batches = [make_batch(stream, np.arange(i, i + 8), seq_len).inputs.to(device)
                        for i in range(0, args.calibration, 8)]  # fmt: skip
-            gptq_quantize_model(model, batches, group)
+            gptq_quantize_model(model, batches, group, act_order=args.act_order, clip=args.clip)
         r = evaluate_perplexity(model, args.data or cfg.data.path, seq_len, args.batch_size,
                                 args.max_batches, device)  # fmt: skip
         rows.append((name, weight_bytes(model), r))
@@ -96,7 +99,7 @@ def format_table(args, device, ckpt, rows) -> str:
     ]
     for name, nbytes, r in rows:
         ratio, mem = r["perplexity"] / fp["perplexity"], fp_bytes / nbytes
-        bound = BOUNDS.get(name)
+        bound = BOUNDS.get(name.split(" +")[0])
         holds = "-" if bound is None else ("yes" if ratio <= 1 + bound[0] and mem >= bound[1] else "NO")
         bound_text = "-" if bound is None else f"+{bound[0]:.0%}, / {bound[1]}"
         lines.append(f"| {name} | {nbytes / 1e6:.1f} | {mem:.2f} | {r['val_loss']:.4f} | "

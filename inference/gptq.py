@@ -8,7 +8,9 @@ diagonal of the upper Cholesky factor U of H^-1, is pushed onto the columns not 
 (W[:, j:] -= err * U[i, j:]), in blocks of 128 columns with the update deferred between
 blocks. A group's scale and zero come from its weights as updated when the group starts.
 Damping: 1% of the mean diagonal added to H. Blocks are quantized in order: the inputs a block
-sees are the outputs of the already quantized blocks before it (sequential GPTQ).
+sees are the outputs of the already quantized blocks before it (sequential GPTQ). Options:
+act_order (columns by decreasing H diagonal, group parameters fixed beforehand: "static
+groups") and clip (each group's range searched, model/quant.py's int4_scale_zero_searched).
 
     from inference.gptq import gptq_quantize_model
     gptq_quantize_model(model, calibration_batches, group_size=64)   # in place
