@@ -16,7 +16,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from bench.tables import RESULTS_DIR, write_table
@@ -24,10 +23,8 @@ from bench.throughput import device_name
 from common.atomic import write_text
 from common.cli import add_run_arguments, parse_device
 from common.errors import run_cli
-from data.loader import TokenStream, make_batch
-from data.manifest import load_manifest
 from eval.perplexity import evaluate_perplexity
-from inference.gptq import gptq_quantize_model
+from inference.gptq import calibration_batches, gptq_quantize_model
 from model.load import load_model
 from model.quant import GROUP_SIZES, weight_bytes
 
@@ -64,10 +61,7 @@ def main(argv: list[str] | None = None) -> None:
         model, cfg, ckpt = load_model(args.run, device, args.step, None if mode == "gptq" else mode, group or 64)
         seq_len = args.seq_len or cfg.train.seq_len
         if mode == "gptq":
-            data = args.data or cfg.data.path
-            stream = TokenStream(data, "train", load_manifest(data))
-            batches = [make_batch(stream, np.arange(i, i + 8), seq_len).inputs.to(device)
-                       for i in range(0, args.calibration, 8)]  # fmt: skip
+            batches = calibration_batches(args.data or cfg.data.path, args.calibration, seq_len, device)
             gptq_quantize_model(model, batches, group, act_order=args.act_order, clip=args.clip)
         r = evaluate_perplexity(model, args.data or cfg.data.path, seq_len, args.batch_size,
                                 args.max_batches, device)  # fmt: skip

@@ -47,6 +47,8 @@ def gptq_int4(w: torch.Tensor, H: torch.Tensor, group: int, block: int = 128, da
     clip: each group's range from int4_scale_zero_searched, weighted by H's diagonal."""
     W = w.detach().double().clone()
     N, K = W.shape
+    if K % group:
+        raise ValueError(f"int4 group size {group} does not divide the input size {K}")
     H = H.double().clone()
     dead = torch.diag(H) == 0  # inputs that are always zero: any value is exact
     H[dead, dead] = 1
@@ -88,6 +90,19 @@ def gptq_int4(w: torch.Tensor, H: torch.Tensor, group: int, block: int = 128, da
     if act_order:
         Q = Q[:, torch.argsort(order)]
     return pack_int4(Q), scales_zeros(scale.float(), zero.float())
+
+
+def calibration_batches(data_dir, windows: int, seq_len: int, device="cpu") -> list[torch.Tensor]:
+    """The first `windows` windows of seq_len tokens of a prepared dataset's train split, in
+    batches of 8 (B, T): GPTQ's calibration inputs."""
+    import numpy as np
+
+    from data.loader import TokenStream, make_batch
+    from data.manifest import load_manifest
+
+    stream = TokenStream(data_dir, "train", load_manifest(data_dir))
+    return [make_batch(stream, np.arange(i, min(i + 8, windows)), seq_len).inputs.to(device)
+            for i in range(0, windows, 8)]  # fmt: skip
 
 
 class _Hessians:
