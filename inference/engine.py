@@ -259,7 +259,10 @@ class Engine:
                 torch.full((B, T), self.trash, dtype=torch.long)]  # fmt: skip
         for t, part in zip(full, (tokens, positions, write)):
             t[lo : lo + part.shape[0]] = part
-        return self._compiled(model, cache, *(t.to(self.device) for t in full))  # (B, T, V)
+        # one graph per (model, cache, length) of every compiled engine in the process share
+        # this function's code object; dynamo's default of 8 would run the rest eagerly
+        with torch._dynamo.config.patch(recompile_limit=64):
+            return self._compiled(model, cache, *(t.to(self.device) for t in full))  # (B, T, V)
 
     def _count(self, rows: int) -> None:
         self.stats["forwards"] += 1
