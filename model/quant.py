@@ -211,7 +211,11 @@ def fbgemm_int8_mm(x: torch.Tensor, handle: int, n: int) -> torch.Tensor:
     high = torch.round(u)
     low = torch.round((u - high) * (2 * DIGIT))  # the remainder, in [-63, 63]
     sentinel = F.pad(torch.tensor([[-64.0, DIGIT]], device=x.device), (0, K - 2))
-    y = torch.ops.llm.fbgemm_linear(torch.cat([high, low, sentinel]), handle, n)  # (2M + 1, n)
+    digits = torch.cat([high, low, sentinel])
+    if torch.compiler.is_compiling():  # the custom op: opaque to dynamo, costly to dispatch eagerly
+        y = torch.ops.llm.fbgemm_linear(digits, handle, n)  # (2M + 1, n)
+    else:
+        y = torch.ops.quantized.linear_dynamic(digits, _FBGEMM_WEIGHTS[handle], True)
     return (y[:M] + y[M : 2 * M] / (2 * DIGIT)) * (r / DIGIT)
 
 
