@@ -18,8 +18,8 @@ stacked expert weights are not nn.Linear and stay as they are.
 The product, by device: CUDA runs the Triton kernel (kernels/quant_matmul.py). On an x86 CPU,
 int8 runs fbgemm's integer GEMM (the engine of PyTorch's quantized ops) with the activations
 written exactly as two 7-bit digits (`fbgemm_int8_mm`): ~13 bits per activation and products
-exact in int32, 2-3x faster than fp32 at batch 1 where ATen's weight-only op is 1.5x (it runs
-on bfloat16 activations, which AVX2 emulates). int4 on the CPU runs ATen's
+exact in int32 (ATen's weight-only int8 op runs on bfloat16 activations, which AVX2 emulates,
+and is slower); a compiled batch-1 decode step runs 1.6x our fp32 one (bench/results/generate-*). int4 on the CPU runs ATen's
 `_weight_int4pack_mm_for_cpu` on bfloat16 activations (in fp32 it is several times slower than
 a plain fp32 matmul), as does int8 where fbgemm is not the quantized engine (ARM: qnnpack);
 anything else dequantizes and multiplies (the reference).
