@@ -127,18 +127,18 @@ def run(args, device, tok, hf) -> str:
     models = {"fp32": load_model(args.run, device, args.step)[0]}
     for mode in {"int8", "int4", args.draft} & set(MODES):
         models[mode] = load_model(args.run, device, args.step, mode, args.group_size)[0]
-    engines = {}
-    for impl in args.only:
-        if impl == "transformers":
-            continue
-        target = impl.removesuffix("+spec")
+
+    def engine(impl: str, batch: int, compile: bool) -> Engine:
         draft = models[args.draft] if impl.endswith("+spec") else None
-        engines[impl] = Engine(models[target], None, max_batch, max_len, draft, args.speculate_k)
+        return Engine(models[impl.removesuffix("+spec")], None, batch, max_len, draft, args.speculate_k,
+                      compile=compile)  # fmt: skip
+
+    engines: dict[str, dict[int, Engine]] = {}  # implementation -> batch size -> engine
+    for impl in args.only:  # one engine for every batch: its eager steps run the slots in use
+        if impl != "transformers":
+            engines[impl] = dict.fromkeys(args.batch_sizes, engine(impl, max_batch, compile=False))
     for impl in args.compiled:  # one engine per batch size: a compiled step runs every slot
-        target = impl.removesuffix("+spec")
-        draft = models[args.draft] if impl.endswith("+spec") else None
-        engines[f"{impl} compiled"] = {b: Engine(models[target], None, b, max_len, draft, args.speculate_k,
-                                                 compile=True) for b in args.batch_sizes}  # fmt: skip
+        engines[f"{impl} compiled"] = {b: engine(impl, b, compile=True) for b in args.batch_sizes}
     prompts = prompts_from_stdlib(tok, max_batch, args.prompt_tokens)
     impls = [i for i in args.only if i == "transformers"] + list(engines)
     # warm-up (and compilation: every batch size, each compiled length): a short call each
@@ -158,10 +158,8 @@ def run(args, device, tok, hf) -> str:
                 times[impl, b].append(b * args.new_tokens / seconds)
                 ttft[impl, b].append(call(impl, hf, engines, prompts[:b], 1)[1])
                 ids[impl, b] = out
-                engine = engines.get(impl)
-                engine = engine[b] if isinstance(engine, dict) else engine
-                if engine is not None and engine.draft is not None:
-                    accept[impl] = engine.acceptance_rate()
+                if impl in engines and engines[impl][b].draft is not None:
+                    accept[impl] = engines[impl][b].acceptance_rate()
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(
             f"{i} b{b} {times[i, b][-1]:.1f} tok/s" for i in impls for b in args.batch_sizes), file=sys.stderr)  # fmt: skip
     return format_table(args, device, impls, times, ttft, ids, accept, models)
@@ -170,8 +168,7 @@ def run(args, device, tok, hf) -> str:
 def call(impl, hf, engines, prompts, n):
     if impl == "transformers":
         return hf_generate(hf, prompts, n)
-    engine = engines[impl]
-    return ours_generate(engine[len(prompts)] if isinstance(engine, dict) else engine, prompts, n)
+    return ours_generate(engines[impl][len(prompts)], prompts, n)
 
 
 def format_table(args, device, impls, times, ttft, ids, accept, models) -> str:

@@ -20,9 +20,12 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 from torch import nn
 
+from data.loader import TokenStream, make_batch
+from data.manifest import load_manifest
 from model.quant import (
     SKIP,
     QuantEmbedding,
@@ -67,7 +70,7 @@ def gptq_int4(w: torch.Tensor, H: torch.Tensor, group: int, block: int = 128, da
     if act_order:
         for g in range(K // group):
             scale[:, g], zero[:, g] = params(W[:, g * group : (g + 1) * group], g * group)
-        order = torch.argsort(torch.diag(H), descending=True)
+        order = torch.argsort(diag, descending=True)
         W, H = W[:, order], H[order][:, order]
     U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
     Q = torch.zeros_like(W)
@@ -95,11 +98,6 @@ def gptq_int4(w: torch.Tensor, H: torch.Tensor, group: int, block: int = 128, da
 def calibration_batches(data_dir, windows: int, seq_len: int, device="cpu") -> list[torch.Tensor]:
     """The first `windows` windows of seq_len tokens of a prepared dataset's train split, in
     batches of 8 (B, T): GPTQ's calibration inputs."""
-    import numpy as np
-
-    from data.loader import TokenStream, make_batch
-    from data.manifest import load_manifest
-
     stream = TokenStream(data_dir, "train", load_manifest(data_dir))
     return [make_batch(stream, np.arange(i, min(i + 8, windows)), seq_len).inputs.to(device)
             for i in range(0, windows, 8)]  # fmt: skip

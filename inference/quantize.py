@@ -8,8 +8,9 @@
 int4 rounds to nearest by default; --gptq chooses the codes by GPTQ (inference/gptq.py) on
 --calibration windows of the run's train split (or --data DIR's), --clip also searches each
 group's range: on SmolLM2 that is the difference between +27% and +3% perplexity at group 64
-(bench/results/quant-*.md). The output is a run directory with one checkpoint (same step, same config) holding the packed
-weights and quantization.json; generate / eval / serve take it with --run like any other.
+(bench/results/quant-*.md). The output is a run directory with one checkpoint (same step, same
+config) holding the packed weights and quantization.json; generate / eval / serve take it with
+--run like any other.
 """
 
 from __future__ import annotations

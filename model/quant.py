@@ -19,10 +19,10 @@ The product, by device: CUDA runs the Triton kernel (kernels/quant_matmul.py). O
 int8 runs fbgemm's integer GEMM (the engine of PyTorch's quantized ops) with the activations
 written exactly as two 7-bit digits (`fbgemm_int8_mm`): ~13 bits per activation and products
 exact in int32 (ATen's weight-only int8 op runs on bfloat16 activations, which AVX2 emulates,
-and is slower); a compiled batch-1 decode step runs 1.6x our fp32 one (bench/results/generate-*). int4 on the CPU runs ATen's
-`_weight_int4pack_mm_for_cpu` on bfloat16 activations (in fp32 it is several times slower than
-a plain fp32 matmul), as does int8 where fbgemm is not the quantized engine (ARM: qnnpack);
-anything else dequantizes and multiplies (the reference).
+and is slower); a compiled batch-1 decode step runs 1.6x our fp32 one (bench/results/
+generate-*). int4 on the CPU runs ATen's `_weight_int4pack_mm_for_cpu` on bfloat16 activations
+(in fp32 it is several times slower than a plain fp32 matmul), as does int8 where fbgemm is not
+the quantized engine (ARM: qnnpack); anything else dequantizes and multiplies (the reference).
 """
 
 from __future__ import annotations
@@ -53,7 +53,11 @@ def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def int4_scale_zero(groups: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(..., G) weights of groups -> (scale, zero) (...,) as stored (bf16-rounded, in fp32)."""
-    lo, hi = groups.amin(dim=-1), groups.amax(dim=-1)
+    return _range_scale_zero(groups.amin(dim=-1), groups.amax(dim=-1))
+
+
+def _range_scale_zero(lo: torch.Tensor, hi: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The stored (bf16-rounded) scale and zero of the 16-level grid spanning [lo, hi]."""
     scale = ((hi - lo) / 15).clamp(min=1e-8).to(torch.bfloat16).float()
     zero = (lo + 8 * scale).to(torch.bfloat16).float()
     return scale, zero
@@ -74,9 +78,7 @@ def int4_scale_zero_searched(groups: torch.Tensor, importance: torch.Tensor | No
     fractions = [max_clip * i / steps for i in range(steps + 1)]
     for a in fractions:
         for b in fractions:
-            c_lo, c_hi = lo + a * span, hi - b * span
-            scale = ((c_hi - c_lo) / 15).clamp(min=1e-8).to(torch.bfloat16).float()
-            zero = (c_lo + 8 * scale).to(torch.bfloat16).float()
+            scale, zero = _range_scale_zero(lo + a * span, hi - b * span)
             deq = (int4_codes(groups, scale[..., None], zero[..., None]) - 8) * scale[..., None] + zero[..., None]
             err = ((deq - groups) ** 2 * weight).sum(dim=-1)
             better = err < best

@@ -57,8 +57,8 @@ def test_compiled_engine_gives_the_eager_ids(seed, one_thread):
     params = SamplingParams(max_new_tokens=12, temperature=0)
     with torch.no_grad():
         want = [s.generated for s in Engine(target, max_batch=2, max_len=32).generate(prompts, params)]
-        # with a draft every compiled length runs: draft steps of 1 and 2 tokens, verification
-        # of 1 + 3 (the plain decode step is the first of these on the target)
+        # every compiled length runs: draft steps of 1 and 2 tokens, the target's verification
+        # of 1 + 3, and a one-token step (the prefill of the one-token prompt)
         engine = Engine(target, max_batch=2, max_len=32, draft=draft, speculate_k=3, compile=True)
         assert [s.generated for s in engine.generate(prompts, params)] == want
 
