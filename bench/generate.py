@@ -14,7 +14,8 @@ transformers' (exact for fp32 and for speculative decoding with an fp32 target; 
 models compute other numbers). The draft model for speculative decoding is the same run
 quantized to int4 (--draft int4): it shares the tokenizer and every weight's shape, costs no
 extra file, and agrees with the target far more often than a truncated stack of its first
-layers does (untrained early exits, measured in the README's table). --compiled adds rows of
+layers does (untrained early exits, measured in the README's table). "+ngram" rows draft by
+n-gram lookup in the sequence itself (inference/ngram.py, k = --ngram-k). --compiled adds rows of
 the same engines with torch.compile'd decode steps (one engine per batch size: a compiled step
 runs every slot); their warm-up compiles each graph before any timing.
 """
@@ -37,11 +38,12 @@ from common.atomic import write_text
 from common.cli import add_run_arguments, parse_device
 from common.errors import run_cli
 from inference.engine import Engine
+from inference.ngram import NgramDraft
 from inference.sampling import SamplingParams
 from model.load import load_model
 from model.quant import GROUP_SIZES, MODES, weight_bytes
 
-IMPLEMENTATIONS = ("transformers", "fp32", "int8", "int4", "fp32+spec", "int8+spec")
+IMPLEMENTATIONS = ("transformers", "fp32", "int8", "int4", "fp32+spec", "int8+spec", "fp32+ngram", "int8+ngram")
 
 
 def prompts_from_stdlib(tokenizer, n: int, length: int) -> list[list[int]]:
@@ -89,6 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
     parser.add_argument("--draft", choices=MODES, default="int4", help="the draft: the run quantized so")
     parser.add_argument("--speculate-k", type=int, default=3)
+    parser.add_argument("--ngram-k", type=int, default=4, help="tokens an n-gram draft proposes")
     parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--compiled", nargs="+", choices=IMPLEMENTATIONS[1:], default=[], metavar="IMPL",
@@ -123,15 +126,16 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args, device, tok, hf) -> str:
     max_batch = max(args.batch_sizes)
-    max_len = args.prompt_tokens + args.new_tokens + args.speculate_k + 2
+    max_len = args.prompt_tokens + args.new_tokens + max(args.speculate_k, args.ngram_k) + 2
     models = {"fp32": load_model(args.run, device, args.step)[0]}
     for mode in {"int8", "int4", args.draft} & set(MODES):
         models[mode] = load_model(args.run, device, args.step, mode, args.group_size)[0]
 
     def engine(impl: str, batch: int, compile: bool) -> Engine:
-        draft = models[args.draft] if impl.endswith("+spec") else None
-        return Engine(models[impl.removesuffix("+spec")], None, batch, max_len, draft, args.speculate_k,
-                      compile=compile)  # fmt: skip
+        model, _, how = impl.partition("+")
+        draft, k = {"spec": (models[args.draft], args.speculate_k), "ngram": (NgramDraft(), args.ngram_k)}.get(
+            how, (None, 1))
+        return Engine(models[model], None, batch, max_len, draft, k, compile=compile)
 
     engines: dict[str, dict[int, Engine]] = {}  # implementation -> batch size -> engine
     for impl in args.only:  # one engine for every batch: its eager steps run the slots in use
@@ -141,11 +145,13 @@ def run(args, device, tok, hf) -> str:
         engines[f"{impl} compiled"] = {b: engine(impl, b, compile=True) for b in args.batch_sizes}
     prompts = prompts_from_stdlib(tok, max_batch, args.prompt_tokens)
     impls = [i for i in args.only if i == "transformers"] + list(engines)
-    # warm-up (and compilation: every batch size, each compiled length): a short call each
+    # warm-up (and compilation: every batch size, each compiled length): a short call each, on
+    # prompts that repeat themselves so that an n-gram draft proposes (and its verification runs)
+    warm = [p[: len(p) // 2] * 2 for p in prompts]
     for impl in impls:
         for b in args.batch_sizes:
             t0 = time.perf_counter()
-            call(impl, hf, engines, prompts[:b], args.speculate_k + 3)
+            call(impl, hf, engines, warm[:b], max(args.speculate_k, args.ngram_k) + 3)
             print(f"warm-up {impl} b{b}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     times = {(i, b): [] for i in impls for b in args.batch_sizes}
     ttft = {(i, b): [] for i in impls for b in args.batch_sizes}
@@ -178,6 +184,7 @@ def format_table(args, device, impls, times, ttft, ids, accept, models) -> str:
         "",
         f"Run `{args.run}`; greedy; {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens; "
         f"median of {args.rounds} interleaved rounds; draft {args.draft}, k = {args.speculate_k}; "
+        f"n-gram draft k = {args.ngram_k}; "
         f"int4 group {args.group_size}. Weights: "
         + ", ".join(f"{m} {weight_bytes(model) / 1e6:.0f} MB" for m, model in models.items()),
         "",

@@ -16,13 +16,14 @@ writes into one extra cache entry that no query sees.
 
 Speculative decoding (draft=...): the draft model proposes k tokens one at a time, the target
 scores all of them in one forward, and inference/sampling.py's rule accepts a prefix; greedy
-decoding gives the target's greedy tokens exactly. engine.stats counts proposals and
-acceptances.
+decoding gives the target's greedy tokens exactly. The draft may also be an NgramDraft
+(inference/ngram.py: proposals copied from the sequence itself, no forward; a round where no
+sequence has one is a plain step). engine.stats counts proposals and acceptances.
 
 torch.compile (compile=True) compiles the forwards of a few tokens per row: the plain decode
 step, and with a draft its steps and the target's verification of k drafts; each runs every
 slot over every cache entry (fixed shapes: one graph per model and row length, at most
-1, 2 and k + 1). Prefills stay eager. It pays where per-op overhead dominates, as at batch 1
+1, 2 and k + 1; 1 and k + 1 with an n-gram draft). Prefills stay eager. It pays where per-op overhead dominates, as at batch 1
 on a CPU (bench/generate.py measures it).
 """
 
@@ -34,7 +35,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
+from inference.ngram import NgramDraft
 from inference.sampling import Sampler, SamplingParams, accept, distributions, inverse_cdf
 from model.transformer import KVCache, Transformer
 
@@ -110,7 +113,7 @@ class Engine:
         tokenizer=None,
         max_batch: int = 8,
         max_len: int | None = None,
-        draft: Transformer | None = None,
+        draft: Transformer | NgramDraft | None = None,
         speculate_k: int = 4,
         compile: bool = False,
     ):
@@ -119,21 +122,23 @@ class Engine:
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
         self.trash = self.max_len  # the extra cache entry padding writes to
         self.cache = self._allocate(model, max_batch)
-        if draft is not None:
+        if draft is not None and speculate_k < 1:
+            raise ValueError(f"speculate_k = {speculate_k}: expected >= 1")
+        if isinstance(draft, Transformer):
             if draft.cfg.vocab_size != cfg.vocab_size or draft.cfg.max_seq_len < self.max_len:
                 raise ValueError(
                     f"draft model: vocab_size {draft.cfg.vocab_size} / max_seq_len "
                     f"{draft.cfg.max_seq_len}, expected vocab_size {cfg.vocab_size} and "
                     f"max_seq_len >= {self.max_len} (the same tokenizer, as long a context)"
                 )
-            if speculate_k < 1:
-                raise ValueError(f"speculate_k = {speculate_k}: expected >= 1")
             self.draft_cache = self._allocate(draft, max_batch)
         self.slots: list[Sequence | None] = [None] * max_batch
         self.waiting: deque[Sequence] = deque()
         self.stats: Counter = Counter()
         self._compiled = torch.compile(self._forward_full, dynamic=False) if compile else None
-        self._compiled_lengths = {1, 2, speculate_k + 1} if draft is not None else {1}
+        self._compiled_lengths = {1, speculate_k + 1} if draft is not None else {1}
+        if isinstance(draft, Transformer):  # its steps feed 1 token, or 2 after a full accept
+            self._compiled_lengths.add(2)
 
     def _allocate(self, model: Transformer, batch: int) -> KVCache:
         p = model.norm.weight  # activations' dtype and device, in a quantized model too
@@ -306,19 +311,19 @@ class Engine:
         k = min([self.k] + [self.max_len - len(s.tokens) for s in running])
         if k < 1:
             return self._decode(running)
-        drafts: list[list[int]] = [[] for _ in running]
-        qs: list[list[torch.Tensor]] = [[] for _ in running]
-        for _ in range(k):
-            logits = self._feed(self.draft, self.draft_cache, running, "draft_cached", drafts)
-            probs, ids = self._draw(running, logits, drafts)
-            for d, q, pr, t in zip(drafts, qs, probs, ids):
-                q.append(pr)
-                d.append(t)
+        if isinstance(self.draft, NgramDraft):
+            drafts = [self.draft.propose(s.tokens, k) for s in running]
+            if not any(drafts):  # nothing to copy: a plain step costs less than a verification
+                self.stats["rounds without drafts"] += 1
+                return self._decode(running)
+            drafts = [d or [s.tokens[-1]] * k for s, d in zip(running, drafts)]  # a guess
+            q = F.one_hot(torch.tensor(drafts), self.model.cfg.vocab_size).float()  # (N, k, V)
+        else:
+            drafts, q = self._draft_tokens(running, k)
         starts = [len(s.tokens) for s in running]
         scores = self._feed(self.model, self.cache, running, "cached", drafts, every_position=True)
         contexts = [[s.tokens + d[:i] for i in range(k + 1)] for s, d in zip(running, drafts)]
         p = torch.stack(self._probs(running, scores, contexts))  # (N, k + 1, V)
-        q = torch.stack([torch.stack(x) for x in qs])  # (N, k, V)
         news = accept([s.sampler for s in running], p, q, torch.tensor(drafts))
         for s, new, n in zip(running, news, starts):
             accepted = len(new) - 1
@@ -327,6 +332,19 @@ class Engine:
             self.stats["proposed"] += k
             self.stats["accepted"] += accepted
             self._append(s, new)
+
+    def _draft_tokens(self, running: list[Sequence], k: int) -> tuple[list[list[int]], torch.Tensor]:
+        """The draft model's k tokens per sequence, drawn one at a time, and the distributions
+        q (N, k, V) they were drawn from."""
+        drafts: list[list[int]] = [[] for _ in running]
+        qs: list[list[torch.Tensor]] = [[] for _ in running]
+        for _ in range(k):
+            logits = self._feed(self.draft, self.draft_cache, running, "draft_cached", drafts)
+            probs, ids = self._draw(running, logits, drafts)
+            for d, q, pr, t in zip(drafts, qs, probs, ids):
+                q.append(pr)
+                d.append(t)
+        return drafts, torch.stack([torch.stack(x) for x in qs])
 
     def acceptance_rate(self) -> float:
         return self.stats["accepted"] / max(self.stats["proposed"], 1)

@@ -3,6 +3,7 @@
 
     python -m inference.serve --run runs/smollm2 --quantize int8 --port 8000
     python -m inference.serve --run runs/smollm2 --draft-run runs/smollm2 --draft-quantize int4
+    python -m inference.serve --run runs/smollm2 --quantize int8 --ngram-draft --compile
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
@@ -35,6 +36,7 @@ from common.cli import add_run_arguments, parse_device
 from common.errors import run_cli
 from data.chat import ChatTemplateError, chat_ids
 from inference.engine import Engine, Sequence
+from inference.ngram import NgramDraft
 from inference.openai_api import (
     Limits,
     Request,
@@ -265,6 +267,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--chat-template", metavar="FILE", default=None, help="a jinja template (default: the tokenizer's)")
     parser.add_argument("--draft-run", metavar="DIR", default=None, help="speculative decoding: the draft's run")
     parser.add_argument("--draft-quantize", choices=MODES, default=None)
+    parser.add_argument("--ngram-draft", action="store_true",
+                        help="speculative decoding with drafts copied from each sequence itself (no draft model)")
     parser.add_argument("--speculate-k", type=int, default=4)
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     parser.add_argument("--watermark", action="store_true", help="watermark every response unless it says no")
@@ -279,7 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model, job, ckpt = load_model(args.run, device, args.step, args.quantize, args.group_size)
         tokenizer = checkpoint_tokenizer(ckpt, job)
-        draft = None
+        draft = NgramDraft() if args.ngram_draft else None
+        if args.draft_run and args.ngram_draft:
+            raise ValueError("--draft-run and --ngram-draft: choose one draft")
         if args.draft_run:
             draft = load_model(args.draft_run, device, quantize=args.draft_quantize, group_size=args.group_size)[0]
         template = Path(args.chat_template).read_text() if args.chat_template else None

@@ -9,6 +9,7 @@ import torch
 
 from data.tokenizer import train_bpe
 from inference.engine import Engine, TextStream
+from inference.ngram import NgramDraft
 from inference.sampling import SamplingParams
 from model.generate import generate
 from tests.helpers import tiny_model
@@ -37,7 +38,7 @@ def test_batched_ragged_and_speculative_greedy_equal_plain(seed, one_thread):
         batched = Engine(target, max_batch=3, max_len=40).generate(prompts, params)
         assert [s.generated for s in batched] == plain
         assert all(s.finish_reason == "length" for s in batched)
-        for draft_model, k in ((draft, 3), (target, 4)):
+        for draft_model, k in ((draft, 3), (NgramDraft(), 4), (target, 4)):
             engine = Engine(target, max_batch=2, max_len=40, draft=draft_model, speculate_k=k)
             spec = engine.generate(prompts, params)
             assert [s.generated for s in spec] == plain
@@ -59,8 +60,11 @@ def test_compiled_engine_gives_the_eager_ids(seed, one_thread):
         want = [s.generated for s in Engine(target, max_batch=2, max_len=32).generate(prompts, params)]
         # every compiled length runs: draft steps of 1 and 2 tokens, the target's verification
         # of 1 + 3, and a one-token step (the prefill of the one-token prompt)
-        engine = Engine(target, max_batch=2, max_len=32, draft=draft, speculate_k=3, compile=True)
-        assert [s.generated for s in engine.generate(prompts, params)] == want
+        for draft_model in (draft, NgramDraft()):
+            engine = Engine(target, max_batch=2, max_len=32, draft=draft_model, speculate_k=3,
+                            compile=True)  # fmt: skip
+            assert [s.generated for s in engine.generate(prompts, params)] == want
+            assert engine.stats["proposed"] > 0
 
 
 def test_context_limit_and_bad_prompts(one_thread):
@@ -94,26 +98,35 @@ def chi_square_p_value(counts: dict, probs: dict, n: int) -> float:
     return 0.5 * math.erfc(z / math.sqrt(2))
 
 
-def test_speculative_sampling_draws_from_the_target(seed, one_thread):
-    """12,000 sequences of 2 tokens, both from one speculative round (k = 2): the joint
-    distribution of (t1, t2) is the target's, with a draft that disagrees with it."""
-    V, N = 12, 12_000
-    target = tiny_model(V, seed=seed, max_seq_len=16, init_std=0.15)
-    draft = tiny_model(V, seed=seed + 1, max_seq_len=16, n_layers=1, init_std=0.15)
-    prompt = [3, 7]
+def two_token_samples(target, draft, prompt: list[int], V: int, N: int, seed: int):
+    """N sequences of 2 tokens sampled (t1 from the prefill, t2 from a speculative round,
+    k = 2) -> the target's joint distribution of (t1, t2), the counts drawn, and the engine."""
     with torch.no_grad():
         p1 = target(torch.tensor([prompt]))[0, -1].softmax(-1)
         seqs = torch.tensor([prompt + [a] for a in range(V)])
         p2 = target(seqs)[:, -1].softmax(-1)  # (V, V): t2 given t1
-        q1 = draft(torch.tensor([prompt]))[0, -1].softmax(-1)
     joint = {(a, b): float(p1[a] * p2[a, b]) for a in range(V) for b in range(V)}
-    engine = Engine(target, max_batch=2000, max_len=8, draft=draft, speculate_k=2)
+    engine = Engine(target, max_batch=2000, max_len=len(prompt) + 6, draft=draft, speculate_k=2)
     params = [SamplingParams(max_new_tokens=2, temperature=1.0, seed=seed + i) for i in range(N)]
     with torch.no_grad():
         out = engine.generate([prompt] * N, params)
     counts: dict = {}
     for s in out:
         counts[tuple(s.generated)] = counts.get(tuple(s.generated), 0) + 1
+    return joint, counts, engine
+
+
+def test_speculative_sampling_draws_from_the_target(seed, one_thread):
+    """12,000 sequences of 2 tokens (t1 from the prefill, t2 from a speculative round, k = 2):
+    the joint distribution of (t1, t2) is the target's, with a draft that disagrees with it."""
+    V, N = 12, 12_000
+    target = tiny_model(V, seed=seed, max_seq_len=16, init_std=0.15)
+    draft = tiny_model(V, seed=seed + 1, max_seq_len=16, n_layers=1, init_std=0.15)
+    prompt = [3, 7]
+    joint, counts, engine = two_token_samples(target, draft, prompt, V, N, seed)
+    with torch.no_grad():
+        p1 = target(torch.tensor([prompt]))[0, -1].softmax(-1)
+        q1 = draft(torch.tensor([prompt]))[0, -1].softmax(-1)
     assert 0.05 < engine.acceptance_rate() < 0.95  # both branches of the rule ran often
     assert chi_square_p_value(counts, joint, N) > 1e-4
     # the test has power: the draft's own first-token distribution is rejected
@@ -167,3 +180,32 @@ def test_text_stream_holds_back_partial_characters_and_stop_prefixes():
     for b in b"EN":
         assert s.push(b) == ("", False)
     assert s.push(ord("D")) == ("", True) and s.text == "héEx"
+
+
+def test_ngram_speculative_sampling_draws_from_the_target(seed, one_thread):
+    """An n-gram draft's proposals are certain (q one-hot): each is kept with probability p and
+    a rejection redraws from p without it. (t1, t2) of 12,000 sequences from one round follow
+    the target's joint distribution, not the draft's."""
+    V, N = 12, 12_000
+    target = tiny_model(V, seed=seed, max_seq_len=16, init_std=0.15)
+    prompt = [3, 7, 5, 3]  # t1 (the prefill's) then a round whose drafts copy from the prompt
+    joint, counts, engine = two_token_samples(target, NgramDraft(), prompt, V, N, seed)
+    accepted, proposed = engine.stats["accepted"], engine.stats["proposed"]
+    assert proposed == 2 * N and 100 < accepted < proposed - 100  # both branches ran often
+    assert chi_square_p_value(counts, joint, N) > 1e-4
+    # the test has power: a rule that always kept the drafts would make t2 the draft of t1
+    first_draft = {a: (NgramDraft().propose(prompt + [a], 2) or [a])[0] for a in range(V)}
+    assert sum(c for (a, b), c in counts.items() if b == first_draft[a]) < N / 2
+
+
+def test_ngram_draft_proposes_the_continuation_of_the_longest_repeated_suffix():
+    draft = NgramDraft(max_n=3)
+    assert draft.propose([1, 2, 3, 9, 1, 2, 3], 3) == [9, 1, 2]
+    # the longest suffix with an earlier match wins over a later match of a shorter one
+    assert draft.propose([5, 1, 2, 7, 3, 2, 1, 2], 3) == [7, 3, 2]
+    # past the end of the sequence the copy repeats its own proposals (a loop goes on)
+    assert draft.propose([4, 5, 4], 4) == [5, 4, 5, 4]
+    assert draft.propose([1, 2, 3], 2) == [] and draft.propose([6], 2) == []
+    assert NgramDraft(max_n=3, min_n=2).propose([8, 1, 2, 8], 2) == []
+    with pytest.raises(ValueError, match="min_n"):
+        NgramDraft(max_n=1, min_n=2)
