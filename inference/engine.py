@@ -23,8 +23,8 @@ sequence has one is a plain step). engine.stats counts proposals and acceptances
 torch.compile (compile=True) compiles the forwards of a few tokens per row: the plain decode
 step, and with a draft its steps and the target's verification of k drafts; each runs every
 slot over every cache entry (fixed shapes: one graph per model and row length, at most
-1, 2 and k + 1; 1 and k + 1 with an n-gram draft). Prefills stay eager. It pays where per-op overhead dominates, as at batch 1
-on a CPU (bench/generate.py measures it).
+1, 2 and k + 1; 1 and k + 1 with an n-gram draft). Prefills stay eager. It pays where per-op
+overhead dominates, as at batch 1 on a CPU (bench/generate.py measures it).
 """
 
 from __future__ import annotations
@@ -317,7 +317,8 @@ class Engine:
                 self.stats["rounds without drafts"] += 1
                 return self._decode(running)
             drafts = [d or [s.tokens[-1]] * k for s, d in zip(running, drafts)]  # a guess
-            q = F.one_hot(torch.tensor(drafts), self.model.cfg.vocab_size).float()  # (N, k, V)
+            q = F.one_hot(torch.tensor(drafts, device=self.device), self.model.cfg.vocab_size)
+            q = q.float()  # (N, k, V): certain proposals
         else:
             drafts, q = self._draft_tokens(running, k)
         starts = [len(s.tokens) for s in running]
