@@ -2,7 +2,7 @@
 speculative decoding) next to transformers' `generate` on the same weights, in one run.
 
     python -m bench.generate --run runs/smollm2 [--hf DIR] [--batch-sizes 1 8] [--new-tokens 64]
-                             [--compiled fp32 int8 int8+spec]
+                             [--compiled int8 int8+spec int8+ngram]
 
 The transformers model is the run exported by model.hf (a temporary directory), or --hf DIR
 when it already is one. Every measurement is greedy, with prompts of equal length cut from the
