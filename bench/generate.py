@@ -160,12 +160,14 @@ def run(args, device, tok, hf) -> str:
     for r in range(args.rounds):
         for b in args.batch_sizes:
             for impl in impls:
+                if impl in engines:  # the acceptance of this call only (not the warm-up's)
+                    engines[impl][b].stats.clear()
                 out, seconds = call(impl, hf, engines, prompts[:b], args.new_tokens)
                 times[impl, b].append(b * args.new_tokens / seconds)
+                if impl in engines and engines[impl][b].draft is not None:
+                    accept[impl, b] = engines[impl][b].acceptance_rate()
                 ttft[impl, b].append(call(impl, hf, engines, prompts[:b], 1)[1])
                 ids[impl, b] = out
-                if impl in engines and engines[impl][b].draft is not None:
-                    accept[impl] = engines[impl][b].acceptance_rate()
         print(f"round {r + 1}/{args.rounds}: " + ", ".join(
             f"{i} b{b} {times[i, b][-1]:.1f} tok/s" for i in impls for b in args.batch_sizes), file=sys.stderr)  # fmt: skip
     return format_table(args, device, impls, times, ttft, ids, accept, models)
@@ -202,7 +204,7 @@ def format_table(args, device, impls, times, ttft, ids, accept, models) -> str:
             if ("transformers", b) in ids and impl != "transformers":
                 rows = sum(a == c for a, c in zip(ids[impl, b], ids["transformers", b]))
                 same = f"{rows}/{b}"
-            acc = f"{accept[impl]:.2f}" if impl in accept else "-"
+            acc = f"{accept[impl, b]:.2f}" if (impl, b) in accept else "-"
             lines.append(f"| {impl} | {b} | {tps:.1f} | {ms:.0f} | {vs_hf} | {vs_own} | {acc} | {same} |")
     return "\n".join(lines) + "\n"
 
