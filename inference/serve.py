@@ -283,9 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model, job, ckpt = load_model(args.run, device, args.step, args.quantize, args.group_size)
         tokenizer = checkpoint_tokenizer(ckpt, job)
-        draft = NgramDraft() if args.ngram_draft else None
         if args.draft_run and args.ngram_draft:
             raise ValueError("--draft-run and --ngram-draft: choose one draft")
+        draft = NgramDraft() if args.ngram_draft else None
         if args.draft_run:
             draft = load_model(args.draft_run, device, quantize=args.draft_quantize, group_size=args.group_size)[0]
         template = Path(args.chat_template).read_text() if args.chat_template else None
