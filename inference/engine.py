@@ -18,13 +18,16 @@ Speculative decoding (draft=...): the draft model proposes k tokens one at a tim
 scores all of them in one forward, and inference/sampling.py's rule accepts a prefix; greedy
 decoding gives the target's greedy tokens exactly. The draft may also be an NgramDraft
 (inference/ngram.py: proposals copied from the sequence itself, no forward; a round where no
-sequence has one is a plain step). engine.stats counts proposals and acceptances.
+sequence has one is a plain step) or an EagleDraft (inference/eagle.py: one layer on the
+target's own features, which every target forward then keeps for it: Sequence.features holds
+those of the positions the draft's cache lacks). engine.stats counts proposals and acceptances.
 
 torch.compile (compile=True) compiles the forwards of a few tokens per row: the plain decode
 step, and with a draft its steps and the target's verification of k drafts; each runs every
 slot over every cache entry (fixed shapes: one graph per model and row length, at most
-1, 2 and k + 1; 1 and k + 1 with an n-gram draft). Prefills stay eager. It pays where per-op
-overhead dominates, as at batch 1 on a CPU (bench/generate.py measures it).
+1, 2 and k + 1; 1 and k + 1 with an n-gram or EAGLE draft, whose own steps stay eager).
+Prefills stay eager. It pays where per-op overhead dominates, as at batch 1 on a CPU
+(bench/generate.py measures it).
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from inference.eagle import EagleDraft
 from inference.ngram import NgramDraft
 from inference.sampling import Sampler, SamplingParams, accept, distributions, inverse_cdf
 from model.transformer import KVCache, Transformer
@@ -91,6 +95,8 @@ class Sequence:
     slot: int = -1
     cached: int = 0  # positions of `tokens` held by the target's cache
     draft_cached: int = 0  # ... by the draft's
+    features: torch.Tensor | None = None  # EAGLE: the target's features (n, dim) of positions
+    features_at: int = 0  # features_at .. features_at + n - 1 (draft_cached .. cached - 1)
     submitted: float = 0.0
     first_token_at: float | None = None
     finished_at: float | None = None
@@ -113,7 +119,7 @@ class Engine:
         tokenizer=None,
         max_batch: int = 8,
         max_len: int | None = None,
-        draft: Transformer | NgramDraft | None = None,
+        draft: Transformer | NgramDraft | EagleDraft | None = None,
         speculate_k: int = 4,
         compile: bool = False,
     ):
@@ -132,6 +138,13 @@ class Engine:
                     f"max_seq_len >= {self.max_len} (the same tokenizer, as long a context)"
                 )
             self.draft_cache = self._allocate(draft, max_batch)
+        if isinstance(draft, EagleDraft):
+            if draft.cfg.dim != cfg.dim or int(draft.vocab.max()) >= cfg.vocab_size:
+                raise ValueError(f"EAGLE draft: dim {draft.cfg.dim} and ids up to {int(draft.vocab.max())}, "
+                                 f"expected the target's dim {cfg.dim} and ids < {cfg.vocab_size}")
+            p = model.norm.weight
+            self.draft_cache = KVCache.allocate(draft.cfg, max_batch, self.max_len + 1, p.dtype, p.device)
+        self.eagle = isinstance(draft, EagleDraft)
         self.slots: list[Sequence | None] = [None] * max_batch
         self.waiting: deque[Sequence] = deque()
         self.stats: Counter = Counter()
@@ -223,12 +236,10 @@ class Engine:
 
     # --- forwards ---------------------------------------------------------------------------
 
-    def _feed(self, model, cache, seqs, attr: str, extra=None, every_position=False):
-        """Feed each sequence the tokens at positions getattr(seq, attr) onward (its tokens,
-        plus extra[i] not yet appended); that many positions become cached. Returns per
-        sequence the logits (V,) after its last token, or (n, V) at every fed position."""
-        extra = extra or [[] for _ in seqs]
-        pending = [(s.tokens + e)[getattr(s, attr) :] for s, e in zip(seqs, extra)]
+    def _layout(self, seqs, pending: list[list], attr: str):
+        """Rows min slot .. max slot of one forward: sequence i's tokens pending[i] at positions
+        getattr(seq, attr) onward, which become cached (attr advances); shorter rows padded,
+        their writes aimed at the trash entry. -> (lo, tokens, positions, write), each (rows, T)."""
         lo, hi = min(s.slot for s in seqs), max(s.slot for s in seqs) + 1
         T = max(len(p) for p in pending)
         tokens = [[0] * T for _ in range(hi - lo)]
@@ -239,22 +250,43 @@ class Engine:
             tokens[r][:n] = toks
             positions[r][:n] = write[r][:n] = range(start, start + n)
             setattr(s, attr, start + n)
-        tokens, positions, write = (torch.tensor(x) for x in (tokens, positions, write))
-        kv_len = int(positions.max()) + 1
-        if self._compiled is not None and T in self._compiled_lengths:
+        return lo, *(torch.tensor(x) for x in (tokens, positions, write))
+
+    def _feed(self, model, cache, seqs, attr: str, extra=None, every_position=False):
+        """Feed each sequence the tokens at positions getattr(seq, attr) onward (its tokens,
+        plus extra[i] not yet appended); that many positions become cached. Returns per
+        sequence the logits (V,) after its last token, or (n, V) at every fed position. With an
+        EAGLE draft the target's features at the fed positions join Sequence.features."""
+        extra = extra or [[] for _ in seqs]
+        pending = [(s.tokens + e)[getattr(s, attr) :] for s, e in zip(seqs, extra)]
+        lo, tokens, positions, write = self._layout(seqs, pending, attr)
+        keep = self.eagle and model is self.model
+        if self._compiled is not None and tokens.shape[1] in self._compiled_lengths:
             self._count(len(seqs))
-            logits = self._forward_padded(model, cache, tokens, positions, write, lo)  # (B, T, V)
+            logits, hidden = self._forward_padded(model, cache, tokens, positions, write, lo)  # (B, T, V)
+            if keep:
+                self._keep_features(seqs, [hidden[s.slot, : len(p)] for s, p in zip(seqs, pending)])
             if every_position:
                 return [logits[s.slot, : len(p)] for s, p in zip(seqs, pending)]
             return [logits[s.slot, len(p) - 1] for s, p in zip(seqs, pending)]
+        kv_len = int(positions.max()) + 1
+        hi = lo + tokens.shape[0]
         step = cache.rows(lo, hi).step(positions.to(self.device), kv_len, write.to(self.device))
         hidden = model(tokens.to(self.device), cache=step, return_hidden=True)  # (B, T, dim)
         self._count(len(seqs))
+        if keep:
+            self._keep_features(seqs, [hidden[s.slot - lo, : len(p)] for s, p in zip(seqs, pending)])
         if every_position:
             return [model.output(hidden[s.slot - lo, : len(p)]) for s, p in zip(seqs, pending)]
         rows = torch.tensor([s.slot - lo for s in seqs])
         last = torch.tensor([len(p) - 1 for p in pending])
         return list(model.output(hidden[rows, last]))  # the head only where it is needed
+
+    @staticmethod
+    def _keep_features(seqs, rows: list[torch.Tensor]) -> None:
+        """Append each sequence's new features (n, dim): they follow its kept ones."""
+        for s, r in zip(seqs, rows):
+            s.features = r if s.features is None else torch.cat([s.features, r])
 
     def _forward_padded(self, model, cache, tokens, positions, write, lo):
         """A compiled forward runs every slot (fixed shapes): rows of no sequence here write to
@@ -267,7 +299,7 @@ class Engine:
         # one graph per (model, cache, length) of every compiled engine in the process share
         # this function's code object; dynamo's default of 8 would run the rest eagerly
         with torch._dynamo.config.patch(recompile_limit=64):
-            return self._compiled(model, cache, *(t.to(self.device) for t in full))  # (B, T, V)
+            return self._compiled(model, cache, *(t.to(self.device) for t in full))  # (B, T, V), (B, T, dim)
 
     def _count(self, rows: int) -> None:
         self.stats["forwards"] += 1
@@ -275,7 +307,8 @@ class Engine:
 
     @staticmethod
     def _forward_full(model, cache, tokens, positions, write):
-        return model(tokens, cache=cache.step(positions, None, write))
+        hidden = model(tokens, cache=cache.step(positions, None, write), return_hidden=True)
+        return model.output(hidden), hidden
 
     # --- sampling ---------------------------------------------------------------------------
 
@@ -319,6 +352,8 @@ class Engine:
             drafts = [d or [s.tokens[-1]] * k for s, d in zip(running, drafts)]  # a guess
             q = F.one_hot(torch.tensor(drafts, device=self.device), self.model.cfg.vocab_size)
             q = q.float()  # (N, k, V): certain proposals
+        elif self.eagle:
+            drafts, q = self._eagle_tokens(running, k)
         else:
             drafts, q = self._draft_tokens(running, k)
         starts = [len(s.tokens) for s in running]
@@ -329,7 +364,11 @@ class Engine:
         for s, new, n in zip(running, news, starts):
             accepted = len(new) - 1
             s.cached = n + accepted  # the target's entries after the accepted drafts are stale
-            s.draft_cached = min(s.draft_cached, n + accepted)
+            if self.eagle:  # its entries from the drafts' own features: redone from the target's
+                s.draft_cached = n - 1
+                s.features = s.features[: s.cached - s.features_at]
+            else:
+                s.draft_cached = min(s.draft_cached, n + accepted)
             self.stats["proposed"] += k
             self.stats["accepted"] += accepted
             self._append(s, new)
@@ -342,6 +381,37 @@ class Engine:
         for _ in range(k):
             logits = self._feed(self.draft, self.draft_cache, running, "draft_cached", drafts)
             probs, ids = self._draw(running, logits, drafts)
+            for d, q, pr, t in zip(drafts, qs, probs, ids):
+                q.append(pr)
+                d.append(t)
+        return drafts, torch.stack([torch.stack(x) for x in qs])
+
+    def _eagle_tokens(self, running: list[Sequence], k: int) -> tuple[list[list[int]], torch.Tensor]:
+        """The EAGLE head's k tokens per sequence and the distributions q (N, k, V) they were
+        drawn from. Its first step feeds the pairs (target feature f_j, token j + 1) its cache
+        lacks (j = draft_cached .. cached - 1: the features kept since its last round), each
+        later step its own predicted feature and drafted token."""
+        V = self.model.cfg.vocab_size
+        feats = [s.features for s in running]
+        nexts = [s.tokens[s.draft_cached + 1 : s.cached + 1] for s in running]
+        drafts: list[list[int]] = [[] for _ in running]
+        qs: list[list[torch.Tensor]] = [[] for _ in running]
+        for step in range(k):
+            lo, tokens, positions, write = self._layout(running, nexts, "draft_cached")
+            f = torch.zeros(*tokens.shape, self.model.cfg.dim, dtype=feats[0].dtype, device=self.device)
+            for s, x in zip(running, feats):
+                f[s.slot - lo, : len(x)] = x
+            cache = self.draft_cache.rows(lo, lo + tokens.shape[0])
+            dev = self.device
+            step_cache = cache.step(positions.to(dev), int(positions.max()) + 1, write.to(dev))
+            hidden, logits = self.draft(f, self.model.embed(tokens.to(dev)), step_cache)
+            rows = torch.tensor([s.slot - lo for s in running])
+            last = torch.tensor([len(x) - 1 for x in nexts])
+            probs, ids = self._draw(running, list(self.draft.full_logits(logits[rows, last], V)), drafts)
+            if step == 0:  # the kept features are in the draft's cache now
+                for s in running:
+                    s.features, s.features_at = None, s.cached
+            feats, nexts = list(hidden[rows, last, None]), [[t] for t in ids]
             for d, q, pr, t in zip(drafts, qs, probs, ids):
                 q.append(pr)
                 d.append(t)

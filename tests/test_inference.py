@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from data.tokenizer import train_bpe
+from inference.eagle import EagleDraft
 from inference.engine import Engine, TextStream
 from inference.ngram import NgramDraft
 from inference.sampling import SamplingParams
@@ -38,7 +39,8 @@ def test_batched_ragged_and_speculative_greedy_equal_plain(seed, one_thread):
         batched = Engine(target, max_batch=3, max_len=40).generate(prompts, params)
         assert [s.generated for s in batched] == plain
         assert all(s.finish_reason == "length" for s in batched)
-        for draft_model, k in ((draft, 3), (NgramDraft(), 4), (target, 4)):
+        eagle = EagleDraft.for_target(target, torch.arange(0, 97, 2), seed)  # untrained, half the ids
+        for draft_model, k in ((draft, 3), (NgramDraft(), 4), (eagle, 3), (target, 4)):
             engine = Engine(target, max_batch=2, max_len=40, draft=draft_model, speculate_k=k)
             spec = engine.generate(prompts, params)
             assert [s.generated for s in spec] == plain
@@ -60,7 +62,7 @@ def test_compiled_engine_gives_the_eager_ids(seed, one_thread):
         want = [s.generated for s in Engine(target, max_batch=2, max_len=32).generate(prompts, params)]
         # every compiled length runs: draft steps of 1 and 2 tokens, the target's verification
         # of 1 + 3, and a one-token step (the prefill of the one-token prompt)
-        for draft_model in (draft, NgramDraft()):
+        for draft_model in (draft, NgramDraft(), EagleDraft.for_target(target, torch.arange(97), seed)):
             engine = Engine(target, max_batch=2, max_len=32, draft=draft_model, speculate_k=3,
                             compile=True)  # fmt: skip
             assert [s.generated for s in engine.generate(prompts, params)] == want
@@ -135,6 +137,17 @@ def test_speculative_sampling_draws_from_the_target(seed, one_thread):
         first[a] = first.get(a, 0) + c
     assert (p1 - q1).abs().sum() > 0.2
     assert chi_square_p_value(first, {a: float(q1[a]) for a in range(V)}, N) < 1e-6
+
+
+def test_eagle_speculative_sampling_draws_from_the_target(seed, one_thread):
+    """As above with an (untrained) EAGLE head over 8 of the 12 ids: its q is zero where the
+    target's p is not, which the rule covers by redrawing from the residual."""
+    V, N = 12, 12_000
+    target = tiny_model(V, seed=seed, max_seq_len=16, init_std=0.15)
+    draft = EagleDraft.for_target(target, torch.randperm(V, generator=torch.Generator().manual_seed(seed))[:8], seed)
+    joint, counts, engine = two_token_samples(target, draft, [3, 7], V, N, seed)
+    assert 0.05 < engine.acceptance_rate() < 0.95
+    assert chi_square_p_value(counts, joint, N) > 1e-4
 
 
 def test_stop_tokens_stop_strings_and_streaming(seed, one_thread):

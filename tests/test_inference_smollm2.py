@@ -37,3 +37,26 @@ def test_greedy_ids_agree_everywhere(smollm2_dir, smollm2_run):
     fp = weight_bytes(model)
     assert fp / weight_bytes(draft) >= 3.5
     assert fp / weight_bytes(quantize_model(model, "int4", 64)) >= 6.0
+
+
+def test_eagle_train_cli_writes_a_head_the_engine_decodes_with(smollm2_run, tmp_path):
+    """`python -m inference.eagle train` end to end on SmolLM2 (a few hundred tokens: the run,
+    not the head's quality, is under test; bench.generate measures a real one): the head it
+    writes loads for the model, and greedy decoding with it gives plain greedy's ids."""
+    import json
+
+    from inference.eagle import load_eagle, main
+
+    main(["train", "--run", str(smollm2_run), "--out", str(tmp_path / "head"), "--tokens", "768",
+          "--seq-len", "128", "--batch", "2", "--epochs", "1", "--vocab", "512", "--device", "cpu"])  # fmt: skip
+    info = json.loads((tmp_path / "head" / "eagle.json").read_text())
+    assert info["vocab_size"] == 512 and len(info["held_out_agreement"]) == 3
+    model, _, _ = load_model(smollm2_run)
+    draft = load_eagle(tmp_path / "head", model)
+    prompts = [[504, 3865, 1462, 314], list(range(200, 211))]
+    params = SamplingParams(max_new_tokens=8, temperature=0)
+    with torch.no_grad():
+        plain = [generate(model, p, 8, temperature=0) for p in prompts]
+        engine = Engine(model, max_batch=2, max_len=32, draft=draft, speculate_k=3)
+        assert [s.generated for s in engine.generate(prompts, params)] == plain
+    assert engine.stats["proposed"] > 0
