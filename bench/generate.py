@@ -2,7 +2,7 @@
 speculative decoding) next to transformers' `generate` on the same weights, in one run.
 
     python -m bench.generate --run runs/smollm2 [--hf DIR] [--batch-sizes 1 8] [--new-tokens 64]
-                             [--compiled int8 int8+spec int8+ngram]
+                             [--compiled int8 int8+spec int8+ngram] [--eagle DIR --compiled int8+eagle]
 
 The transformers model is the run exported by model.hf (a temporary directory), or --hf DIR
 when it already is one. Every measurement is greedy, with prompts of equal length cut from the
@@ -15,7 +15,8 @@ models compute other numbers). The draft model for speculative decoding is the s
 quantized to int4 (--draft int4): it shares the tokenizer and every weight's shape, costs no
 extra file, and agrees with the target far more often than a truncated stack of its first
 layers does (untrained early exits, measured in the README's table). "+ngram" rows draft by
-n-gram lookup in the sequence itself (inference/ngram.py, k = --ngram-k). --compiled adds rows of
+n-gram lookup in the sequence itself (inference/ngram.py, k = --ngram-k); "+eagle" rows with the
+EAGLE head in --eagle DIR (inference/eagle.py, trained for this run; k = --eagle-k). --compiled adds rows of
 the same engines with torch.compile'd decode steps (one engine per batch size: a compiled step
 runs every slot); their warm-up compiles each graph before any timing.
 """
@@ -37,13 +38,15 @@ from bench.throughput import device_name
 from common.atomic import write_text
 from common.cli import add_run_arguments, parse_device
 from common.errors import run_cli
+from inference.eagle import load_eagle
 from inference.engine import Engine
 from inference.ngram import NgramDraft
 from inference.sampling import SamplingParams
 from model.load import load_model
 from model.quant import GROUP_SIZES, MODES, weight_bytes
 
-IMPLEMENTATIONS = ("transformers", "fp32", "int8", "int4", "fp32+spec", "int8+spec", "fp32+ngram", "int8+ngram")
+IMPLEMENTATIONS = ("transformers", "fp32", "int8", "int4", "fp32+spec", "int8+spec", "fp32+ngram", "int8+ngram",
+                   "fp32+eagle", "int8+eagle")
 
 
 def prompts_from_stdlib(tokenizer, n: int, length: int) -> list[list[int]]:
@@ -92,6 +95,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--draft", choices=MODES, default="int4", help="the draft: the run quantized so")
     parser.add_argument("--speculate-k", type=int, default=3)
     parser.add_argument("--ngram-k", type=int, default=4, help="tokens an n-gram draft proposes")
+    parser.add_argument("--eagle", metavar="DIR", default=None, help="an EAGLE head for the +eagle rows")
+    parser.add_argument("--eagle-k", type=int, default=4, help="tokens the EAGLE head proposes")
     parser.add_argument("--group-size", type=int, choices=GROUP_SIZES, default=64)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--compiled", nargs="+", choices=IMPLEMENTATIONS[1:], default=[], metavar="IMPL",
@@ -103,6 +108,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = build_parser()
     args = parser.parse_args(argv)
     device = parse_device(parser, args.device)
+    if args.eagle is None and any(i.endswith("+eagle") for i in args.only + args.compiled):
+        if set(args.only) == set(IMPLEMENTATIONS):  # the default list: leave the EAGLE rows out
+            args.only = [i for i in args.only if not i.endswith("+eagle")]
+        if any(i.endswith("+eagle") for i in args.only + args.compiled):
+            parser.error("the +eagle rows need --eagle DIR (a head from python -m inference.eagle train)")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -126,15 +136,21 @@ def main(argv: list[str] | None = None) -> None:
 
 def run(args, device, tok, hf) -> str:
     max_batch = max(args.batch_sizes)
-    max_len = args.prompt_tokens + args.new_tokens + max(args.speculate_k, args.ngram_k) + 2
+    max_k = max(args.speculate_k, args.ngram_k, args.eagle_k)
+    max_len = args.prompt_tokens + args.new_tokens + max_k + 2
     models = {"fp32": load_model(args.run, device, args.step)[0]}
     for mode in {"int8", "int4", args.draft} & set(MODES):
         models[mode] = load_model(args.run, device, args.step, mode, args.group_size)[0]
 
     def engine(impl: str, batch: int, compile: bool) -> Engine:
         model, _, how = impl.partition("+")
-        draft, k = {"spec": (models[args.draft], args.speculate_k), "ngram": (NgramDraft(), args.ngram_k)}.get(
-            how, (None, 1))
+        draft, k = None, 1
+        if how == "spec":
+            draft, k = models[args.draft], args.speculate_k
+        elif how == "ngram":
+            draft, k = NgramDraft(), args.ngram_k
+        elif how == "eagle":
+            draft, k = load_eagle(args.eagle, models[model]), args.eagle_k
         return Engine(models[model], None, batch, max_len, draft, k, compile=compile)
 
     engines: dict[str, dict[int, Engine]] = {}  # implementation -> batch size -> engine
@@ -151,7 +167,7 @@ def run(args, device, tok, hf) -> str:
     for impl in impls:
         for b in args.batch_sizes:
             t0 = time.perf_counter()
-            call(impl, hf, engines, warm[:b], max(args.speculate_k, args.ngram_k) + 3)
+            call(impl, hf, engines, warm[:b], max_k + 3)
             print(f"warm-up {impl} b{b}: {time.perf_counter() - t0:.1f} s", file=sys.stderr)
     times = {(i, b): [] for i in impls for b in args.batch_sizes}
     ttft = {(i, b): [] for i in impls for b in args.batch_sizes}
@@ -186,7 +202,7 @@ def format_table(args, device, impls, times, ttft, ids, accept, models) -> str:
         "",
         f"Run `{args.run}`; greedy; {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens; "
         f"median of {args.rounds} interleaved rounds; draft {args.draft}, k = {args.speculate_k}; "
-        f"n-gram draft k = {args.ngram_k}; "
+        f"n-gram draft k = {args.ngram_k}; EAGLE head {args.eagle} k = {args.eagle_k}; "
         f"int4 group {args.group_size}. Weights: "
         + ", ".join(f"{m} {weight_bytes(model) / 1e6:.0f} MB" for m, model in models.items()),
         "",

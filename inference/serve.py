@@ -4,6 +4,7 @@
     python -m inference.serve --run runs/smollm2 --quantize int8 --port 8000
     python -m inference.serve --run runs/smollm2 --draft-run runs/smollm2 --draft-quantize int4
     python -m inference.serve --run runs/smollm2 --quantize int8 --ngram-draft --compile
+    python -m inference.serve --run runs/smollm2 --quantize int8 --eagle-draft runs/smollm2-eagle
 
     from openai import OpenAI
     client = OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="none")
@@ -35,6 +36,7 @@ from common.atomic import write_json
 from common.cli import add_run_arguments, parse_device
 from common.errors import run_cli
 from data.chat import ChatTemplateError, chat_ids
+from inference.eagle import load_eagle
 from inference.engine import Engine, Sequence
 from inference.ngram import NgramDraft
 from inference.openai_api import (
@@ -269,6 +271,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--draft-quantize", choices=MODES, default=None)
     parser.add_argument("--ngram-draft", action="store_true",
                         help="speculative decoding with drafts copied from each sequence itself (no draft model)")
+    parser.add_argument("--eagle-draft", metavar="DIR", default=None,
+                        help="speculative decoding with an EAGLE head trained for this model (python -m inference.eagle)")
     parser.add_argument("--speculate-k", type=int, default=4)
     parser.add_argument("--compile", action="store_true", help="torch.compile the decode step")
     parser.add_argument("--watermark", action="store_true", help="watermark every response unless it says no")
@@ -283,11 +287,15 @@ def main(argv: list[str] | None = None) -> None:
     try:
         model, job, ckpt = load_model(args.run, device, args.step, args.quantize, args.group_size)
         tokenizer = checkpoint_tokenizer(ckpt, job)
-        if args.draft_run and args.ngram_draft:
-            raise ValueError("--draft-run and --ngram-draft: choose one draft")
+        chosen = [f for f, v in (("--draft-run", args.draft_run), ("--ngram-draft", args.ngram_draft),
+                                 ("--eagle-draft", args.eagle_draft)) if v]  # fmt: skip
+        if len(chosen) > 1:
+            raise ValueError(f"{' and '.join(chosen)}: choose one draft")
         draft = NgramDraft() if args.ngram_draft else None
         if args.draft_run:
             draft = load_model(args.draft_run, device, quantize=args.draft_quantize, group_size=args.group_size)[0]
+        if args.eagle_draft:
+            draft = load_eagle(args.eagle_draft, model)
         template = Path(args.chat_template).read_text() if args.chat_template else None
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"python -m inference.serve: {e}") from None
