@@ -66,8 +66,8 @@ def test_engine_drafts_what_the_head_computes_on_the_targets_features(seed, one_
 
 def test_training_makes_the_head_agree_with_the_target(seed, one_thread):
     """30 epochs on a tiny target's features: the head's held-out agreement with the target's
-    greedy tokens rises far above the untrained head's (0.54-0.59 at step 1, 0.28-0.36 at step
-    2 over 4 seeds; untrained 0.00-0.05)."""
+    greedy tokens rises far above the untrained head's (0.49-0.59 at step 1, 0.23-0.36 at step
+    2 over 9 seeds; untrained 0.00-0.05 at both)."""
     # a smooth target (init std 0.05), as trained models are: at 0.3 a random network is a
     # chaotic function of its context that the head memorizes (train agreement 0.99) but
     # cannot generalize (held-out 0.05)
@@ -91,7 +91,7 @@ def test_training_makes_the_head_agree_with_the_target(seed, one_thread):
     after = chained_agreement(draft, target, feats[80:].float(), tokens[80:], greedy[80:])
     print(f"held-out agreement, steps 1-3: untrained {before}, trained {after}")
     assert after[0] > 0.4 and after[0] > before[0] + 0.3
-    assert after[1] > before[1] + 0.15  # its own features fed back still help
+    assert after[1] > before[1] + 0.1  # its own features fed back still help (margins 0.19-0.33)
 
 
 def test_saved_head_loads_back_and_refuses_another_target(seed, tmp_path, one_thread):
