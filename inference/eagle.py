@@ -16,9 +16,10 @@ for the target quantized to int4 as a draft.
 
 Training (EAGLE's recipe, teacher-forced): the target's features on text, a SmoothL1 loss on
 the predicted feature plus 0.1 x cross-entropy against the target's own greedy token there
-(distillation: the draft learns the target, not the text), and uniform noise on the input
-features (+-0.1 of their RMS) so that its own imperfect features do not throw it at later
-steps. The text is the standard library's subpackages (bench/generate.py prompts from its
+(distillation: the draft learns the target, not the text; EAGLE's targets are the target's
+whole distribution, ours its argmax, which is what greedy verification checks), and uniform
+noise on the input features (+-0.1 of their RMS) so that its own imperfect features do not
+throw it at later steps. The text is the standard library's subpackages (bench/generate.py prompts from its
 top-level modules, which the draft never sees); the last 5% of the sequences are held out and
 the head's agreement with the target's greedy tokens there is printed and saved.
 
