@@ -114,19 +114,22 @@ def run_jobs(jobs: list[list[str]], nproc: int, timeout: float = 1500) -> None:
             procs.append(subprocess.Popen(cmd, cwd=REPO, env=rank_env, stdout=out,
                                           stderr=subprocess.STDOUT))
     deadline = time.time() + timeout
+    first = None  # the rank that failed on its own (the others are stopped after it)
     while any(p.poll() is None for p in procs) and time.time() < deadline:
-        if any(p.poll() not in (None, 0) for p in procs):
+        first = next((r for r, p in enumerate(procs) if p.poll() not in (None, 0)), None)
+        if first is not None:
             break
         time.sleep(0.2)
-    for p in procs:
-        if p.poll() is None:
-            p.kill()
-            p.wait()
+    stopped = [r for r, p in enumerate(procs) if p.poll() is None]
+    for r in stopped:
+        procs[r].kill()
+        procs[r].wait()
     failed = [r for r, p in enumerate(procs) if p.returncode != 0]
     if failed:
-        r = failed[0]
-        raise AssertionError(f"rank {r} of {nproc} failed (exit {procs[r].returncode}) running "
-                             f"{logs / 'jobs.json'}:\n{(logs / f'{r}.log').read_text()[-8000:]}")
+        r = first if first is not None else failed[0]
+        why = "timed out" if first is None and stopped else f"failed (exit {procs[r].returncode})"
+        raise AssertionError(f"rank {r} of {nproc} {why} running {logs / 'jobs.json'} (stopped "
+                             f"after it: ranks {stopped}):\n{(logs / f'{r}.log').read_text()[-8000:]}")
 
 
 def _jobs_worker(jobs_file: str) -> None:
