@@ -15,9 +15,9 @@ models compute other numbers). The draft model for speculative decoding is the s
 quantized to int4 (--draft int4): it shares the tokenizer and every weight's shape, costs no
 extra file, and agrees with the target far more often than a truncated stack of its first
 layers does (untrained early exits, measured in the README's table). "+ngram" rows draft by
-n-gram lookup in the sequence itself (inference/ngram.py, k = --ngram-k); "+eagle" rows with the
-EAGLE head in --eagle DIR (inference/eagle.py, trained for this run; k = --eagle-k). --compiled adds rows of
-the same engines with torch.compile'd decode steps (one engine per batch size: a compiled step
+n-gram lookup in the sequence itself (inference/ngram.py, k = --ngram-k); "+eagle" rows with
+the EAGLE head in --eagle DIR (inference/eagle.py, trained for this run; k = --eagle-k; not
+among the default rows, which need no file). --compiled adds rows of the same engines with torch.compile'd decode steps (one engine per batch size: a compiled step
 runs every slot); their warm-up compiles each graph before any timing.
 """
 
@@ -47,6 +47,7 @@ from model.quant import GROUP_SIZES, MODES, weight_bytes
 
 IMPLEMENTATIONS = ("transformers", "fp32", "int8", "int4", "fp32+spec", "int8+spec", "fp32+ngram", "int8+ngram",
                    "fp32+eagle", "int8+eagle")
+DEFAULT_ROWS = [i for i in IMPLEMENTATIONS if not i.endswith("+eagle")]  # the rows that need no --eagle
 
 
 def prompts_from_stdlib(tokenizer, n: int, length: int) -> list[list[int]]:
@@ -91,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--prompt-tokens", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--only", nargs="+", choices=IMPLEMENTATIONS, default=list(IMPLEMENTATIONS))
+    parser.add_argument("--only", nargs="+", choices=IMPLEMENTATIONS, default=DEFAULT_ROWS)
     parser.add_argument("--draft", choices=MODES, default="int4", help="the draft: the run quantized so")
     parser.add_argument("--speculate-k", type=int, default=3)
     parser.add_argument("--ngram-k", type=int, default=4, help="tokens an n-gram draft proposes")
@@ -109,10 +110,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     device = parse_device(parser, args.device)
     if args.eagle is None and any(i.endswith("+eagle") for i in args.only + args.compiled):
-        if set(args.only) == set(IMPLEMENTATIONS):  # the default list: leave the EAGLE rows out
-            args.only = [i for i in args.only if not i.endswith("+eagle")]
-        if any(i.endswith("+eagle") for i in args.only + args.compiled):
-            parser.error("the +eagle rows need --eagle DIR (a head from python -m inference.eagle train)")
+        parser.error("the +eagle rows need --eagle DIR (a head from python -m inference.eagle train)")
     if args.threads:
         torch.set_num_threads(args.threads)
     torch.set_grad_enabled(False)
@@ -202,7 +200,7 @@ def format_table(args, device, impls, times, ttft, ids, accept, models) -> str:
         "",
         f"Run `{args.run}`; greedy; {args.prompt_tokens}-token prompts, {args.new_tokens} new tokens; "
         f"median of {args.rounds} interleaved rounds; draft {args.draft}, k = {args.speculate_k}; "
-        f"n-gram draft k = {args.ngram_k}; EAGLE head {args.eagle} k = {args.eagle_k}; "
+        f"n-gram draft k = {args.ngram_k}; " + (f"EAGLE head {args.eagle}, k = {args.eagle_k}; " if args.eagle else "") +
         f"int4 group {args.group_size}. Weights: "
         + ", ".join(f"{m} {weight_bytes(model) / 1e6:.0f} MB" for m, model in models.items()),
         "",
