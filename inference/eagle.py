@@ -37,6 +37,7 @@ import math
 import platform
 import random
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -46,6 +47,7 @@ from torch import nn
 
 from common.atomic import atomic_dir, write_json
 from common.errors import PretrainError, run_cli
+from data.sources import stdlib_files
 from model.checkpoint import read_safetensors_file, save_model_state
 from model.config import ModelConfig
 from model.layers import rope_tables
@@ -58,6 +60,7 @@ WEIGHTS, CONFIG = "eagle.safetensors", "eagle.json"
 class EagleDraft(nn.Module):
     def __init__(self, target_cfg: ModelConfig, vocab: torch.Tensor):
         super().__init__()
+        self.target_cfg = target_cfg  # what it was built for (saved, checked on loading)
         # one dense block of the target's width and heads (a MoE target gets a dense block)
         self.cfg = dataclasses.replace(target_cfg, n_layers=1, n_experts=0)
         dim = self.cfg.dim
@@ -115,10 +118,6 @@ def target_output_rows(target: Transformer, ids: torch.Tensor) -> torch.Tensor:
 def training_sequences(tokenizer, n_tokens: int, seq_len: int, seed: int) -> list[list[int]]:
     """Sequences of seq_len tokens from the standard library's subpackages (shuffled files,
     concatenated): never the top-level modules that bench/generate.py takes its prompts from."""
-    import sysconfig
-
-    from data.sources import stdlib_files
-
     root = Path(sysconfig.get_paths()["stdlib"])
     files = [f for f in stdlib_files() if len(f.relative_to(root).parts) > 1]
     random.Random(seed).shuffle(files)
@@ -178,7 +177,7 @@ def chained_agreement(draft: EagleDraft, target: Transformer, feats, tokens, gre
     draft's own feature and token of the step before (as in decoding), over every start. Step 1
     is exact; at step s > 0 every earlier position is chained too (in decoding only the last s
     are), so later steps are a pessimistic estimate."""
-    B, T, _ = feats.shape
+    T = feats.shape[1]
     f, toks = feats[:, : T - steps].float(), tokens[:, 1 : T - steps + 1]
     out = []
     for s in range(steps):
@@ -229,11 +228,14 @@ def fit(draft: EagleDraft, target: Transformer, feats, tokens, greedy, epochs: i
 def save_eagle(draft: EagleDraft, path: str | Path, info: dict) -> None:
     """The head's tensors and `info` (with the format and the target's model config) as one
     directory, written atomically."""
-    info = {"format": FORMAT, "version": VERSION, "target_model": dataclasses.asdict(draft.cfg) | {
-        "n_layers": None, "n_experts": None}, **info}  # fmt: skip
+    info = {"format": FORMAT, "version": VERSION, "target_model": dataclasses.asdict(draft.target_cfg), **info}
     with atomic_dir(path) as tmp:
         save_model_state(draft.state_dict(), Path(tmp) / WEIGHTS)
         write_json(Path(tmp) / CONFIG, info)
+
+
+def _log(message: str) -> None:
+    print(f"[eagle] {message}", file=sys.stderr, flush=True)
 
 
 def train(args) -> dict:
@@ -245,21 +247,21 @@ def train(args) -> dict:
     tok = checkpoint_tokenizer(ckpt, job)
     seqs = training_sequences(tok, args.tokens, args.seq_len, args.seed)
     n_val = max(1, len(seqs) // 20)
-    print(f"[eagle] target {ckpt}, {len(seqs)} sequences of {args.seq_len} tokens ({n_val} held out); "
-          f"torch {torch.__version__}, {platform.machine()} {torch.get_num_threads()} threads", file=sys.stderr)
-    feats, greedy = target_features(target, seqs, args.batch, lambda m: print(f"[eagle] {m}", file=sys.stderr))
+    _log(f"target {ckpt}, {len(seqs)} sequences of {args.seq_len} tokens ({n_val} held out); "
+        f"torch {torch.__version__}, {platform.machine()} {torch.get_num_threads()} threads")
+    feats, greedy = target_features(target, seqs, args.batch, _log)
     tokens = torch.tensor(seqs)
     vocab, coverage = draft_vocabulary(greedy[:-n_val], args.vocab, target.cfg.vocab_size)
-    print(f"[eagle] head over {len(vocab)} ids: {coverage:.1%} of the target's greedy tokens", file=sys.stderr)
+    _log(f"head over {len(vocab)} ids: {coverage:.1%} of the target's greedy tokens")
     draft = EagleDraft.for_target(target, vocab, args.seed)
     n_train = len(seqs) - n_val
     t0 = time.perf_counter()
     fit(draft, target, feats[:n_train], tokens[:n_train], greedy[:n_train], args.epochs, args.batch,
-        args.lr, args.noise, args.seed, log=lambda m: print(f"[eagle] {m}", file=sys.stderr))
+        args.lr, args.noise, args.seed, log=_log)
     held_out = (x[n_train:].to(target.norm.weight.device) for x in (feats, tokens, greedy))
     agreement = chained_agreement(draft, target, *held_out)
-    print(f"[eagle] held-out agreement with the target's greedy tokens, steps 1-3: "
-          f"{', '.join(f'{a:.3f}' for a in agreement)}", file=sys.stderr)
+    _log(f"held-out agreement with the target's greedy tokens, steps 1-3: "
+        f"{', '.join(f'{a:.3f}' for a in agreement)}")
     info = {
         "target": str(ckpt), "vocab_size": len(vocab), "coverage": coverage,
         "training": vars(args),
@@ -267,7 +269,7 @@ def train(args) -> dict:
         "torch": torch.__version__,
     }  # fmt: skip
     save_eagle(draft, args.out, info)
-    print(f"[eagle] wrote {args.out}", file=sys.stderr)
+    _log(f"wrote {args.out}")
     return info
 
 

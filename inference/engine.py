@@ -127,7 +127,7 @@ class Engine:
         self.model, self.tokenizer, self.draft, self.k = model, tokenizer, draft, speculate_k
         self.max_len = min(max_len or cfg.max_seq_len, cfg.max_seq_len)
         self.trash = self.max_len  # the extra cache entry padding writes to
-        self.cache = self._allocate(model, max_batch)
+        self.cache = self._allocate(model.cfg, model, max_batch)
         if draft is not None and speculate_k < 1:
             raise ValueError(f"speculate_k = {speculate_k}: expected >= 1")
         if isinstance(draft, Transformer):
@@ -137,14 +137,12 @@ class Engine:
                     f"{draft.cfg.max_seq_len}, expected vocab_size {cfg.vocab_size} and "
                     f"max_seq_len >= {self.max_len} (the same tokenizer, as long a context)"
                 )
-            self.draft_cache = self._allocate(draft, max_batch)
+            self.draft_cache = self._allocate(draft.cfg, draft, max_batch)
         if isinstance(draft, EagleDraft):
             if draft.cfg.dim != cfg.dim or int(draft.vocab.max()) >= cfg.vocab_size:
                 raise ValueError(f"EAGLE draft: dim {draft.cfg.dim} and ids up to {int(draft.vocab.max())}, "
                                  f"expected the target's dim {cfg.dim} and ids < {cfg.vocab_size}")
-            p = model.norm.weight
-            self.draft_cache = KVCache.allocate(draft.cfg, max_batch, self.max_len + 1, p.dtype, p.device)
-        self.eagle = isinstance(draft, EagleDraft)
+            self.draft_cache = self._allocate(draft.cfg, model, max_batch)  # in the target's dtype
         self.slots: list[Sequence | None] = [None] * max_batch
         self.waiting: deque[Sequence] = deque()
         self.stats: Counter = Counter()
@@ -153,9 +151,14 @@ class Engine:
         if isinstance(draft, Transformer):  # its steps feed 1 token, or 2 after a full accept
             self._compiled_lengths.add(2)
 
-    def _allocate(self, model: Transformer, batch: int) -> KVCache:
+    def _allocate(self, cfg, model: Transformer, batch: int) -> KVCache:
+        """A cache of cfg's shapes in `model`'s activation dtype and device."""
         p = model.norm.weight  # activations' dtype and device, in a quantized model too
-        return KVCache.allocate(model.cfg, batch, self.max_len + 1, p.dtype, p.device)
+        return KVCache.allocate(cfg, batch, self.max_len + 1, p.dtype, p.device)
+
+    @property
+    def eagle(self) -> bool:
+        return isinstance(self.draft, EagleDraft)
 
     @property
     def device(self) -> torch.device:
@@ -269,18 +272,25 @@ class Engine:
             if every_position:
                 return [logits[s.slot, : len(p)] for s, p in zip(seqs, pending)]
             return [logits[s.slot, len(p) - 1] for s, p in zip(seqs, pending)]
-        kv_len = int(positions.max()) + 1
-        hi = lo + tokens.shape[0]
-        step = cache.rows(lo, hi).step(positions.to(self.device), kv_len, write.to(self.device))
+        step = self._rows_step(cache, lo, positions, write)
         hidden = model(tokens.to(self.device), cache=step, return_hidden=True)  # (B, T, dim)
         self._count(len(seqs))
         if keep:
             self._keep_features(seqs, [hidden[s.slot - lo, : len(p)] for s, p in zip(seqs, pending)])
         if every_position:
             return [model.output(hidden[s.slot - lo, : len(p)]) for s, p in zip(seqs, pending)]
-        rows = torch.tensor([s.slot - lo for s in seqs])
-        last = torch.tensor([len(p) - 1 for p in pending])
-        return list(model.output(hidden[rows, last]))  # the head only where it is needed
+        return list(model.output(hidden[self._last(seqs, pending, lo)]))  # the head only where needed
+
+    def _rows_step(self, cache: KVCache, lo: int, positions, write):
+        """An eager forward's view of the cache: rows lo .. lo + rows, entries up to the last
+        position (fewer than a compiled step reads)."""
+        rows = cache.rows(lo, lo + positions.shape[0])
+        return rows.step(positions.to(self.device), int(positions.max()) + 1, write.to(self.device))
+
+    @staticmethod
+    def _last(seqs, pending: list[list], lo: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, column) indices of each sequence's last fed position in a forward's output."""
+        return torch.tensor([s.slot - lo for s in seqs]), torch.tensor([len(p) - 1 for p in pending])
 
     @staticmethod
     def _keep_features(seqs, rows: list[torch.Tensor]) -> None:
@@ -401,17 +411,14 @@ class Engine:
             f = torch.zeros(*tokens.shape, self.model.cfg.dim, dtype=feats[0].dtype, device=self.device)
             for s, x in zip(running, feats):
                 f[s.slot - lo, : len(x)] = x
-            cache = self.draft_cache.rows(lo, lo + tokens.shape[0])
-            dev = self.device
-            step_cache = cache.step(positions.to(dev), int(positions.max()) + 1, write.to(dev))
-            hidden, logits = self.draft(f, self.model.embed(tokens.to(dev)), step_cache)
-            rows = torch.tensor([s.slot - lo for s in running])
-            last = torch.tensor([len(x) - 1 for x in nexts])
-            probs, ids = self._draw(running, list(self.draft.full_logits(logits[rows, last], V)), drafts)
+            step_cache = self._rows_step(self.draft_cache, lo, positions, write)
+            hidden, logits = self.draft(f, self.model.embed(tokens.to(self.device)), step_cache)
+            last = self._last(running, nexts, lo)
+            probs, ids = self._draw(running, list(self.draft.full_logits(logits[last], V)), drafts)
             if step == 0:  # the kept features are in the draft's cache now
                 for s in running:
                     s.features, s.features_at = None, s.cached
-            feats, nexts = list(hidden[rows, last, None]), [[t] for t in ids]
+            feats, nexts = list(hidden[last][:, None]), [[t] for t in ids]
             for d, q, pr, t in zip(drafts, qs, probs, ids):
                 q.append(pr)
                 d.append(t)
